@@ -1,0 +1,199 @@
+"""The searchable structures of one Llama-family model and the mask tensors the hooks apply.
+
+`ModelMasks` holds one `DifferentiableTopK` per structure:
+
+| name             | elements                   | kind    |
+|------------------|----------------------------|---------|
+| `heads.{l}`      | KV groups of layer l       | head    |
+| `channels.{l}`   | MLP channels of layer l    | channel |
+| `hidden`         | hidden channels (global)   | channel |
+| `attn_layers`    | attention sublayers        | layer   |  (depth="sublayer", the default)
+| `mlp_layers`     | MLP sublayers              | layer   |
+| `layers`         | whole blocks               | layer   |  (depth="block", the paper's mode)
+
+Before every forward, `refresh()` computes each structure's mask once (soft while searching, hard for
+the binarised model) and the derived per-module scales the hooks multiply by. Taylor importance is
+gathered by a gradient hook on each base mask: autograd hands it the gradient summed over batch,
+tokens and every module that uses the mask, so the score is accumulated exactly once per backward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .arch import model_shapes
+from .dtopk import DifferentiableTopK
+
+STRUCTURES = ("heads", "channels", "hidden", "layers")
+DEPTH_MODES = ("sublayer", "block")
+
+
+def parse_structures(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    names = [s for s in names if s]
+    unknown = sorted(set(names) - set(STRUCTURES))
+    if unknown or not names:
+        raise ValueError(f"unknown structure(s) {unknown or names}; choose from {','.join(STRUCTURES)}")
+    return tuple(s for s in STRUCTURES if s in names)
+
+
+class ModelMasks(nn.Module):
+    """Learnable kept ratios and importances for the chosen structures of a model (config only)."""
+
+    def __init__(self, config, structures=STRUCTURES, depth: str = "sublayer"):
+        super().__init__()
+        if depth not in DEPTH_MODES:
+            raise ValueError(f"depth must be one of {DEPTH_MODES}, got {depth!r}")
+        self.structures = parse_structures(structures)
+        self.depth = depth
+        self.shapes = model_shapes(config)
+        s = self.shapes
+        self.heads = nn.ModuleDict()
+        self.channels = nn.ModuleDict()
+        if "heads" in self.structures:
+            for layer in range(s.num_layers):
+                if s.num_kv_heads[layer]:
+                    self.heads[str(layer)] = DifferentiableTopK(s.num_kv_heads[layer], "head")
+        if "channels" in self.structures:
+            for layer in range(s.num_layers):
+                if s.intermediate[layer]:
+                    self.channels[str(layer)] = DifferentiableTopK(s.intermediate[layer], "channel")
+        self.hidden = DifferentiableTopK(s.hidden_size, "channel") if "hidden" in self.structures else None
+        self.depth_gates = nn.ModuleDict()
+        if "layers" in self.structures:
+            names = ("attn_layers", "mlp_layers") if depth == "sublayer" else ("layers",)
+            for name in names:
+                self.depth_gates[name] = DifferentiableTopK(s.num_layers, "layer")
+        self.mode = "soft"
+        self.enabled = True
+        self.current: dict[str, torch.Tensor | float] = {}
+        self._taylor: dict[str, torch.Tensor] = {}
+
+    # ----- enumeration -------------------------------------------------------------------------
+    def named_structures(self):
+        for layer, topk in self.heads.items():
+            yield f"heads.{layer}", topk
+        for layer, topk in self.channels.items():
+            yield f"channels.{layer}", topk
+        if self.hidden is not None:
+            yield "hidden", self.hidden
+        yield from self.depth_gates.items()
+
+    def ratio_parameters(self) -> list[nn.Parameter]:
+        return [topk.ratio for _, topk in self.named_structures()]
+
+    def clamp_(self) -> None:
+        for _, topk in self.named_structures():
+            topk.clamp_()
+
+    def freeze_discrete(self) -> None:
+        """Refine phase: heads and depth gates become binary (straight-through) and stop moving."""
+        for name, topk in self.named_structures():
+            if topk.kind in ("head", "layer"):
+                topk.frozen = True
+
+    # ----- per-forward masks -------------------------------------------------------------------
+    def _base_mask(self, name: str, topk: DifferentiableTopK, track: bool) -> torch.Tensor:
+        if self.mode == "hard":
+            return topk.hard_mask().to(topk.ratio.device)
+        mask = topk.soft_mask()
+        if track and mask.requires_grad:
+            acc = self._taylor.setdefault(name, torch.zeros(topk.n, device=mask.device))
+            detached = mask.detach()
+            mask.register_hook(lambda grad, acc=acc, m=detached: acc.add_(m * grad.detach().float()))
+        return mask
+
+    def refresh(self, track_importance: bool = True) -> dict:
+        """Compute this forward's masks and the scales the hooks use; returns `self.current`."""
+        s = self.shapes
+        track = track_importance and torch.is_grad_enabled()
+        cur: dict[str, torch.Tensor | float] = {}
+        hidden = self._base_mask("hidden", self.hidden, track) if self.hidden is not None else None
+        if hidden is not None:
+            cur["hidden"] = hidden
+            # RMSNorm over kept channels only: scaling the input by sqrt(D / sum m) makes the norm's
+            # mean(x^2) equal sum(x^2) / sum(m); the output is scaled back (see inject.py).
+            cur["norm_scale"] = torch.sqrt(s.hidden_size / hidden.sum())
+        gates = {name: self._base_mask(name, topk, track) for name, topk in self.depth_gates.items()}
+        for layer in range(s.num_layers):
+            attn_scale, mlp_scale = hidden, hidden
+            if "layers" in gates:
+                attn_gate = mlp_gate = gates["layers"][layer]
+            else:
+                attn_gate = gates["attn_layers"][layer] if "attn_layers" in gates else None
+                mlp_gate = gates["mlp_layers"][layer] if "mlp_layers" in gates else None
+            heads = self.heads[str(layer)] if str(layer) in self.heads else None
+            if heads is not None:
+                group_mask = self._base_mask(f"heads.{layer}", heads, track)
+                cur[f"heads.{layer}"] = group_mask.repeat_interleave(s.n_rep(layer) * s.head_dim)
+                if self.mode == "hard" and heads.kept() == 0:
+                    # No heads left means no attention sublayer, o_proj bias included.
+                    attn_gate = torch.zeros((), device=group_mask.device)
+            channels = self.channels[str(layer)] if str(layer) in self.channels else None
+            if channels is not None:
+                cur[f"channels.{layer}"] = self._base_mask(f"channels.{layer}", channels, track)
+            cur[f"attn_out.{layer}"] = _combine(attn_gate, attn_scale)
+            cur[f"mlp_out.{layer}"] = _combine(mlp_gate, mlp_scale)
+        self.current = cur
+        return cur
+
+    # ----- importance --------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_importance(self, grad_scale: float = 1.0, all_reduce=None) -> int:
+        """Fold the Taylor scores gathered since the last call into the EMA; once per optimiser step.
+
+        `grad_scale` undoes a loss scaler; `all_reduce(tensor)` averages across data-parallel ranks,
+        so every rank ends with identical importances (and identical masks and plans).
+        Returns the number of structures updated.
+        """
+        updated = 0
+        structures = dict(self.named_structures())
+        for name, acc in sorted(self._taylor.items()):
+            score = acc / grad_scale
+            if all_reduce is not None:
+                score = all_reduce(score)
+            if structures[name].update_importance(score.pow(2)):
+                updated += 1
+        self._taylor = {}
+        return updated
+
+    def discard_importance(self) -> None:
+        self._taylor = {}
+
+    # ----- modes -------------------------------------------------------------------------------
+    @contextmanager
+    def hard(self):
+        previous, self.mode = self.mode, "hard"
+        try:
+            yield self
+        finally:
+            self.mode = previous
+
+    @contextmanager
+    def disabled(self):
+        """The unmasked model (e.g. the distillation teacher) without removing the hooks."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
+    # ----- reporting ---------------------------------------------------------------------------
+    def kept_summary(self) -> dict[str, int]:
+        return {name: topk.kept() for name, topk in self.named_structures()}
+
+    def kept_indices(self) -> dict[str, list[int]]:
+        return {name: topk.kept_indices() for name, topk in self.named_structures()}
+
+
+def _combine(gate, hidden):
+    """The factor a sublayer's output is multiplied by: its depth gate times the hidden mask."""
+    if gate is None:
+        return hidden
+    if hidden is None:
+        return gate
+    return gate * hidden
+

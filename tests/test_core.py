@@ -1,0 +1,324 @@
+"""The DMS operator, the hooks and the parameter count, on tiny real models of every family."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import FAMILIES, input_ids, tiny_model
+
+from dms_llm import (
+    DifferentiableTopK,
+    HookTargetError,
+    MaskHooks,
+    ModelMasks,
+    ParameterCounter,
+    UnsupportedArchitectureError,
+    budget_loss,
+    kept_count,
+    normalized_ranks,
+)
+
+# ----- operator ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,ratio,kind,expected", [
+    (10, 1.0, "channel", 10), (10, 0.55, "channel", 6), (10, 0.04, "channel", 1),
+    (4, 0.0, "head", 0), (4, 0.3, "head", 1), (7, 0.5, "layer", 4), (7, 0.49, "layer", 3),
+])
+def test_kept_count_rule(n, ratio, kind, expected):
+    topk = DifferentiableTopK(n, kind)
+    topk.ratio.data.fill_(ratio)
+    assert topk.kept() == expected
+    assert int(topk.hard_mask().sum()) == expected
+    assert len(topk.kept_indices()) == expected
+
+
+def test_hard_mask_keeps_most_important_and_soft_is_monotone():
+    topk = DifferentiableTopK(8, "channel")
+    topk.importance.copy_(torch.tensor([0.1, 5.0, 0.3, 2.0, 0.0, 9.0, 1.0, 0.2]))
+    topk.ratio.data.fill_(0.375)
+    assert topk.kept_indices() == [1, 3, 5]
+    soft = topk.soft_mask().detach()
+    order = torch.argsort(topk.importance, descending=True)
+    assert torch.all(soft[order][:-1] >= soft[order][1:])
+
+
+def test_ranks_are_evenly_spaced_and_break_ties_by_index():
+    r = normalized_ranks(torch.tensor([1.0, 3.0, 3.0, 0.5]))
+    assert r.tolist() == [0.5, 0.0, 0.25, 0.75]
+
+
+@pytest.mark.parametrize("n,kind", [(64, "channel"), (1536, "channel"), (8, "head"), (30, "layer")])
+def test_soft_count_gradient_is_about_n(n, kind):
+    topk = DifferentiableTopK(n, kind)
+    topk.importance.copy_(torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    topk.ratio.data.fill_(0.5)
+    topk.soft_mask().sum().backward()
+    # Steep sigmoids (heads/layers, lambda = 4N) sample the derivative coarsely: ~1.14 N when e
+    # sits exactly on a rank.
+    assert topk.ratio.grad.item() == pytest.approx(n, rel=0.1 if kind == "channel" else 0.2)
+
+
+def test_cold_start_mask_is_all_ones_and_differentiable():
+    topk = DifferentiableTopK(16, "channel")
+    mask = topk.soft_mask()
+    assert torch.equal(mask.detach(), torch.ones(16))
+    mask.sum().backward()
+    assert topk.ratio.grad is not None
+
+
+def test_clamping():
+    ch, head = DifferentiableTopK(10, "channel"), DifferentiableTopK(4, "head")
+    ch.ratio.data.fill_(-3.0)
+    head.ratio.data.fill_(-3.0)
+    ch.clamp_()
+    head.clamp_()
+    assert ch.ratio.item() == pytest.approx(0.05) and ch.kept() == 1
+    assert head.ratio.item() == 0.0 and head.kept() == 0
+    ch.ratio.data.fill_(7.0)
+    ch.clamp_()
+    assert ch.ratio.item() == 1.0
+
+
+def test_importance_ema_and_nonfinite_skip():
+    topk = DifferentiableTopK(3, "channel")
+    assert topk.update_importance(torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.allclose(topk.importance, torch.tensor([0.01, 0.02, 0.03]))
+    assert not topk.update_importance(torch.tensor([1.0, float("nan"), 3.0]))
+    assert torch.allclose(topk.importance, torch.tensor([0.01, 0.02, 0.03]))
+
+
+def test_rank_memory_is_linear_for_llama_7b_mlp():
+    n = 11008
+    topk = DifferentiableTopK(n, "channel")
+    topk.importance.copy_(torch.rand(n))
+    topk.ratio.data.fill_(0.7)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        topk.soft_mask().sum().backward()
+        topk.hard_mask()
+    peak_alloc = max(e.cpu_memory_usage for e in prof.events())
+    assert peak_alloc < 64 * n  # an N x N float matrix would be 484 MB
+
+
+# ----- hooks ------------------------------------------------------------------------------------
+
+
+def _structure_masks(model, structures, depth="sublayer"):
+    masks = ModelMasks(model.config, structures=structures, depth=depth)
+    g = torch.Generator().manual_seed(3)
+    for _, topk in masks.named_structures():
+        topk.importance.copy_(torch.rand(topk.n, generator=g))
+        topk.ratio.data.fill_(0.5 if topk.kind != "layer" else 0.67)
+    return masks
+
+
+def _snapshot_hooks(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+def test_identity_masks_reproduce_logits_exactly_and_removal_restores(family):
+    model = tiny_model(family)
+    x = input_ids()
+    before_hooks, before_state = _snapshot_hooks(model), copy.deepcopy(model.state_dict())
+    reference = model(x).logits
+    masks = ModelMasks(model.config)
+    with MaskHooks(model, masks) as hooks:
+        assert hooks.installed and len(hooks.describe()) == len(hooks.targets)
+        assert torch.equal(model(x).logits, reference)
+        with masks.hard():  # ratio 1 -> everything kept
+            assert torch.equal(model(x).logits, reference)
+    assert _snapshot_hooks(model) == before_hooks
+    after_state = model.state_dict()
+    assert all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    assert torch.equal(model(x).logits, reference)
+
+
+def _zero_by_hand(model, masks):
+    """The reference: a copy of the model whose removed structures are cut out by editing weights."""
+    ref = copy.deepcopy(model)
+    layers = ref.model.layers
+    cfg = model.config
+    head_dim = cfg.head_dim
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    with torch.no_grad():
+        for name, topk in masks.named_structures():
+            keep = topk.hard_mask().bool()
+            if name.startswith("heads."):
+                o = layers[int(name.split(".")[1])].self_attn.o_proj
+                cols = (~keep).repeat_interleave(n_rep * head_dim)
+                o.weight[:, cols] = 0
+                if keep.sum() == 0 and o.bias is not None:
+                    o.bias.zero_()
+            elif name.startswith("channels."):
+                layers[int(name.split(".")[1])].mlp.down_proj.weight[:, ~keep] = 0
+            elif name in ("attn_layers", "mlp_layers", "layers"):
+                for i in torch.nonzero(~keep).flatten().tolist():
+                    outs = []
+                    if name != "mlp_layers":
+                        outs.append(layers[i].self_attn.o_proj)
+                    if name != "attn_layers":
+                        outs.append(layers[i].mlp.down_proj)
+                    for lin in outs:
+                        lin.weight.zero_()
+                        if lin.bias is not None:
+                            lin.bias.zero_()
+            elif name == "hidden":
+                ref.model.embed_tokens.weight[:, ~keep] = 0
+                for layer in layers:
+                    for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                        lin.weight[~keep, :] = 0
+                        if lin.bias is not None:
+                            lin.bias[~keep] = 0
+                # mean(x^2) over D channels with zeros = (k / D) * mean over the k kept channels:
+                # rescaling the norm weight and eps by weights alone gives the kept-only statistic.
+                k, d = int(keep.sum()), keep.numel()
+                norms = [ref.model.norm] + [n for l in layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+                for norm in norms:
+                    norm.weight.mul_(math.sqrt(k / d))
+                    norm.variance_epsilon = norm.variance_epsilon * k / d
+    return ref
+
+
+@pytest.mark.parametrize("structures", ["heads", "channels", "hidden", "layers", "heads,channels,hidden,layers"])
+@pytest.mark.parametrize("depth", ["sublayer", "block"])
+def test_hard_mask_equals_zeroing_weights_by_hand(family, structures, depth):
+    if depth == "block" and "layers" not in structures:
+        pytest.skip("depth mode only matters when layers are searched")
+    model = tiny_model(family)
+    x = input_ids()
+    masks = _structure_masks(model, structures, depth)
+    reference = _zero_by_hand(model, masks)(x).logits
+    with MaskHooks(model, masks), masks.hard():
+        hooked = model(x).logits
+    assert (hooked - reference).abs().max().item() < 1e-5
+    assert (hooked - model(x).logits).abs().max().item() > 1e-3  # something really was removed
+
+
+def test_layer_with_no_heads_drops_its_output_bias():
+    model = tiny_model("llama-mha", attention_bias=True)
+    masks = _structure_masks(model, "heads")
+    masks.heads["1"].ratio.data.fill_(0.0)
+    reference = _zero_by_hand(model, masks)(input_ids()).logits
+    with MaskHooks(model, masks), masks.hard():
+        assert (model(input_ids()).logits - reference).abs().max().item() < 1e-5
+
+
+def test_masks_disabled_gives_unmasked_model():
+    model = tiny_model("qwen2")
+    x = input_ids()
+    reference = model(x).logits
+    masks = _structure_masks(model, "heads,channels,hidden,layers")
+    with MaskHooks(model, masks), masks.hard():
+        assert not torch.allclose(model(x).logits, reference)
+        with masks.disabled():
+            assert torch.equal(model(x).logits, reference)
+
+
+def test_unsupported_architecture_and_missing_target_are_clear_errors():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="llama"):
+        MaskHooks(gpt2, ModelMasks(tiny_model().config))
+    model = tiny_model("llama-gqa")
+    del model.model.layers[1].mlp.down_proj
+    with pytest.raises(HookTargetError, match="channels of layer 1"):
+        MaskHooks(model, ModelMasks(model.config, structures="channels"))
+    with pytest.raises(ValueError, match="unknown structure"):
+        ModelMasks(model.config, structures="heads,widths")
+
+
+# ----- gradients and importance ----------------------------------------------------------------
+
+
+def test_backward_populates_importance_and_reaches_every_ratio(family):
+    model = tiny_model(family)
+    model.requires_grad_(False)
+    x = input_ids()
+    masks = ModelMasks(model.config)
+    counter = ParameterCounter(model)
+    with MaskHooks(model, masks):
+        model(x, labels=x).loss.backward()
+        assert masks.update_importance() == len(list(masks.named_structures()))
+        for name, topk in masks.named_structures():
+            assert torch.all(topk.importance >= 0) and topk.importance.sum() > 0, name
+            topk.ratio.data.fill_(0.8 if topk.kind == "channel" else 0.9)
+        for depth_gate in masks.depth_gates.values():
+            depth_gate.ratio.data.fill_(1.0)  # keep every sublayer so every width has a budget cost
+        masks.zero_grad()
+        model(x, labels=x).loss.backward()
+        task = {n: t.ratio.grad.clone() for n, t in masks.named_structures()}
+        masks.zero_grad()
+        budget_loss(counter.masked(masks) / counter.dense(), 0.3, 1.0).backward()
+        budget = {n: t.ratio.grad.clone() for n, t in masks.named_structures()}
+    for name in task:
+        assert torch.isfinite(task[name]) and torch.isfinite(budget[name]), name
+        assert budget[name] > 0, name  # shrinking any structure lowers the count
+    assert sum(float(g.abs()) > 0 for g in task.values()) >= len(task) - 1
+
+
+def test_importance_update_is_skipped_when_not_finite():
+    model = tiny_model("llama-gqa")
+    masks = ModelMasks(model.config, structures="channels")
+    with MaskHooks(model, masks):
+        (model(input_ids()).logits.sum() * float("inf")).backward()
+        assert masks.update_importance() == 0
+    assert all(float(t.importance.abs().sum()) == 0 for _, t in masks.named_structures())
+
+
+# ----- parameter count --------------------------------------------------------------------------
+
+
+def _hand_count(model, masks):
+    """Independent count: walk the modules and count the surviving slices of each tensor."""
+    cfg = model.config
+    kept = {name: topk.hard_mask().bool() for name, topk in masks.named_structures()}
+    d = int(kept["hidden"].sum()) if "hidden" in kept else cfg.hidden_size
+    total = cfg.vocab_size * d * (1 if cfg.tie_word_embeddings else 2) + d
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    for i, layer in enumerate(model.model.layers):
+        attn_on = bool(kept.get("layers", kept.get("attn_layers", torch.ones(99, dtype=torch.bool)))[i])
+        mlp_on = bool(kept.get("layers", kept.get("mlp_layers", torch.ones(99, dtype=torch.bool)))[i])
+        groups = int(kept[f"heads.{i}"].sum()) if f"heads.{i}" in kept else cfg.num_key_value_heads
+        chans = int(kept[f"channels.{i}"].sum()) if f"channels.{i}" in kept else cfg.intermediate_size
+        if attn_on and groups:
+            a = layer.self_attn
+            for proj, out_per_group in ((a.q_proj, n_rep), (a.k_proj, 1), (a.v_proj, 1)):
+                rows = groups * out_per_group * cfg.head_dim
+                total += rows * d + (rows if proj.bias is not None else 0)
+            total += groups * n_rep * cfg.head_dim * d + (d if a.o_proj.bias is not None else 0) + d
+        if mlp_on and chans:
+            total += 3 * chans * d + d
+    return total
+
+
+def test_dense_count_equals_numel(family):
+    model = tiny_model(family)
+    assert ParameterCounter(model).dense() == sum(p.numel() for p in model.parameters())
+    masks = ModelMasks(model.config)
+    assert ParameterCounter(model).hard(masks) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("structures", ["heads", "channels,hidden", "layers", "heads,channels,hidden,layers"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hard_count_matches_hand_count(family, structures, seed):
+    model = tiny_model(family)
+    masks = ModelMasks(model.config, structures=structures)
+    g = torch.Generator().manual_seed(seed)
+    for _, topk in masks.named_structures():
+        topk.importance.copy_(torch.rand(topk.n, generator=g))
+        topk.ratio.data.fill_(float(torch.rand((), generator=g)) * 0.9 + 0.1)
+    counted = ParameterCounter(model).masked(masks)
+    assert float(counted.detach()) == _hand_count(model, masks)
+    assert float(counted.detach()) == int(float(counted.detach()))  # the straight-through value is exact
+
+
+def test_untied_count_includes_lm_head():
+    tied, untied = tiny_model("llama-gqa"), tiny_model("llama-gqa", tie_word_embeddings=False)
+    diff = ParameterCounter(untied).dense() - ParameterCounter(tied).dense()
+    assert diff == tied.config.vocab_size * tied.config.hidden_size
+
+
+def test_family_table_is_complete():
+    assert set(FAMILIES) == {"llama-mha", "llama-gqa", "mistral", "qwen2"}
