@@ -181,6 +181,41 @@ class ModelMasks(nn.Module):
         finally:
             self.enabled = previous
 
+    # ----- extraction --------------------------------------------------------------------------
+    def sublayer_kept(self) -> tuple[list[bool], list[bool]]:
+        """Which attention / MLP sublayers the hard depth gates keep (all, when depth is not searched)."""
+        n = self.shapes.num_layers
+        gates = {name: topk.hard_mask().bool().tolist() for name, topk in self.depth_gates.items()}
+        attn = gates.get("layers", gates.get("attn_layers", [True] * n))
+        mlp = gates.get("layers", gates.get("mlp_layers", [True] * n))
+        return attn, mlp
+
+    def to_plan(self, config, source_model: str = ""):
+        """The `PrunePlan` of the hard masks: what extraction will keep, by the same top-k rule."""
+        from .plan import LayerPlan, PrunePlan
+
+        s = self.shapes
+        attn_on, mlp_on = self.sublayer_kept()
+        layers = []
+        for i in range(s.num_layers):
+            heads = self.heads[str(i)].kept_indices() if str(i) in self.heads else list(range(s.num_kv_heads[i]))
+            chans = self.channels[str(i)].kept_indices() if str(i) in self.channels else list(range(s.intermediate[i]))
+            layers.append(LayerPlan(heads if attn_on[i] else [], chans if mlp_on[i] else []))
+        hidden = self.hidden.kept_indices() if self.hidden is not None else list(range(s.hidden_size))
+        dense = PrunePlan.dense(config, source_model=source_model)
+        plan = PrunePlan(
+            source_model=dense.source_model,
+            source_model_type=dense.source_model_type,
+            source_config=dense.source_config,
+            hidden_channels=hidden,
+            layers=layers,
+            params_before=dense.params_before,
+        )
+        from .plan import count_plan_parameters
+
+        plan.params_after = count_plan_parameters(plan)
+        return plan
+
     # ----- reporting ---------------------------------------------------------------------------
     def kept_summary(self) -> dict[str, int]:
         return {name: topk.kept() for name, topk in self.named_structures()}

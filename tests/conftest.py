@@ -76,3 +76,41 @@ def shared_data():
 def input_ids(batch=2, seq=12, vocab=97, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+# ----- a saved tiny checkpoint with a real (word-level) tokenizer, and text to calibrate on --------
+WORDS = [f"w{i}" for i in range(90)]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def write_corpus(path, n_docs=40, words_per_doc=120, seed=0):
+    """JSONL documents with learnable structure (each word tends to be followed by the next one)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            i, words = rng.randrange(len(WORDS)), []
+            for _ in range(words_per_doc):
+                i = (i + 1) % len(WORDS) if rng.random() < 0.7 else rng.randrange(len(WORDS))
+                words.append(WORDS[i])
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return str(path)
+
+
+def save_tiny_checkpoint(path, family="llama-gqa", **overrides):
+    model = tiny_model(family, **overrides)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)

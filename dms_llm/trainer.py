@@ -1,0 +1,295 @@
+"""The DMS search loop (DMS sections 1 and 3): schedule, budget loss, importance, refine, resume.
+
+`SearchLoop` is given a hooked model, its masks and the calibration blocks; `run()` performs the
+remaining steps and returns when done (or raises `KeyboardInterrupt` after checkpointing). Everything
+that decides the result (data order, masks, optimiser, RNG) is saved in one checkpoint, so a resumed
+run continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .budget import ParameterCounter, budget_loss
+from .masks import ModelMasks
+
+STATE_FILE = "state.pt"
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    batch_size: int
+    grad_accum: int
+    ratio_lr: float
+    weight_lr: float
+    budget_weight: float
+    target_params: int
+    schedule_fraction: float = 0.8
+    distill: bool = False
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    stop_after: int | None = None
+
+
+class SearchModule(nn.Module):
+    """Model + masks as one module, so Accelerate/DDP synchronises ratio and weight gradients alike."""
+
+    def __init__(self, model: nn.Module, masks: ModelMasks):
+        super().__init__()
+        self.model = model
+        self.masks = masks
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    log_s = F.log_softmax(student[:, :-1].float() / t, dim=-1)
+    log_t = F.log_softmax(teacher[:, :-1].float() / t, dim=-1)
+    return F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
+
+
+def scheduled_target_ratio(step: int, steps: int, final_ratio: float, fraction: float) -> float:
+    """t(p) = final ** p with p from 0 to 1 over the first `fraction` of the steps, then constant."""
+    p = min(1.0, step / max(1.0, fraction * steps))
+    return final_ratio**p
+
+
+def batch_indices(step: int, micro: int, settings: LoopSettings, num_blocks: int, rank: int, world: int) -> list[int]:
+    """The calibration blocks of one micro-batch: a function of (seed, step), never of history."""
+    per_step = settings.batch_size * settings.grad_accum * world
+    epoch, offset = divmod(step * per_step, num_blocks)
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(settings.seed * 1000003 + epoch))
+    start = offset + (micro * world + rank) * settings.batch_size
+    return [int(order[(start + j) % num_blocks]) for j in range(settings.batch_size)]
+
+
+def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> dict:
+    """Scale the kept ratios down until the hard architecture fits: largest factor with count <= target.
+
+    Channel widths are rescaled first (fine-grained, so the result lands close to the target); heads
+    and depth are included only when channels alone cannot reach it.
+    """
+    structures = [t for _, t in masks.named_structures()]
+    before = counter.hard(masks)
+    if before <= target:
+        return {"scale": 1.0, "params": before, "rescaled": "none"}
+    saved = {id(t): t.ratio.detach().clone() for t in structures}
+
+    def count_at(alpha, group):
+        with torch.no_grad():
+            for t in group:
+                t.ratio.copy_(saved[id(t)] * alpha)
+                t.clamp_()
+        return counter.hard(masks)
+
+    for name, group in (("channels", [t for t in structures if t.kind == "channel"]), ("all", structures)):
+        for t in structures:
+            t.ratio.data.copy_(saved[id(t)])
+        if not group or count_at(0.0, group) > target:
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(60):  # count is monotone in alpha; 60 halvings reach float precision
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if count_at(mid, group) <= target else (lo, mid)
+        params = count_at(lo, group)
+        return {"scale": lo, "params": params, "rescaled": name}
+    raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")
+
+
+class SearchLoop:
+    def __init__(self, accelerator, module: SearchModule, masks: ModelMasks, counter: ParameterCounter,
+                 blocks: torch.Tensor, settings: LoopSettings, state_dir: str, metrics_path: str,
+                 teacher=None, weight_params=()):
+        self.acc = accelerator
+        self.masks = masks
+        self.counter = counter
+        self.blocks = blocks
+        self.s = settings
+        self.state_dir = state_dir
+        self.metrics_path = metrics_path
+        self.teacher = teacher  # callable(input_ids) -> logits of the unpruned model, or None
+        self.dense = counter.dense()
+        self.final_ratio = settings.target_params / self.dense
+        self.refine_start = int(math.ceil(settings.schedule_fraction * settings.steps))
+        groups = [{"params": masks.ratio_parameters(), "lr": settings.ratio_lr, "weight_decay": 0.0}]
+        self.weight_params = [p for p in weight_params if p.requires_grad]
+        if self.weight_params:
+            groups.append({"params": self.weight_params, "lr": settings.weight_lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        self.module, self.optimizer = accelerator.prepare(module, optimizer)
+        self.step = 0
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def state_path(self) -> str:
+        return os.path.join(self.state_dir, STATE_FILE)
+
+    def save_state(self) -> None:
+        if not self.acc.is_main_process:
+            return
+        os.makedirs(self.state_dir, exist_ok=True)
+        state = {
+            "step": self.step,
+            "masks": self.masks.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "weights": {str(i): p.detach().cpu() for i, p in enumerate(self.weight_params)},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        tmp = self.state_path() + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_path())  # a crash mid-write never corrupts the last checkpoint
+
+    def load_state(self) -> bool:
+        if not os.path.exists(self.state_path()):
+            return False
+        state = torch.load(self.state_path(), map_location="cpu", weights_only=False)
+        self.masks.load_state_dict(state["masks"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for i, p in enumerate(self.weight_params):
+                p.copy_(state["weights"][str(i)].to(p.device))
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.step = state["step"]
+        if self.step >= self.refine_start:
+            self.masks.freeze_discrete()
+        self._truncate_metrics()
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines past the checkpoint, so a resumed log reads like an uninterrupted one."""
+        if not self.acc.is_main_process or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        with open(self.metrics_path, "w") as f:
+            f.writelines(lines)
+
+    # ----- one step ----------------------------------------------------------------------------
+    def _all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.acc.num_processes == 1:
+            return tensor
+        return self.acc.reduce(tensor, reduction="mean")
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is True on any: ranks must stop at the same step."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum").item() > 0)
+
+    def train_step(self) -> dict:
+        s, acc = self.s, self.acc
+        target_ratio = scheduled_target_ratio(self.step, s.steps, self.final_ratio, s.schedule_fraction)
+        if self.step == self.refine_start:
+            self.masks.freeze_discrete()
+        totals = {"task_loss": 0.0, "distill_loss": 0.0}
+        self.module.train()
+        for micro in range(s.grad_accum):
+            idx = batch_indices(self.step, micro, s, len(self.blocks), acc.process_index, acc.num_processes)
+            ids = self.blocks[idx].to(acc.device)
+            last = micro == s.grad_accum - 1
+            sync = acc.no_sync(self.module) if not last and acc.num_processes > 1 else nullcontext()
+            with sync, acc.autocast():
+                logits = self.module(ids)
+                task = next_token_loss(logits, ids)
+                loss = task
+                if s.distill and self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(ids)
+                    kd = distillation_loss(logits, teacher_logits, s.distill_temperature)
+                    loss = loss + s.distill_weight * kd
+                    totals["distill_loss"] += float(kd.detach()) / s.grad_accum
+                if last:  # the budget term once per step; masks are shared by every micro-batch
+                    ratio_now = self.counter.masked(self.masks) / self.dense
+                    bl = budget_loss(ratio_now, target_ratio, s.budget_weight)
+                    loss = loss / s.grad_accum + bl.float()
+                else:
+                    loss = loss / s.grad_accum
+                acc.backward(loss)
+            totals["task_loss"] += float(task.detach()) / s.grad_accum
+        scaler = getattr(acc, "scaler", None)
+        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.masks.update_importance(grad_scale=grad_scale, all_reduce=self._all_reduce_mean)
+        for _, topk in self.masks.named_structures():
+            if topk.frozen:
+                topk.ratio.grad = None  # refine: heads and depth stay where they are
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.masks.clamp_()
+        self.step += 1
+        params = self.counter.hard(self.masks)
+        return {
+            "step": self.step,
+            "loss": totals["task_loss"] + s.distill_weight * totals["distill_loss"] + float(bl.detach()),
+            **totals,
+            "budget_loss": float(bl.detach()),
+            "params": params,
+            "params_ratio": params / self.dense,
+            "target_ratio_now": target_ratio,
+            "target_params": s.target_params,
+            "phase": "refine" if self.step > self.refine_start else "search",
+        }
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def run(self, progress=None) -> bool:
+        """Run to the end (True) or until interrupted / `stop_after` (False), checkpointing either way.
+
+        The first Ctrl-C finishes the current step, checkpoints and returns; a second one aborts.
+        """
+        s = self.s
+        writer = open(self.metrics_path, "a") if self.acc.is_main_process else None
+        tokens_per_step = s.batch_size * s.grad_accum * self.acc.num_processes * self.blocks.shape[1]
+        stop_at = s.steps if s.stop_after is None else min(s.steps, s.stop_after)
+        interrupted = []
+
+        def on_sigint(signum, frame):
+            if interrupted:
+                raise KeyboardInterrupt
+            interrupted.append(True)
+
+        previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+        try:
+            while self.step < stop_at and not self._any_rank(bool(interrupted)):
+                start = time.perf_counter()
+                metrics = self.train_step()
+                metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                if writer:
+                    writer.write(json.dumps(metrics) + "\n")
+                    writer.flush()
+                if progress is not None:
+                    progress(metrics)
+                if self.step % s.checkpoint_every == 0 or self.step == stop_at or self._any_rank(bool(interrupted)):
+                    self.acc.wait_for_everyone()
+                    self.save_state()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+            if writer:
+                writer.close()
+        return self.step >= s.steps
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

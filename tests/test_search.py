@@ -1,0 +1,180 @@
+"""The search command end to end on a tiny saved checkpoint, through its command-line entry point."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import SHARED_DATA, input_ids, save_tiny_checkpoint, write_corpus
+
+from dms_llm.search import SearchConfig, load_recipe, main, parse_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model_dir = save_tiny_checkpoint(tmp_path / "model", "llama-gqa")
+    corpus = write_corpus(tmp_path / "calib.jsonl")
+    return model_dir, corpus, tmp_path
+
+
+def _args(model_dir, corpus, out, *extra, steps=6):
+    return ["--model", model_dir, "--dataset", corpus, "--output-dir", str(out), "--seq-len", "32",
+            "--num-samples", "16", "--steps", str(steps), "--checkpoint-every", "2", "--no-eval", *extra]
+
+
+def _read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_search_prunes_to_budget_saves_and_reloads(setup):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, corpus, tmp = setup
+    out = tmp / "out"
+    eval_args = ["--eval-ppl", "wikitext2", "--eval-max-windows", "2", "--data-dir", SHARED_DATA]
+    args = [a for a in _args(model_dir, corpus, out, "--target-ratio", "0.6") if a != "--no-eval"]
+    assert main(args + (eval_args if os.path.isdir(SHARED_DATA) else ["--no-eval"])) == 0
+    summary = json.load(open(out / "search_summary.json"))
+    plan = json.load(open(out / "dms_plan.json"))
+    assert summary["params"] <= summary["target_params"] == int(0.6 * summary["dense_params"])
+    assert summary["params"] == plan["params_after"]
+    assert summary["parity_max_abs_diff"] < 1e-4  # binarised masks == physically pruned model
+    metrics = _read_metrics(out)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert all({"loss", "params", "task_loss", "budget_loss"} <= set(m) for m in metrics)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in reloaded.parameters()) == summary["params"]
+    assert torch.isfinite(reloaded(input_ids(vocab=90)).logits).all()
+    assert not os.path.exists(out / "search_state")  # the resume checkpoint goes once the run is done
+    if os.path.isdir(SHARED_DATA):
+        results = json.load(open(out / "results.json"))
+        assert results["params"] == summary["params"] and "wikitext2" in results["ppl"]
+        assert results["baseline"]["params"] == summary["dense_params"]
+
+
+def test_resume_equals_uninterrupted_run(setup):
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5", "--train-weights", "lora", "--distill")
+    assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
+    assert len(_read_metrics(tmp / "b")) == 3 and os.path.exists(tmp / "b" / "search_state" / "state.pt")
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert strip(_read_metrics(tmp / "a")) == strip(_read_metrics(tmp / "b"))
+    plan_a, plan_b = (json.load(open(tmp / d / "dms_plan.json")) for d in "ab")
+    assert plan_a["layers"] == plan_b["layers"] and plan_a["hidden_channels"] == plan_b["hidden_channels"]
+
+
+def test_seed_makes_runs_repeatable_and_seeds_differ(setup):
+    model_dir, corpus, tmp = setup
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main(_args(model_dir, corpus, tmp / name, "--target-ratio", "0.5", "--seed", seed)) == 0
+    losses = {n: [m["task_loss"] for m in _read_metrics(tmp / n)] for n in "abc"}
+    assert losses["a"] == losses["b"] and losses["a"] != losses["c"]
+
+
+@pytest.mark.parametrize("case", ["existing-output", "budget-too-small", "budget-above-dense", "missing-data",
+                                  "empty-data", "unsupported-architecture", "missing-model", "bad-recipe-key"])
+def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys):
+    import transformers
+
+    model_dir, corpus, tmp = setup
+    out = tmp / "out"
+    extra = ["--target-ratio", "0.5"]
+    if case == "existing-output":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "budget-too-small":
+        extra = ["--target-params", "10", "--prune", "channels"]
+    elif case == "budget-above-dense":
+        extra = ["--target-params", "1e9"]
+    elif case == "missing-data":
+        corpus = str(tmp / "nope.jsonl")
+    elif case == "empty-data":
+        corpus = str(tmp / "empty.jsonl")
+        open(corpus, "w").close()
+    elif case == "unsupported-architecture":
+        model_dir = str(tmp / "gpt2")
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=94)).save_pretrained(model_dir)
+        from conftest import tiny_tokenizer
+
+        tiny_tokenizer().save_pretrained(model_dir)
+    elif case == "missing-model":
+        model_dir = str(tmp / "no-such-model")
+    elif case == "bad-recipe-key":
+        recipe = tmp / "r.yaml"
+        recipe.write_text("target-ratio: 0.5\nsteps: 3\nlearning_rate: 1\n")
+        extra = ["--config", str(recipe)]
+    before = sorted(os.listdir(tmp))
+    assert main(_args(model_dir, corpus, out, *extra)) == 2
+    err = capsys.readouterr().err
+    # progress bars may precede it; the error itself is one line, without a traceback
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    expected = {"existing-output": "--overwrite", "budget-too-small": "smallest model", "budget-above-dense": "not below",
+                "missing-data": "nope.jsonl", "empty-data": "empty", "unsupported-architecture": "gpt2",
+                "missing-model": "no-such-model", "bad-recipe-key": "learning_rate"}[case]
+    assert expected in err
+    assert sorted(os.listdir(tmp)) == before  # nothing created or removed
+    if case == "existing-output":
+        assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_an_existing_output(setup):
+    model_dir, corpus, tmp = setup
+    out = tmp / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--overwrite")) == 0
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+
+
+def test_source_folder_is_never_written(setup):
+    model_dir, corpus, tmp = setup
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(model_dir, "*"))}
+    assert main(_args(model_dir, corpus, os.path.join(model_dir, "pruned"), "--target-ratio", "0.6")) == 2
+    assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.6")) == 0
+    assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(model_dir, "*"))} == before
+
+
+def test_two_processes_agree_on_the_plan(setup):
+    model_dir, corpus, tmp = setup
+    out = tmp / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "dms_llm", "search.py"), *_args(model_dir, corpus, out, "--target-ratio", "0.5", steps=4)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.load(open(out / "search_summary.json"))
+    assert summary["num_processes"] == 2
+    assert len(set(summary["plan_sha256_per_rank"])) == 1
+    assert len(_read_metrics(out)) == 4  # one writer: each step logged once
+
+
+def test_every_recipe_loads():
+    recipes = sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml")))
+    assert len(recipes) >= 8
+    for path in recipes:
+        values = load_recipe(path)
+        cfg = SearchConfig(**{"output_dir": "/tmp/x", **values})
+        assert cfg.steps >= 1, path
+    cfg = parse_config(["--config", recipes[0], "--target-params", "1e6", "--output-dir", "/tmp/y"])
+    assert cfg.target_params == 1e6 and cfg.target_ratio is None  # the command line's budget wins
+
+
+@pytest.mark.slow
+def test_real_smollm2_short_search(tmp_path):
+    out = tmp_path / "smol"
+    rc = main(["--target-ratio", "0.8", "--steps", "4", "--seq-len", "64", "--num-samples", "8", "--output-dir", str(out),
+               "--eval-max-windows", "4", "--data-dir", SHARED_DATA])
+    assert rc == 0
+    summary = json.load(open(out / "search_summary.json"))
+    assert summary["params"] <= summary["target_params"]
+    assert summary["target_params"] - summary["params"] < 0.005 * summary["target_params"]
+    results = json.load(open(out / "results.json"))
+    assert results["ppl"]["wikitext2"]["llm-pruner"] > 1
