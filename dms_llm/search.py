@@ -148,6 +148,10 @@ def check_output_dir(cfg: SearchConfig, source_dir: str | None) -> None:
         src = os.path.realpath(source_dir)
         if os.path.realpath(out) == src or os.path.realpath(out).startswith(src + os.sep):
             raise ConfigError(f"--output-dir {out} is inside the source model folder {src}; choose another folder")
+    real = os.path.realpath(out)
+    for precious in (os.getcwd(), os.path.expanduser("~")):
+        if os.path.realpath(precious) == real or os.path.realpath(precious).startswith(real + os.sep):
+            raise ConfigError(f"--output-dir {out} contains {precious}; choose a dedicated folder for the pruned model")
     if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, or choose another folder")
     if cfg.resume and not os.path.exists(os.path.join(out, "search_state", "state.pt")):

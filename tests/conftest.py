@@ -10,6 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+# Tiny models are dominated by per-op overhead, where a second intra-op thread only adds contention.
+torch.set_num_threads(1)
+
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 # One entry per model family the toolkit supports; every parity test is parametrised over these.

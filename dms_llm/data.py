@@ -1,0 +1,614 @@
+"""Calibration text -> packed token blocks, cached on disk.
+
+Packing: every document is tokenised without special tokens, documents are joined with one EOS
+between them (when the tokenizer has one), the stream is cut into non-overlapping blocks of
+`seq_len`, and `num_samples` blocks are drawn by a seeded permutation of the block indices. Blocks
+therefore come from anywhere in the source, and the same (source, tokenizer, seq_len, num_samples,
+seed) always gives the same tensor.
+
+Only training splits are used. Files whose names mark an evaluation split (test, valid, dev, ...) are
+refused, and skipped inside folders, so that calibration can never see the data a model is scored on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .loading import cache_root, hub_host_resolves, offline_mode
+
+logger = logging.getLogger(__name__)
+
+_CACHE_FORMAT = 1
+DEFAULT_C4_SAMPLE = os.path.join("c4", "sample_c4-rp1.jsonl")
+WIKITEXT2_TOKENS_TRAIN = os.path.join("wikitext-2-tokens", "wiki.train.tokens")
+PTB_TRAIN = os.path.join("ptb", "ptb.train.txt")
+C4_HUB_SHARD = "en/c4-train.00000-of-01024.json.gz"
+NAMED_DATASETS = ("default", "c4-sample", "wikitext2", "ptb", "c4", "alpaca")
+SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".tokens", ".raw")
+# A whole text is cut into pieces of about this many characters, at line ends, so that the Rust
+# tokenizer gets a batch: on this CPU 4 KB pieces tokenise 2-3x faster than 64 KB ones or one 10 MB
+# string, with identical tokens at these line ends (checked on PTB and WikiText-2).
+_TEXT_PIECE_CHARS = 1 << 12
+_BATCH = 256
+# Hub C4 shard 0 is 356k documents; tokenise only its first documents, this many times the tokens asked.
+_LARGE_SOURCE_TOKEN_MARGIN = 4
+_EVAL_SPLIT_WORDS = {"test", "tests", "valid", "validation", "val", "dev", "eval", "evaluation", "heldout"}
+
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
+
+# A unit is (text, starts_new_document); pieces of one whole text continue the same document.
+Units = Iterator[tuple[str, bool]]
+
+
+@dataclass
+class _Source:
+    name: str  # what the caller asked for
+    kind: str  # "local" or "hub"
+    location: str  # folder/file path, or the Hub id with its config
+    split: str
+    units: Callable[[], Units]
+    identity: list  # enters the cache key: what makes the text change
+    files: list[str] = field(default_factory=list)
+    text_field: str | None = None
+    note: str = ""
+    large: bool = False
+
+
+# --------------------------------------------------------------------------------------------------
+# where the data is
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+    """`data_dir`, else `$DMS_DATA_DIR`, else `shared/data` beside the repository root."""
+    if data_dir:
+        return os.path.abspath(os.path.expanduser(data_dir))
+    if os.environ.get("DMS_DATA_DIR"):
+        return os.path.abspath(os.path.expanduser(os.environ["DMS_DATA_DIR"]))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.abspath(os.path.join(repo, "..", "shared", "data"))
+
+
+def _data_file(data_dir: str | None, rel: str, what: str) -> str:
+    root = default_data_dir(data_dir)
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{what} needs the offline file {path}, which does not exist. Pass data_dir=... (or set "
+            f"DMS_DATA_DIR) to the folder that holds {rel}, or pass a path to your own calibration file."
+        )
+    return path
+
+
+def looks_like_eval_split(path: str) -> bool:
+    """True for file names such as `wiki.test.raw`, `ptb.valid.txt`, `dev.jsonl`, `hellaswag_val.jsonl`."""
+    base = os.path.basename(path).lower()
+    words = re.split(r"[._\-\s]+", base)
+    return any(w in _EVAL_SPLIT_WORDS for w in words)
+
+
+def _suffix(path: str) -> str:
+    p = path.lower()
+    if p.endswith(".gz"):
+        p = p[:-3]
+    return os.path.splitext(p)[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# reading local files
+
+
+def _open_text(path: str):
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with _open_text(path) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); calibration files must be UTF-8") from None
+
+
+def _text_pieces(text: str) -> Iterator[str]:
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + _TEXT_PIECE_CHARS)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _field_of(record, path: str, text_field: str, where: str):
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path}{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
+        )
+    if text_field not in record:
+        raise KeyError(
+            f"{path}{where} has no field {text_field!r}; its fields are {sorted(record)}. "
+            f"Pass text_field=... to choose one."
+        )
+    value = record[text_field]
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{path}{where}: field {text_field!r} holds {type(value).__name__}, not text")
+    return value
+
+
+def _json_records(path: str, text_field: str) -> Iterator[str]:
+    suffix = _suffix(path)
+    if suffix == ".json":
+        with _open_text(path) as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError:
+            data = None  # more than one value: JSON Lines under a .json name
+        if data is not None:
+            if isinstance(data, dict):
+                if isinstance(data.get(text_field), list):  # column layout {"text": [...]}
+                    data = [{text_field: v} for v in data[text_field]]
+                else:  # {"data": [...]}-style wrapper with one list of records
+                    lists = [v for v in data.values() if isinstance(v, list)]
+                    if len(lists) != 1:
+                        raise ValueError(
+                            f"{path}: expected a list of records, a JSON Lines file, or an object with "
+                            f"one list of records; found an object with keys {sorted(data)[:10]}"
+                        )
+                    data = lists[0]
+            if not isinstance(data, list):
+                raise ValueError(f"{path}: expected a list of records, got {type(data).__name__}")
+            for i, record in enumerate(data):
+                value = _field_of(record, path, text_field, f" record {i}")
+                if value:
+                    yield value
+            return
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno} is not valid JSON ({e})") from None
+            value = _field_of(record, path, text_field, f" line {lineno}")
+            if value:
+                yield value
+
+
+def _parquet_records(path: str, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise KeyError(
+            f"{path} has no column {text_field!r}; its columns are {names}. Pass text_field=... to choose one."
+        )
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}: column {text_field!r} holds {type(value).__name__}, not text")
+            if value:
+                yield value
+
+
+def _file_units(path: str, text_field: str) -> Units:
+    suffix = _suffix(path)
+    if suffix in (".jsonl", ".json"):
+        for doc in _json_records(path, text_field):
+            yield doc, True
+    elif suffix == ".parquet":
+        for doc in _parquet_records(path, text_field):
+            yield doc, True
+    else:  # a plain text file is one document
+        first = True
+        for piece in _text_pieces(_read_text(path)):
+            yield piece, first
+            first = False
+
+
+def _local_source(name: str, path: str, text_field: str, split: str = "train", note: str = "") -> _Source:
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        files, skipped = [], []
+        for root, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for n in sorted(names):
+                if n.startswith(".") or _suffix(n) not in SUPPORTED_SUFFIXES:
+                    continue
+                (skipped if looks_like_eval_split(n) else files).append(os.path.join(root, n))
+        if skipped:
+            logger.warning(
+                "calibration folder %s: skipping %d file(s) named like evaluation splits: %s",
+                path, len(skipped), ", ".join(os.path.relpath(s, path) for s in skipped),
+            )
+        if not files:
+            raise ValueError(
+                f"calibration folder {path} holds no usable file (supported: {', '.join(SUPPORTED_SUFFIXES)}, "
+                f"optionally .gz; files named like test/valid/dev splits are never used)"
+            )
+    elif os.path.isfile(path):
+        if _suffix(path) not in SUPPORTED_SUFFIXES:
+            raise ValueError(
+                f"unsupported calibration file {path}: use one of {', '.join(SUPPORTED_SUFFIXES)} (optionally .gz), "
+                f"or a folder of such files"
+            )
+        if looks_like_eval_split(path):
+            raise ValueError(
+                f"refusing to calibrate on {path}: its name marks an evaluation split (test/valid/dev). "
+                f"Calibrate on training data (e.g. the C4 train sample, the default); if this file really is "
+                f"training data, rename it."
+            )
+        files = [path]
+    else:
+        raise FileNotFoundError(
+            f"calibration data {path} does not exist. Pass one of {', '.join(NAMED_DATASETS)}, or an existing "
+            f".txt/.jsonl/.json/.parquet file or folder."
+        )
+
+    def units() -> Units:
+        for f in files:  # each file's first unit starts a document, so files are separated by EOS
+            yield from _file_units(f, text_field)
+
+    identity = []
+    for f in files:
+        st = os.stat(f)
+        identity.append([f, st.st_size, st.st_mtime_ns])
+    uses_field = any(_suffix(f) in (".jsonl", ".json", ".parquet") for f in files)
+    return _Source(
+        name=name,
+        kind="local",
+        location=path,
+        split=split,
+        units=units,
+        identity=identity,
+        files=files,
+        text_field=text_field if uses_field else None,
+        note=note,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub datasets
+
+
+def _try_hub(path: str, config: str | None = None, split: str = "train", **kwargs):
+    """The Hub dataset, or None when the Hub cannot be reached and it is not in the datasets cache.
+
+    With HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set, `datasets` answers from its cache or fails at once;
+    without them, a machine whose DNS cannot resolve the Hub is skipped rather than retried for ~25 s."""
+    if not offline_mode() and not hub_host_resolves():
+        logger.info("Hugging Face Hub not reachable (DNS); not trying %s", path)
+        return None
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(path, config, split=split, **kwargs)
+    except (ConnectionError, OSError) as e:
+        logger.info("could not load %s from the Hub: %s", path, str(e).splitlines()[0][:200])
+        return None
+
+
+def _hub_source(
+    name: str, ds, location: str, to_units: Callable[[object], Units], note: str = "", large: bool = False
+) -> _Source:
+    fingerprint = getattr(ds, "_fingerprint", None)
+    return _Source(
+        name=name,
+        kind="hub",
+        location=location,
+        split="train",
+        units=lambda: to_units(ds),
+        identity=[location, "train", fingerprint, len(ds)],
+        note=note,
+        large=large,
+    )
+
+
+def _joined_text_units(rows: Iterable[str], sep: str) -> Units:
+    first = True
+    for piece in _text_pieces(sep.join(r for r in rows if r is not None)):
+        yield piece, first
+        first = False
+
+
+def _alpaca_units(ds) -> Units:
+    for row in ds:
+        template = ALPACA_TEMPLATE if (row.get("input") or "").strip() else ALPACA_TEMPLATE_NO_INPUT
+        yield template.format(**{k: (row.get(k) or "").strip() for k in ("instruction", "input", "output")}), True
+
+
+def _record_units(ds, column: str) -> Units:
+    for text in ds[column] if len(ds) < 100_000 else (r[column] for r in ds):
+        if text:
+            yield text, True
+
+
+def _resolve_source(dataset: str | None, data_dir: str | None, text_field: str) -> _Source:
+    key = (dataset or "default").strip()
+    low = key.lower()
+    if low in ("default", "c4-sample"):
+        path = _data_file(data_dir, DEFAULT_C4_SAMPLE, f"calibration dataset {key!r}")
+        note = "C4 en train sample (very likely the first 1,000 documents of shard 0, via RedPajama)"
+        return _local_source(key, path, "text", note=note)
+    if low in ("wikitext2", "wikitext-2", "wikitext"):
+        ds = _try_hub("Salesforce/wikitext", "wikitext-2-raw-v1")
+        if ds is not None:
+            return _hub_source(
+                key, ds, "Salesforce/wikitext:wikitext-2-raw-v1", lambda d: _joined_text_units(d["text"], "")
+            )
+        path = _data_file(data_dir, WIKITEXT2_TOKENS_TRAIN, "wikitext2 calibration (offline)")
+        note = "WikiText-2 tokenised train split (wikitext-2-v1): rare words are replaced by <unk>"
+        logger.warning(
+            "wikitext2: the Hub is not reachable, using the offline tokenised train split %s; its rare words "
+            "are literal '<unk>' strings, unlike the raw text (use the C4 sample to avoid them)", path
+        )
+        return _local_source(key, path, text_field, note=note)
+    if low in ("ptb", "ptb_text_only"):
+        root = default_data_dir(data_dir)
+        if os.path.isfile(os.path.join(root, PTB_TRAIN)):
+            return _local_source(key, os.path.join(root, PTB_TRAIN), text_field, note="PTB (Mikolov LM version) train")
+        ds = _try_hub("ptb_text_only", split="train")
+        if ds is not None:
+            return _hub_source(key, ds, "ptb_text_only", lambda d: _joined_text_units(d["sentence"], "\n"))
+        _data_file(data_dir, PTB_TRAIN, "ptb calibration")  # raises with the data_dir advice
+        raise FileNotFoundError(os.path.join(root, PTB_TRAIN))  # pragma: no cover
+    if low == "c4":
+        ds = _try_hub("allenai/c4", data_files={"train": C4_HUB_SHARD})
+        if ds is not None:
+            return _hub_source(
+                key, ds, f"allenai/c4:{C4_HUB_SHARD}", lambda d: _record_units(d, "text"),
+                note="C4 en train shard 0 (first documents only)", large=True,
+            )
+        path = _data_file(data_dir, DEFAULT_C4_SAMPLE, "c4 calibration (offline fallback)")
+        logger.warning("c4: the Hub is not reachable, using the local C4 train sample %s", path)
+        return _local_source(key, path, "text", note="C4 en train sample (offline fallback for c4)")
+    if low == "alpaca":
+        ds = _try_hub("tatsu-lab/alpaca")
+        if ds is None:
+            raise ConnectionError(
+                "alpaca calibration needs the Hugging Face Hub dataset tatsu-lab/alpaca, which is neither "
+                "reachable nor in the datasets cache. Download it once with network access, or export it to a "
+                ".jsonl file with a 'text' field and pass that path."
+            )
+        return _hub_source(key, ds, "tatsu-lab/alpaca", _alpaca_units, note="Alpaca, instruction/input/output template")
+    expanded = os.path.expanduser(key)
+    if os.path.exists(expanded) or os.sep in key or "/" in key or _suffix(key) in SUPPORTED_SUFFIXES:
+        return _local_source(key, expanded, text_field)
+    raise ValueError(
+        f"unknown calibration dataset {key!r}: pass one of {', '.join(NAMED_DATASETS)} or a path to a "
+        f".txt/.jsonl/.json/.parquet file or a folder of them"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenising and packing
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    enc = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return enc["input_ids"]
+
+
+def tokenize_units(tokenizer, units: Iterable[tuple[str, bool]], max_tokens: int | None = None) -> torch.Tensor:
+    """One flat token stream: units tokenised without special tokens, EOS between documents.
+
+    Stops once the stream holds `max_tokens` tokens (None: all units)."""
+    eos = tokenizer.eos_token_id
+    parts: list[torch.Tensor] = []
+    total = 0
+    any_doc = False
+    batch: list[tuple[str, bool]] = []
+
+    def flush() -> None:
+        nonlocal total, any_doc
+        ids = _tokenize(tokenizer, [t for t, _ in batch])
+        for (_, starts), seq in zip(batch, ids):
+            if starts and any_doc and eos is not None:
+                parts.append(torch.tensor([eos], dtype=torch.long))
+                total += 1
+            if seq:
+                parts.append(torch.tensor(seq, dtype=torch.long))
+                total += len(seq)
+                any_doc = True
+        batch.clear()
+
+    pending_start = False  # a skipped blank unit that opened a document hands that over to the next
+    for text, starts in units:
+        if not text or not text.strip():
+            if starts:
+                pending_start = True
+            elif text:  # whitespace inside a document is part of it
+                batch.append((text, False))
+            continue
+        batch.append((text, starts or pending_start))
+        pending_start = False
+        if len(batch) >= _BATCH:
+            flush()
+            if max_tokens is not None and total >= max_tokens:
+                break
+    if batch:
+        flush()
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def pack_blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a flat stream into non-overlapping [n, seq_len] blocks; the tail shorter than seq_len is dropped."""
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def select_blocks(blocks: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(blocks.shape[0], generator=g)[:num_samples]
+    return blocks[order].clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# cache
+
+
+def default_cache_dir() -> str:
+    return os.path.join(cache_root(), "data")
+
+
+def _tokenizer_identity(tokenizer) -> dict:
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256()
+    for tok, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+        digest.update(f"{idx}\t{tok}\n".encode("utf-8", "surrogatepass"))
+    return {
+        "class": type(tokenizer).__name__,
+        "name_or_path": getattr(tokenizer, "name_or_path", ""),
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": digest.hexdigest(),
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _cache_key(source: _Source, tokenizer_id: dict, seq_len: int, num_samples: int, seed: int) -> str:
+    payload = {
+        "format": _CACHE_FORMAT,
+        "source": [source.kind, source.location, source.identity, source.text_field],
+        "tokenizer": tokenizer_id,
+        "seq_len": seq_len,
+        "num_samples": num_samples,
+        "seed": seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _save_atomic(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+
+
+def load_calibration(
+    dataset: str | None,
+    tokenizer,
+    seq_len: int,
+    num_samples: int,
+    seed: int = 0,
+    text_field: str = "text",
+    cache_dir: str | None = None,
+    data_dir: str | None = None,
+) -> torch.Tensor:
+    """`num_samples` packed blocks of `seq_len` tokens from a training text, as a [num_samples, seq_len] LongTensor.
+
+    `dataset`: None/"default"/"c4-sample" (the offline C4 train sample), "wikitext2", "ptb", "c4",
+    "alpaca", or a path to a .txt (whole text = one document), .jsonl/.json/.parquet (field
+    `text_field`, one document per record) file or a folder of them. Results are cached in `cache_dir`
+    (default `$DMS_LLM_CACHE/data`, i.e. ~/.cache/dms_llm/data).
+    """
+    if int(seq_len) < 1 or int(num_samples) < 1:
+        raise ValueError(f"seq_len and num_samples must be positive, got seq_len={seq_len}, num_samples={num_samples}")
+    seq_len, num_samples, seed = int(seq_len), int(num_samples), int(seed)
+    source = _resolve_source(dataset, data_dir, text_field)
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    key = _cache_key(source, _tokenizer_identity(tokenizer), seq_len, num_samples, seed)
+    cache_path = os.path.join(cache_dir, f"calib-{key}.pt")
+    if os.path.isfile(cache_path):
+        try:
+            cached = torch.load(cache_path, weights_only=True)
+            ids = cached["input_ids"]
+            if tuple(ids.shape) == (num_samples, seq_len):
+                logger.info("calibration data from cache %s", cache_path)
+                return ids.long()
+        except Exception as e:  # a truncated or foreign file is rebuilt, not trusted
+            logger.warning("ignoring unreadable calibration cache %s (%s)", cache_path, e)
+
+    needed = num_samples * seq_len
+    max_tokens = needed * _LARGE_SOURCE_TOKEN_MARGIN if source.large else None
+    stream = tokenize_units(tokenizer, source.units(), max_tokens=max_tokens)
+    where = f"{source.location}" + (f" (field {source.text_field!r})" if source.text_field else "")
+    if stream.numel() == 0:
+        raise ValueError(f"calibration data {where} holds no text (empty file, or every record empty)")
+    blocks = pack_blocks(stream, seq_len)
+    if blocks.shape[0] < num_samples:
+        raise ValueError(
+            f"calibration data {where} gives {stream.numel():,} tokens = {blocks.shape[0]} block(s) of "
+            f"seq_len={seq_len}, but num_samples={num_samples} were asked. Lower num_samples "
+            f"(at most {blocks.shape[0]}) or seq_len, or use a larger dataset."
+        )
+    ids = select_blocks(blocks, num_samples, seed)
+    meta = {
+        "dataset": source.name,
+        "source": source.location,
+        "kind": source.kind,
+        "split": source.split,
+        "stream_tokens": int(stream.numel()),
+        "available_blocks": int(blocks.shape[0]),
+        "seq_len": seq_len,
+        "num_samples": num_samples,
+        "seed": seed,
+    }
+    logger.info(
+        "calibration: %d x %d tokens from %s (%d blocks available)", num_samples, seq_len, where, blocks.shape[0]
+    )
+    try:
+        _save_atomic({"input_ids": ids, "meta": meta}, cache_path)
+    except OSError as e:  # a read-only cache must not stop a run
+        logger.warning("could not write the calibration cache %s: %s", cache_path, e)
+    return ids
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_dataset(dataset: str | None = None, data_dir: str | None = None, text_field: str = "text") -> dict:
+    """Provenance of a calibration source for metrics and model cards: what was read, which split, hashes.
+
+    Resolves exactly as `load_calibration` does (Hub when reachable, else the offline fallback)."""
+    source = _resolve_source(dataset, data_dir, text_field)
+    info = {
+        "dataset": source.name,
+        "kind": source.kind,
+        "source": source.location,
+        "split": source.split,
+        "text_field": source.text_field,
+        "note": source.note,
+    }
+    if source.kind == "local":
+        files = [{"path": f, "bytes": os.path.getsize(f), "sha256": _sha256_file(f)} for f in source.files]
+        info["files"] = files
+        if len(files) == 1:
+            info["sha256"] = files[0]["sha256"]
+        else:  # one hash over the (relative name, file hash) list, so a folder has a single identity
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{os.path.relpath(f['path'], source.location)}\t{f['sha256']}\n".encode())
+            info["sha256"] = h.hexdigest()
+    else:
+        info["sha256"] = None
+        info["fingerprint"] = source.identity[2]
+        info["rows"] = source.identity[3]
+    return info

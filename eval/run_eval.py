@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Evaluate a dense or pruned model: perplexity (LLM-Pruner / SparseGPT protocols) and lm-eval zero-shot.
+
+    python eval/run_eval.py MODEL_OR_DIR --ppl wikitext2,ptb --protocol llm-pruner,sparsegpt \
+        --tasks boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa [--baseline DENSE]
+
+MODEL_OR_DIR is an alias (`smollm2-135m`), a Hub id, or a local folder (a stock or a `dms_llama`
+checkpoint). Results go to DIR/eval/results.json (+ results.md) for a local folder, else to --output
+(default ./outputs/eval/<name>/results.json). See dms_llm/evaluation.py for the exact protocols.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_dms_llm():
+    try:
+        import dms_llm  # noqa: F401
+    except ImportError:  # run from a checkout without `pip install -e .`
+        sys.path.insert(0, str(REPO_ROOT))
+    from dms_llm import evaluation
+
+    return evaluation
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="alias (smollm2-135m), Hub id, or local checkpoint folder")
+    p.add_argument("--ppl", default="wikitext2",
+                   help="comma list of perplexity datasets: wikitext2, wikitext2-valid, ptb (test), ptb-valid, c4, "
+                        "'all' or 'none' (default: wikitext2)")
+    p.add_argument("--protocol", default="llm-pruner",
+                   help="comma list: llm-pruner (128-token windows), sparsegpt (2048), or 'all' (default: llm-pruner)")
+    p.add_argument("--tasks", default="none",
+                   help="comma list of zero-shot tasks: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
+                        "openbookqa, 'all' or 'none' (default: none)")
+    p.add_argument("--data-dir", default=None,
+                   help="evaluation data folder (default: $DMS_DATA_DIR, else <repo>/../shared/data)")
+    p.add_argument("--source", choices=("auto", "local", "hub"), default="auto",
+                   help="datasets from the Hub or the data folder; auto = Hub when reachable (default)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="zero-shot: only the first N documents of each task (a fraction if < 1)")
+    p.add_argument("--max-windows", type=int, default=None, help="perplexity: only the first N windows")
+    p.add_argument("--baseline", default=None, help="a dense model evaluated in the same run, shown side by side")
+    p.add_argument("--output", default=None, help="results .json path or folder")
+    p.add_argument("--overwrite", action="store_true", help="replace results of a different model at --output")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's choice)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per forward pass for lm-eval and perplexity (perplexity batches are also capped "
+                        "at 8192 tokens)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="for checkpoints with their own modeling code")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    return args
+
+
+def model_identity(name: str) -> str:
+    """Local folders are identified by their absolute path, anything else by the given name."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else name
+
+
+def default_output(model: str) -> Path:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve() / "eval" / "results.json"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_") or "model"
+    return Path.cwd() / "outputs" / "eval" / safe / "results.json"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ev = _import_dms_llm()
+    from dms_llm.loading import load_model_and_tokenizer
+
+    # Everything that can be wrong in the arguments fails here, before minutes of model loading.
+    ppl = ev.check_ppl_datasets(args.ppl)
+    protocols = ev.check_protocols(args.protocol)
+    tasks = ev.check_tasks(args.tasks)
+    if not ppl and not tasks:
+        raise SystemExit("nothing to evaluate: give --ppl and/or --tasks")
+    if args.source != "hub" and not ev.hub_reachable() or args.source == "local":
+        ev.resolve_data_dir(args.data_dir)
+    out = Path(args.output) if args.output else default_output(args.model)
+    json_path = out if out.suffix == ".json" else out / "results.json"
+    model_id = model_identity(args.model)
+    ev.check_output(json_path, model_id, overwrite=args.overwrite)
+
+    common = dict(ppl=ppl, protocols=protocols, tasks=tasks, data_dir=args.data_dir, limit=args.limit,
+                  batch_size=args.batch_size, max_windows=args.max_windows, seed=args.seed, source=args.source,
+                  progress=not args.no_progress)
+    state: dict = {}
+    # Only passed when asked for, so that a loader without the keyword still works.
+    load_kwargs = dict(dtype=args.dtype, device=args.device)
+    if args.trust_remote_code:
+        load_kwargs["trust_remote_code"] = True
+
+    def save(partial: dict, which: str) -> None:
+        # Written after every part, so a long run that dies keeps what it measured.
+        state[which] = partial
+        if "main" not in state:
+            return
+        results = dict(state["main"], complete=False)
+        if "baseline" in state:
+            results["baseline"] = state["baseline"]
+        ev.write_results(results, json_path, overwrite=True)
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(args.model, **load_kwargs)
+    load_s = time.perf_counter() - t0
+    results = ev.evaluate_model(model, tokenizer, model_name=model_id, on_part_done=lambda r: save(r, "main"), **common)
+    results["time_s"]["load"] = round(load_s, 2)
+    state["main"] = results
+    del model
+    gc.collect()
+
+    if args.baseline:
+        t0 = time.perf_counter()
+        base_model, base_tok = load_model_and_tokenizer(args.baseline, **load_kwargs)
+        base_load_s = time.perf_counter() - t0
+        baseline = ev.evaluate_model(base_model, base_tok, model_name=model_identity(args.baseline),
+                                     on_part_done=lambda r: save(r, "baseline"), **common)
+        baseline["time_s"]["load"] = round(base_load_s, 2)
+        results["baseline"] = baseline
+        del base_model
+        gc.collect()
+
+    results["complete"] = True
+    path = ev.write_results(results, json_path, overwrite=True)
+    rows = [results["baseline"], results] if args.baseline else [results]
+    print(ev.results_markdown(rows))
+    print(f"results: {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
