@@ -229,7 +229,7 @@ def run(cfg: SearchConfig) -> dict:
 
     dense_eval = None
     if not cfg.no_eval:
-        dense_eval = _cached_eval(os.path.join(out, "search_state", "dense_eval.json"), model, tokenizer, cfg, accelerator)
+        dense_eval = _cached_eval(os.path.join(out, "search_state", "dense_eval.json"), model, tokenizer, cfg, accelerator, source)
 
     model.requires_grad_(False)
     teacher, weight_params, peft_model = None, [], None
@@ -383,22 +383,51 @@ def _save(pruned, tokenizer, plan, cfg, out, source, summary) -> None:
     shutil.rmtree(old)
 
 
-def _cached_eval(path, model, tokenizer, cfg, accelerator):
-    """The dense model's evaluation, once per output folder: a resumed run does not pay for it again."""
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    result = None
-    if accelerator.is_main_process:
-        result = _evaluate(model, tokenizer, cfg, name=cfg.model or "smollm2-135m")
+def _cached_eval(path, model, tokenizer, cfg, accelerator, source):
+    """The dense model's evaluation, computed once: per output folder (a resumed run reuses it) and in
+    the user cache, keyed by the model files and every evaluation setting (later runs reuse it)."""
+    shared = _dense_eval_cache_path(cfg, source, str(next(model.parameters()).dtype))
+    for candidate in (path, shared):
+        if candidate and os.path.exists(candidate):
+            with open(candidate) as f:
+                result = json.load(f)
+            break
+    else:
+        result = None
+        if accelerator.is_main_process:
+            result = _evaluate(model, tokenizer, cfg, name=cfg.model or "smollm2-135m")
+            for target in (path, shared):
+                if target:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    with open(target + ".tmp", "w") as f:
+                        json.dump(result, f, default=str)
+                    os.replace(target + ".tmp", target)
+        accelerator.wait_for_everyone()
+        if result is None:
+            with open(path) as f:
+                result = json.load(f)
+    if accelerator.is_main_process and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(result, f, default=str)
-    accelerator.wait_for_everyone()
-    if result is None:
-        with open(path) as f:
-            result = json.load(f)
     return result
+
+
+def _dense_eval_cache_path(cfg, source, dtype) -> str | None:
+    """Only local folders are keyed (by their files' sizes and mtimes); Hub ids are not cached."""
+    import hashlib
+
+    if not os.path.isdir(source):
+        return None
+    from .loading import cache_root
+
+    files = sorted((f, os.path.getsize(os.path.join(source, f)), int(os.path.getmtime(os.path.join(source, f))))
+                   for f in os.listdir(source) if f.endswith((".safetensors", ".json")))
+    key = {"source": os.path.realpath(source), "files": files, "dtype": dtype, "ppl": cfg.eval_ppl,
+           "protocol": cfg.eval_protocol, "max_windows": cfg.eval_max_windows, "tasks": cfg.eval_tasks,
+           "limit": cfg.eval_limit, "data_dir": cfg.data_dir, "seed": cfg.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_root(), "dense_eval", f"{digest}.json")
 
 
 def _evaluate(model, tokenizer, cfg, name) -> dict:
