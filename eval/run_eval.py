@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     tasks = ev.check_tasks(args.tasks)
     if not ppl and not tasks:
         raise SystemExit("nothing to evaluate: give --ppl and/or --tasks")
-    if args.source != "hub" and not ev.hub_reachable() or args.source == "local":
-        ev.resolve_data_dir(args.data_dir)
+    if args.source == "local" or (args.source == "auto" and not ev.hub_reachable()):
+        ev.resolve_data_dir(args.data_dir)  # the data folder will be needed: say so now if it is missing
     out = Path(args.output) if args.output else default_output(args.model)
     json_path = out if out.suffix == ".json" else out / "results.json"
     model_id = model_identity(args.model)
