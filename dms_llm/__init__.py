@@ -19,3 +19,8 @@ except ImportError:  # pragma: no cover
     pass
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "STRUCTURES",
+    "UnsupportedArchitectureError", "arch_spec", "budget_loss", "kept_count", "normalized_ranks", "register_family",
+]

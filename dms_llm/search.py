@@ -176,7 +176,6 @@ def smallest_reachable(counter, masks) -> int:
     for _, t in masks.named_structures():
         t.ratio.data.fill_(0.0)
         t.clamp_()
-    # at least one sublayer must survive, so the smallest model keeps its cheapest structure
     minimum = counter.hard(masks)
     for (_, t), value in zip(masks.named_structures(), saved):
         t.ratio.data.copy_(value)
@@ -231,36 +230,8 @@ def run(cfg: SearchConfig) -> dict:
     if not cfg.no_eval:
         dense_eval = _cached_eval(os.path.join(out, "search_state", "dense_eval.json"), model, tokenizer, cfg, accelerator, source)
 
-    model.requires_grad_(False)
-    teacher, weight_params, peft_model = None, [], None
-    hooked = model
-    if cfg.train_weights == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        spec = masks.shapes  # noqa: F841 - shapes are shared; LoRA goes on every projection
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-        hooked = peft_model.base_model.model  # hooks go on the LoRA-wrapped projections
-        weight_params = [p for p in peft_model.parameters() if p.requires_grad]
-    elif cfg.train_weights == "full":
-        import copy
-
-        if cfg.distill:
-            teacher_model = copy.deepcopy(model).eval()  # full training changes the weights: keep a frozen copy
-            teacher = lambda ids: teacher_model(input_ids=ids, use_cache=False).logits  # noqa: E731
-        model.requires_grad_(True)
-        weight_params = list(model.parameters())
-    if cfg.gradient_checkpointing:
-        hooked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
+    hooked, peft_model, weight_params, teacher = _prepare_weights(cfg, model, masks)
     hooks = MaskHooks(hooked, masks).install()
-    if cfg.distill and teacher is None:
-        def teacher(ids):
-            with masks.disabled():
-                if peft_model is not None:
-                    with peft_model.disable_adapter():
-                        return hooked(input_ids=ids, use_cache=False).logits
-                return hooked(input_ids=ids, use_cache=False).logits
 
     settings = LoopSettings(
         steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, ratio_lr=cfg.ratio_lr,
@@ -284,20 +255,8 @@ def run(cfg: SearchConfig) -> dict:
     fit = fit_to_budget(masks, counter, target)
     plan = masks.to_plan(model.config, source_model=cfg.model or "smollm2-135m")
     plan_hashes = _plan_hash_per_rank(plan, accelerator)
-    with torch.no_grad(), masks.hard():
-        probe = blocks[:1].to(accelerator.device)
-        masked_logits = hooked(input_ids=probe, use_cache=False).logits.float()
-    hooks.remove()
-    if peft_model is not None:
-        model = peft_model.merge_and_unload()
-    from .prune import prune_model
-
-    pruned = prune_model(model, plan)
-    pruned_params = sum(p.numel() for p in pruned.parameters())
-    with torch.no_grad():
-        parity = float((pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float() - masked_logits).abs().max())
-    if pruned_params != plan.params_after:
-        raise RuntimeError(f"pruned model has {pruned_params:,} parameters, the plan says {plan.params_after:,}")
+    pruned, parity = _extract(model, hooked, peft_model, hooks, masks, plan, blocks[:1].to(accelerator.device))
+    pruned_params = plan.params_after
     plan.metadata.update({"search": dataclasses.asdict(cfg), "target_params": target, "budget_fit": fit,
                           "search_time_s": round(search_time, 1), "masked_vs_pruned_max_abs_logit_diff": parity})
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": pruned_params,
@@ -320,6 +279,63 @@ def run(cfg: SearchConfig) -> dict:
     if accelerator.is_main_process:
         _report(summary, dense_eval)
     return summary
+
+
+def _prepare_weights(cfg: SearchConfig, model, masks):
+    """Freeze, wrap in LoRA or unfreeze the weights; returns (module to hook, peft model or None,
+    trainable weights, teacher callable or None)."""
+    model.requires_grad_(False)
+    hooked, peft_model, weight_params, teacher = model, None, [], None
+    if cfg.train_weights == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                       target_modules=targets))
+        hooked = peft_model.base_model.model  # hooks go on the LoRA-wrapped projections: both branches masked
+        weight_params = [p for p in peft_model.parameters() if p.requires_grad]
+    elif cfg.train_weights == "full":
+        if cfg.distill:
+            import copy
+
+            teacher_model = copy.deepcopy(model).eval()  # full training changes the weights: keep a frozen copy
+            teacher = lambda ids: teacher_model(input_ids=ids, use_cache=False).logits  # noqa: E731
+        model.requires_grad_(True)
+        weight_params = list(model.parameters())
+    if cfg.gradient_checkpointing:
+        hooked.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.distill and teacher is None:
+        # Frozen weights or LoRA: the teacher is the same module with masks (and adapters) off.
+        def teacher(ids):
+            with masks.disabled():
+                if peft_model is not None:
+                    with peft_model.disable_adapter():
+                        return hooked(input_ids=ids, use_cache=False).logits
+                return hooked(input_ids=ids, use_cache=False).logits
+
+    return hooked, peft_model, weight_params, teacher
+
+
+def _extract(model, hooked, peft_model, hooks, masks, plan, probe):
+    """Remove the hooks, merge LoRA, prune physically; checks the pruned model against the binarised
+    masked one on `probe` and its size against the plan. Returns (pruned model, max abs logit diff)."""
+    import torch
+
+    from .prune import prune_model
+
+    with torch.no_grad(), masks.hard():
+        masked_logits = hooked(input_ids=probe, use_cache=False).logits.float()
+    hooks.remove()
+    if peft_model is not None:
+        model = peft_model.merge_and_unload()
+    pruned = prune_model(model, plan)
+    with torch.no_grad():
+        logits = pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float()
+    parity = float((logits - masked_logits).abs().max())
+    numel = sum(p.numel() for p in pruned.parameters())
+    if numel != plan.params_after:
+        raise RuntimeError(f"pruned model has {numel:,} parameters, the plan says {plan.params_after:,}")
+    return pruned, parity
 
 
 def _check_supported(source: str) -> None:
