@@ -790,3 +790,13 @@ def check_output(json_path: str | os.PathLike, model: str | None, params: int | 
             f"{json_path} holds the results of another model ({old.get('model')}, {old.get('params')} params); "
             f"refusing to replace them with {model}. Choose another --output or pass --overwrite."
         )
+
+
+def ppl_change_lines(results: dict, before: dict | None) -> list[str]:
+    """'perplexity DATASET (PROTOCOL): BEFORE -> AFTER' for each value of `results` (for console reports)."""
+    lines = []
+    for ds, by_protocol in results.get("ppl", {}).items():
+        for protocol, value in by_protocol.items():
+            old = (before or {}).get("ppl", {}).get(ds, {}).get(protocol)
+            lines.append(f"perplexity {ds} ({protocol}): " + (f"{old:.2f} -> {value:.2f}" if old else f"{value:.2f}"))
+    return lines

@@ -445,3 +445,32 @@ def push_to_hub(out_dir: str, repo_id: str, private: bool = False, token: str | 
             f"repo id 'user/name') and push again, e.g. `hf upload {repo_id} {folder}`"
         ) from e
     return str(getattr(commit, "commit_url", None) or commit)
+
+
+def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict, source_dir: str | None,
+                         carry=(), add=None) -> None:
+    """Save a checkpoint into `out`, a run folder that already holds the run's logs and resume state.
+
+    The checkpoint is written into a staging folder beside `out`; the files and folders named in `carry`
+    are copied over from `out`, `add(staging)` may write more; then `out` is swapped for it. The finished
+    run no longer needs its (possibly large) resume checkpoint, which goes with the old folder.
+    """
+    import shutil
+
+    out = out.rstrip(os.sep)
+    staging, old = out + ".saving", out + ".old"
+    for leftover in (staging, old):  # from a crash mid-save: ours to replace
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+    save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir)
+    for name in carry:
+        src, dst = os.path.join(out, name), os.path.join(staging, os.path.basename(name))
+        if os.path.isdir(src):
+            shutil.copytree(src, dst)
+        elif os.path.exists(src):
+            shutil.copy2(src, dst)
+    if add is not None:
+        add(staging)
+    os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old)

@@ -9,63 +9,63 @@ train sample in ../shared/data. Options and recipe keys are the fields of `Searc
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 if __package__ in (None, ""):  # `python dms_llm/search.py` and `accelerate launch dms_llm/search.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dms_llm.cli import ConfigError, option, run_main  # noqa: E402
+from dms_llm.cli import load_recipe as _load_recipe  # noqa: E402
+from dms_llm.cli import parse_config as _parse_config  # noqa: E402
 
-def _opt(default, help, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class SearchConfig:
-    model: str | None = _opt(None, "local folder, Hub id or alias (smollm2-135m, llama-7b, ...); default: embedded SmolLM2-135M")
-    target_params: float | None = _opt(None, "parameter budget of the pruned model, e.g. 5.47e9")
-    target_ratio: float | None = _opt(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
-    output_dir: str | None = _opt(None, "where the pruned checkpoint, plan, metrics and results go")
-    prune: str = _opt("heads,channels,hidden,layers", "structures to search: any of heads,channels,hidden,layers")
-    depth: str = _opt("sublayer", "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
-    dataset: str = _opt("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
-    text_field: str = _opt("text", "field holding the text in .json/.jsonl/.parquet data")
-    data_dir: str | None = _opt(None, "offline data folder (default: $DMS_DATA_DIR or ../shared/data)")
-    seq_len: int = _opt(256, "tokens per calibration block")
-    num_samples: int = _opt(256, "calibration blocks")
-    batch_size: int = _opt(1, "blocks per micro-batch and process")
-    grad_accum: int = _opt(1, "micro-batches per step")
-    steps: int = _opt(200, "search steps; the last 20%% refine channel widths only")
-    ratio_lr: float = _opt(1e-2, "learning rate of the kept ratios (constant, Adam, no weight decay)")
-    weight_lr: float = _opt(1e-4, "learning rate of model weights (with --train-weights lora|full)")
-    budget_weight: float = _opt(2.0, "lambda_res, weight of the budget loss")
-    train_weights: str = _opt("none", "model weights during the search: none (frozen), lora, full")
-    lora_r: int = _opt(8, "LoRA rank (with --train-weights lora)")
-    lora_alpha: int = _opt(16, "LoRA alpha")
-    distill: bool = _opt(False, "add KL to the unpruned model's logits (the same weights with masks off)")
-    distill_weight: float = _opt(1.0, "weight of the distillation term")
-    distill_temperature: float = _opt(1.0, "distillation temperature")
-    mixed_precision: str = _opt("no", "no, bf16 or fp16 (autocast through Accelerate)")
-    dtype: str = _opt("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    gradient_checkpointing: bool = _opt(False, "recompute activations in backward to save memory")
-    seed: int = _opt(0, "seed of data order and everything random")
-    checkpoint_every: int = _opt(50, "checkpoint the search every N steps (and on Ctrl-C)")
-    stop_after: int | None = _opt(None, "checkpoint and stop after this many steps (continue with --resume)")
-    resume: bool = _opt(False, "continue from the checkpoint in --output-dir")
-    overwrite: bool = _opt(False, "replace an existing, non-empty --output-dir")
-    no_eval: bool = _opt(False, "skip the evaluation after saving")
-    eval_ppl: str = _opt("wikitext2", "held-out perplexity datasets after the search (comma list)")
-    eval_protocol: str = _opt("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
-    eval_max_windows: int | None = _opt(None, "evaluate only the first N windows (None: the whole split)")
-    eval_tasks: str = _opt("", "zero-shot tasks after the search (comma list; empty: none)")
-    eval_limit: int | None = _opt(None, "examples per zero-shot task")
-    push_to_hub: str | None = _opt(None, "Hub repo id to upload the saved folder to")
-    hub_private: bool = _opt(False, "create the Hub repo as private")
+    model: str | None = option(None, "local folder, Hub id or alias (smollm2-135m, llama-7b, ...); default: embedded SmolLM2-135M")
+    target_params: float | None = option(None, "parameter budget of the pruned model, e.g. 5.47e9")
+    target_ratio: float | None = option(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
+    output_dir: str | None = option(None, "where the pruned checkpoint, plan, metrics and results go")
+    prune: str = option("heads,channels,hidden,layers", "structures to search: any of heads,channels,hidden,layers")
+    depth: str = option("sublayer", "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
+    dataset: str = option("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
+    text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
+    data_dir: str | None = option(None, "offline data folder (default: $DMS_DATA_DIR or ../shared/data)")
+    seq_len: int = option(256, "tokens per calibration block")
+    num_samples: int = option(256, "calibration blocks")
+    batch_size: int = option(1, "blocks per micro-batch and process")
+    grad_accum: int = option(1, "micro-batches per step")
+    steps: int = option(200, "search steps; the last 20%% refine channel widths only")
+    ratio_lr: float = option(1e-2, "learning rate of the kept ratios (constant, Adam, no weight decay)")
+    weight_lr: float = option(1e-4, "learning rate of model weights (with --train-weights lora|full)")
+    budget_weight: float = option(2.0, "lambda_res, weight of the budget loss")
+    train_weights: str = option("none", "model weights during the search: none (frozen), lora, full")
+    lora_r: int = option(8, "LoRA rank (with --train-weights lora)")
+    lora_alpha: int = option(16, "LoRA alpha")
+    distill: bool = option(False, "add KL to the unpruned model's logits (the same weights with masks off)")
+    distill_weight: float = option(1.0, "weight of the distillation term")
+    distill_temperature: float = option(1.0, "distillation temperature")
+    mixed_precision: str = option("no", "no, bf16 or fp16 (autocast through Accelerate)")
+    dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    seed: int = option(0, "seed of data order and everything random")
+    checkpoint_every: int = option(50, "checkpoint the search every N steps (and on Ctrl-C)")
+    stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
+    resume: bool = option(False, "continue from the checkpoint in --output-dir")
+    overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
+    no_eval: bool = option(False, "skip the evaluation after saving")
+    eval_ppl: str = option("wikitext2", "held-out perplexity datasets after the search (comma list)")
+    eval_protocol: str = option("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
+    eval_max_windows: int | None = option(None, "evaluate only the first N windows (None: the whole split)")
+    eval_tasks: str = option("", "zero-shot tasks after the search (comma list; empty: none)")
+    eval_limit: int | None = option(None, "examples per zero-shot task")
+    push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
+    hub_private: bool = option(False, "create the Hub repo as private")
 
     def __post_init__(self):
         if (self.target_params is None) == (self.target_ratio is None):
@@ -91,54 +91,13 @@ class SearchConfig:
             raise ConfigError(f"--depth must be one of {', '.join(DEPTH_MODES)}")
 
 
-class ConfigError(ValueError):
-    """Bad options or inputs, reported before any compute as one line (no traceback)."""
-
-
 # ----- command line and recipes -------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe whose keys are these option names (the command line overrides it)")
-    for f in dataclasses.fields(SearchConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"])
-    return parser
-
-
 def load_recipe(path: str) -> dict:
-    import yaml
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"recipe not found: {path}")
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(SearchConfig)}
-    values = {}
-    for key, value in recipe.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{path}: unknown key {key!r} (valid keys are the search options, e.g. target-ratio, steps)")
-        values[name] = value
-    return values
+    return _load_recipe(path, SearchConfig)
 
 
 def parse_config(argv=None) -> SearchConfig:
-    args = vars(build_parser().parse_args(argv))
-    recipe = load_recipe(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
-    if args.get("target_params") is not None or args.get("target_ratio") is not None:
-        recipe.pop("target_params", None)  # a budget on the command line replaces the recipe's
-        recipe.pop("target_ratio", None)
-    values = {**recipe, **{k: v for k, v in args.items() if v is not None}}
-    if values.get("target_params") is not None:
-        values["target_params"] = float(values["target_params"])  # YAML reads 5.47e9 as a string
-    return SearchConfig(**values)
+    return _parse_config(SearchConfig, argv, __doc__, exclusive=[("target_params", "target_ratio")])
 
 
 # ----- output folder ------------------------------------------------------------------------------
@@ -378,25 +337,17 @@ def _clear_run_files(out: str) -> None:
 
 def _save(pruned, tokenizer, plan, cfg, out, source, summary) -> None:
     """Save the checkpoint into `out`, keeping the run's metrics and config beside it."""
-    import shutil
+    from .save import save_into_run_folder
 
-    from .save import save_pruned
-
-    staging = out.rstrip(os.sep) + ".saving"
     card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")},
             "command": "dms_llm/search.py " + " ".join(sys.argv[1:])}
-    save_pruned(pruned, tokenizer, staging, plan, overwrite=True, model_card_info=card,
-                source_dir=source if os.path.isdir(source) else None)
-    for name in ("metrics.jsonl", "search_config.json"):
-        if os.path.exists(os.path.join(out, name)):
-            shutil.copy2(os.path.join(out, name), os.path.join(staging, name))
-    with open(os.path.join(staging, "search_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    # Swap in one rename; the finished run no longer needs its (possibly large) resume checkpoint.
-    old = out.rstrip(os.sep) + ".old"
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old)
+
+    def add_summary(folder):
+        with open(os.path.join(folder, "search_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None,
+                         carry=("metrics.jsonl", "search_config.json"), add=add_summary)
 
 
 def _cached_eval(path, model, tokenizer, cfg, accelerator, source):
@@ -486,32 +437,20 @@ def _progress_bar(accelerator, steps, start, target):
 
 
 def _report(summary, dense_eval) -> None:
+    from .evaluation import ppl_change_lines
+
     lines = [
         f"checkpoint: {summary['output_dir']}",
         f"parameters: {summary['dense_params']:,} -> {summary['params']:,} ({summary['params_ratio']:.2%}); target {summary['target_params']:,}",
     ]
-    results = summary.get("results")
-    if results:
-        for ds, by_protocol in results.get("ppl", {}).items():
-            for protocol, value in by_protocol.items():
-                before = (dense_eval or {}).get("ppl", {}).get(ds, {}).get(protocol)
-                shown = f"{before:.2f} -> {value:.2f}" if before else f"{value:.2f}"
-                lines.append(f"perplexity {ds} ({protocol}): {shown}")
+    if summary.get("results"):
+        lines += ppl_change_lines(summary["results"], dense_eval)
         lines.append(f"results: {os.path.join(summary['output_dir'], 'results.json')}")
     print("\n".join(lines))
 
 
 def main(argv=None) -> int:
-    try:
-        summary = run(parse_config(argv))
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
-        # Bad input (options, data, model, budget, output folder) ends in one clear line; set
-        # DMS_DEBUG=1 for the traceback.
-        if os.environ.get("DMS_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if summary.get("finished") else 3
+    return run_main(run, parse_config, argv)
 
 
 if __name__ == "__main__":

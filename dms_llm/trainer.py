@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +67,52 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     log_s = F.log_softmax(student[:, :-1].float() / t, dim=-1)
     log_t = F.log_softmax(teacher[:, :-1].float() / t, dim=-1)
     return F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
+
+
+def write_state(state: dict, path: str) -> None:
+    """torch.save via a temporary file and a rename: a crash mid-write never corrupts the last checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines past `step`, so a resumed log reads like an uninterrupted one."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+@contextmanager
+def graceful_interrupt():
+    """Yields a list that becomes non-empty on the first Ctrl-C, so a loop can finish its step and
+    checkpoint; a second Ctrl-C raises KeyboardInterrupt as usual."""
+    interrupted: list[bool] = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    try:
+        yield interrupted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def scheduled_target_ratio(step: int, steps: int, final_ratio: float, fraction: float) -> float:
@@ -147,17 +193,14 @@ class SearchLoop:
     def save_state(self) -> None:
         if not self.acc.is_main_process:
             return
-        os.makedirs(self.state_dir, exist_ok=True)
         state = {
             "step": self.step,
             "masks": self.masks.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "weights": {str(i): p.detach().cpu() for i, p in enumerate(self.weight_params)},
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
-        tmp = self.state_path() + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_path())  # a crash mid-write never corrupts the last checkpoint
+        write_state(state, self.state_path())
 
     def load_state(self) -> bool:
         if not os.path.exists(self.state_path()):
@@ -168,8 +211,7 @@ class SearchLoop:
         with torch.no_grad():
             for i, p in enumerate(self.weight_params):
                 p.copy_(state["weights"][str(i)].to(p.device))
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state(state["rng"])
         self.step = state["step"]
         if self.step >= self.refine_start:
             self.masks.freeze_discrete()
@@ -178,12 +220,8 @@ class SearchLoop:
 
     def _truncate_metrics(self) -> None:
         """Drop metric lines past the checkpoint, so a resumed log reads like an uninterrupted one."""
-        if not self.acc.is_main_process or not os.path.exists(self.metrics_path):
-            return
-        with open(self.metrics_path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-        with open(self.metrics_path, "w") as f:
-            f.writelines(lines)
+        if self.acc.is_main_process:
+            truncate_metrics(self.metrics_path, self.step)
 
     # ----- one step ----------------------------------------------------------------------------
     def _all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -260,30 +298,21 @@ class SearchLoop:
         writer = open(self.metrics_path, "a") if self.acc.is_main_process else None
         tokens_per_step = s.batch_size * s.grad_accum * self.acc.num_processes * self.blocks.shape[1]
         stop_at = s.steps if s.stop_after is None else min(s.steps, s.stop_after)
-        interrupted = []
-
-        def on_sigint(signum, frame):
-            if interrupted:
-                raise KeyboardInterrupt
-            interrupted.append(True)
-
-        previous = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
         try:
-            while self.step < stop_at and not self._any_rank(bool(interrupted)):
-                start = time.perf_counter()
-                metrics = self.train_step()
-                metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
-                if writer:
-                    writer.write(json.dumps(metrics) + "\n")
-                    writer.flush()
-                if progress is not None:
-                    progress(metrics)
-                if self.step % s.checkpoint_every == 0 or self.step == stop_at or self._any_rank(bool(interrupted)):
-                    self.acc.wait_for_everyone()
-                    self.save_state()
+            with graceful_interrupt() as interrupted:
+                while self.step < stop_at and not self._any_rank(bool(interrupted)):
+                    start = time.perf_counter()
+                    metrics = self.train_step()
+                    metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                    if writer:
+                        writer.write(json.dumps(metrics) + "\n")
+                        writer.flush()
+                    if progress is not None:
+                        progress(metrics)
+                    if self.step % s.checkpoint_every == 0 or self.step == stop_at or self._any_rank(bool(interrupted)):
+                        self.acc.wait_for_everyone()
+                        self.save_state()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
             if writer:
                 writer.close()
         return self.step >= s.steps

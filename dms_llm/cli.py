@@ -1,0 +1,88 @@
+"""What every dms_llm command shares: a dataclass that is at once the CLI schema and the recipe format,
+YAML recipes that the command line overrides, and bad input reported as one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import field
+
+
+class ConfigError(ValueError):
+    """Bad options or inputs, reported before any compute as one line (no traceback)."""
+
+
+def option(default, help):
+    """A config field with its help text (shown by --help and kept with the field)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _kind(f):
+    name = str(f.type).split(" ")[0]
+    return {"int": int, "float": float, "bool": bool}.get(name, str)
+
+
+def build_parser(config_cls, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe whose keys are these option names (the command line overrides it)")
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if _kind(f) is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=_kind(f), default=None, help=f.metadata["help"])
+    return parser
+
+
+def load_recipe(path: str, config_cls) -> dict:
+    """Recipe keys are option names (`target-ratio` or `target_ratio`); an unknown key is an error."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe not found: {path}")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    values = {}
+    for key, value in recipe.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"{path}: unknown key {key!r}; valid keys are the command's options (see --help)")
+        if _kind(fields[name]) is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 5.47e9 and 2e-4 as strings
+            except ValueError:
+                raise ConfigError(f"{path}: {key}: not a number: {value!r}") from None
+        values[name] = value
+    return values
+
+
+def parse_config(config_cls, argv, description: str, exclusive=()):
+    """Recipe values, overridden by the command line. For each group in `exclusive` (options of which
+    exactly one is given, like a budget or a length), a command-line value replaces the whole group."""
+    args = vars(build_parser(config_cls, description).parse_args(argv))
+    path = args.pop("config", None)
+    recipe = load_recipe(path, config_cls) if path else {}
+    for group in exclusive:
+        if any(args.get(name) is not None for name in group):
+            for name in group:
+                recipe.pop(name, None)
+    return config_cls(**{**recipe, **{k: v for k, v in args.items() if v is not None}})
+
+
+def run_main(run, parse, argv=None) -> int:
+    """0 when finished, 3 when stopped early (resumable), 2 with one `error: ...` line on bad input;
+    DMS_DEBUG=1 shows the traceback instead."""
+    try:
+        summary = run(parse(argv))
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
+        if os.environ.get("DMS_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if summary.get("finished") else 3
