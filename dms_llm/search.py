@@ -347,7 +347,7 @@ def _save(pruned, tokenizer, plan, cfg, out, source, summary) -> None:
             json.dump(summary, f, indent=2)
 
     save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None,
-                         carry=("metrics.jsonl", "search_config.json"), add=add_summary)
+                         carry=("metrics.jsonl", "search_config.json", "tensorboard"), add=add_summary)
 
 
 def _cached_eval(path, model, tokenizer, cfg, accelerator, source):

@@ -296,6 +296,7 @@ class SearchLoop:
         """
         s = self.s
         writer = open(self.metrics_path, "a") if self.acc.is_main_process else None
+        board = tensorboard_writer(os.path.join(os.path.dirname(self.metrics_path), "tensorboard")) if writer else None
         tokens_per_step = s.batch_size * s.grad_accum * self.acc.num_processes * self.blocks.shape[1]
         stop_at = s.steps if s.stop_after is None else min(s.steps, s.stop_after)
         try:
@@ -307,6 +308,10 @@ class SearchLoop:
                     if writer:
                         writer.write(json.dumps(metrics) + "\n")
                         writer.flush()
+                    if board is not None:
+                        for key, value in metrics.items():
+                            if isinstance(value, (int, float)) and key != "step":
+                                board.add_scalar(key, value, metrics["step"])
                     if progress is not None:
                         progress(metrics)
                     if self.step % s.checkpoint_every == 0 or self.step == stop_at or self._any_rank(bool(interrupted)):
@@ -315,7 +320,18 @@ class SearchLoop:
         finally:
             if writer:
                 writer.close()
+            if board is not None:
+                board.close()
         return self.step >= s.steps
+
+
+def tensorboard_writer(log_dir: str):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None (optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=log_dir)
 
 
 def _in_main_thread() -> bool:

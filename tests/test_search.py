@@ -1,6 +1,7 @@
 """The search command end to end on a tiny saved checkpoint, through its command-line entry point."""
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -52,6 +53,8 @@ def test_search_prunes_to_budget_saves_and_reloads(setup):
     assert sum(p.numel() for p in reloaded.parameters()) == summary["params"]
     assert torch.isfinite(reloaded(input_ids(vocab=90)).logits).all()
     assert not os.path.exists(out / "search_state")  # the resume checkpoint goes once the run is done
+    if importlib.util.find_spec("tensorboard"):  # optional: logged when installed (the dev extra installs it)
+        assert glob.glob(str(out / "tensorboard" / "events.out.tfevents*"))
     if os.path.isdir(SHARED_DATA):
         results = json.load(open(out / "results.json"))
         assert results["params"] == summary["params"] and "wikitext2" in results["ppl"]
