@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .arch import FAMILIES, model_shapes
+from .files import write_text_atomic
 
 PLAN_FORMAT = "dms_plan/1"
 # Output-bias deltas (e.g. FLAP's bias compensation) live beside the plan JSON: `dms_plan.json` ->
@@ -256,16 +257,7 @@ class PrunePlan:
         layers = ",\n".join(f"    {dump(lp)}" for lp in d["layers"])
         body.insert(5, f'  "layers": [\n{layers}\n  ]')
         text = "{\n" + ",\n".join(body) + "\n}\n"
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".dms_plan.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text_atomic(path, text)
 
     @classmethod
     def from_json(cls, path: str) -> "PrunePlan":

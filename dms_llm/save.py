@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import warnings
 
+from .files import write_text_atomic
 from .plan import PrunePlan, count_plan_parameters
 
 EVAL_START = "<!-- dms_llm:evaluation:start -->"
@@ -403,15 +404,7 @@ def update_model_card(out_dir: str, results: dict) -> str:
         text = text[:start] + section + text[end + len(EVAL_END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, text)
     return path
 
 
