@@ -192,3 +192,10 @@ def test_decode_without_any_attention_recomputes_the_sequence():
     plan.validate()
     pruned = prune_model(model, plan)
     assert decode_tokens_per_s(pruned, prompt_len=4, new_tokens=3, reps=1) > 0
+
+
+def test_skip_leaves_exactly_the_named_rows_out():
+    bench = _load_benchmark()
+    args = bench.parse_args(["--model", "m", "--budgets", "0.8,0.5", "--methods", "dense,flap,dms-lora",
+                             "--skip", "dms-lora@0.5", "--skip", "flap@0.8"])
+    assert bench.plan_rows(args) == [("dense", 1.0, 0), ("dms-lora", 0.8, 0), ("flap", 0.5, 0)]
