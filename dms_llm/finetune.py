@@ -331,40 +331,11 @@ class FinetuneLoop:
 
     def run(self, progress=None) -> bool:
         """Run to the end (True) or until Ctrl-C / `stop_after` (False), checkpointing either way."""
-        import time as _time
-
-        from .trainer import graceful_interrupt
+        from .trainer import run_steps
 
         cfg = self.cfg
-        writer = open(self.metrics_path, "a") if self.acc.is_main_process else None
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.acc.num_processes * self.blocks.shape[1]
-        stop_at = self.steps if cfg.stop_after is None else min(self.steps, cfg.stop_after)
-        try:
-            with graceful_interrupt() as interrupted:
-                while self.step < stop_at and not self._any_rank(bool(interrupted)):
-                    start = _time.perf_counter()
-                    metrics = self.train_step()
-                    metrics["tokens_per_s"] = tokens_per_step / (_time.perf_counter() - start)
-                    if writer:
-                        writer.write(json.dumps(metrics) + "\n")
-                        writer.flush()
-                    if progress is not None:
-                        progress(metrics)
-                    if self.step % cfg.checkpoint_every == 0 or self.step == stop_at or self._any_rank(bool(interrupted)):
-                        self.acc.wait_for_everyone()
-                        self.save_state()
-        finally:
-            if writer:
-                writer.close()
-        return self.step >= self.steps
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when it is True on any: ranks must stop at the same step."""
-        import torch
-
-        if self.acc.num_processes == 1:
-            return flag
-        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum").item() > 0)
+        return run_steps(self, self.steps, cfg.stop_after, cfg.checkpoint_every, cfg.batch_size * cfg.grad_accum,
+                         self.metrics_path, progress)
 
 
 # ----- the pipeline -------------------------------------------------------------------------------
@@ -663,7 +634,7 @@ def _save(model, tokenizer, plan, cfg, out, pruned_dir, summary) -> None:
             "command": _how_it_was_made(pruned_dir),
             "tags": ["fine-tuned"] + (["lora"] if cfg.method == "lora" else []) + (["knowledge-distillation"] if summary["teacher"] else [])}
     save_into_run_folder(model, tokenizer, out, plan, card, pruned_dir,
-                         carry=("metrics.jsonl", "finetune_config.json", os.path.join(STATE_DIR, "lora_adapter")),
+                         carry=("metrics.jsonl", "finetune_config.json", "tensorboard", os.path.join(STATE_DIR, "lora_adapter")),
                          add=lambda folder: _write_summary(folder, summary))
 
 

@@ -229,12 +229,6 @@ class SearchLoop:
             return tensor
         return self.acc.reduce(tensor, reduction="mean")
 
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when it is True on any: ranks must stop at the same step."""
-        if self.acc.num_processes == 1:
-            return flag
-        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum").item() > 0)
-
     def train_step(self) -> dict:
         s, acc = self.s, self.acc
         target_ratio = scheduled_target_ratio(self.step, s.steps, self.final_ratio, s.schedule_fraction)
@@ -290,39 +284,56 @@ class SearchLoop:
 
     # ----- the loop ----------------------------------------------------------------------------
     def run(self, progress=None) -> bool:
-        """Run to the end (True) or until interrupted / `stop_after` (False), checkpointing either way.
-
-        The first Ctrl-C finishes the current step, checkpoints and returns; a second one aborts.
-        """
+        """Run to the end (True) or until interrupted / `stop_after` (False), checkpointing either way."""
         s = self.s
-        writer = open(self.metrics_path, "a") if self.acc.is_main_process else None
-        board = tensorboard_writer(os.path.join(os.path.dirname(self.metrics_path), "tensorboard")) if writer else None
-        tokens_per_step = s.batch_size * s.grad_accum * self.acc.num_processes * self.blocks.shape[1]
-        stop_at = s.steps if s.stop_after is None else min(s.steps, s.stop_after)
-        try:
-            with graceful_interrupt() as interrupted:
-                while self.step < stop_at and not self._any_rank(bool(interrupted)):
-                    start = time.perf_counter()
-                    metrics = self.train_step()
-                    metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
-                    if writer:
-                        writer.write(json.dumps(metrics) + "\n")
-                        writer.flush()
-                    if board is not None:
-                        for key, value in metrics.items():
-                            if isinstance(value, (int, float)) and key != "step":
-                                board.add_scalar(key, value, metrics["step"])
-                    if progress is not None:
-                        progress(metrics)
-                    if self.step % s.checkpoint_every == 0 or self.step == stop_at or self._any_rank(bool(interrupted)):
-                        self.acc.wait_for_everyone()
-                        self.save_state()
-        finally:
-            if writer:
-                writer.close()
-            if board is not None:
-                board.close()
-        return self.step >= s.steps
+        return run_steps(self, s.steps, s.stop_after, s.checkpoint_every, s.batch_size * s.grad_accum,
+                         self.metrics_path, progress)
+
+
+def any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when it is True on any: ranks must stop at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item() > 0)
+
+
+def run_steps(loop, steps: int, stop_after: int | None, checkpoint_every: int, blocks_per_step: int,
+              metrics_path: str, progress=None) -> bool:
+    """Drive `loop` (with `acc`, `step`, `blocks`, `train_step()`, `save_state()`) to `steps`.
+
+    Writes one metrics line per step (and TensorBoard scalars when installed), checkpoints every
+    `checkpoint_every` steps, at `stop_after` and on Ctrl-C; the first Ctrl-C finishes the current step,
+    a second one aborts. Returns True when all steps are done.
+    """
+    acc = loop.acc
+    writer = open(metrics_path, "a") if acc.is_main_process else None
+    board = tensorboard_writer(os.path.join(os.path.dirname(metrics_path), "tensorboard")) if writer else None
+    tokens_per_step = blocks_per_step * acc.num_processes * loop.blocks.shape[1]
+    stop_at = steps if stop_after is None else min(steps, stop_after)
+    try:
+        with graceful_interrupt() as interrupted:
+            while loop.step < stop_at and not any_rank(acc, bool(interrupted)):
+                start = time.perf_counter()
+                metrics = loop.train_step()
+                metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                if writer:
+                    writer.write(json.dumps(metrics) + "\n")
+                    writer.flush()
+                if board is not None:
+                    for key, value in metrics.items():
+                        if isinstance(value, (int, float)) and key != "step":
+                            board.add_scalar(key, value, metrics["step"])
+                if progress is not None:
+                    progress(metrics)
+                if loop.step % checkpoint_every == 0 or loop.step == stop_at or any_rank(acc, bool(interrupted)):
+                    acc.wait_for_everyone()
+                    loop.save_state()
+    finally:
+        if writer:
+            writer.close()
+        if board is not None:
+            board.close()
+    return loop.step >= steps
 
 
 def tensorboard_writer(log_dir: str):
