@@ -2,6 +2,7 @@
 
     python eval/bench_overhead.py                      # SmolLM2-135M, batch 1 x 256, fp32 and bf16
     python eval/bench_overhead.py --seq-len 512 --reps 5 --dtypes bfloat16
+    python eval/bench_overhead.py --shape eval/configs/llama-7b.json --dtypes bfloat16 --seq-len 2048   # GPU, 7B shape
 
 Runs are interleaved (plain, masked, search, plain, ...) so machine noise hits all alike; the median of
 each is reported with the ratios to plain. The masked model has all four structures searched, soft
@@ -23,12 +24,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":  # CUDA runs asynchronously: time the finished work, not the queued launches
+        torch.cuda.synchronize(device)
+
+
 def time_step(model, ids, masks=None) -> float:
+    _sync(ids.device)
     start = time.perf_counter()
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     if masks is not None:
         masks.update_importance()
+    _sync(ids.device)
     elapsed = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     if masks is not None:
@@ -36,16 +46,31 @@ def time_step(model, ids, masks=None) -> float:
     return elapsed
 
 
-def bench(model_name, dtype, batch, seq_len, reps, structures):
+def load(model_name, shape, dtype, device):
+    """The named model, or a randomly initialised one of a config.json's shape (timing needs shapes only)."""
+    import torch
+
+    if shape:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(shape)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
+    from dms_llm.loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(model_name, dtype=dtype, device=device)[0]
+
+
+def bench(model_name, dtype, batch, seq_len, reps, structures, device="cpu", shape=None):
     import torch
 
     from dms_llm import MaskHooks, ModelMasks
-    from dms_llm.loading import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(model_name, dtype=dtype)
+    device = torch.device(device)
+    model = load(model_name, shape, dtype, device)
     model.requires_grad_(True)  # a training step: weights get gradients in both variants
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    masks = ModelMasks(model.config, structures=structures)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    masks = ModelMasks(model.config, structures=structures).to(device)
     g = torch.Generator().manual_seed(1)
     for _, topk in masks.named_structures():
         topk.importance.copy_(torch.rand(topk.n, generator=g))
@@ -65,7 +90,8 @@ def bench(model_name, dtype, batch, seq_len, reps, structures):
     p, m, s = (statistics.median(x) for x in (plain, masked, searched))
     return {"dtype": dtype, "batch": batch, "seq_len": seq_len, "reps": reps, "plain_s": round(p, 4),
             "masked_s": round(m, 4), "ratio": round(m / p, 4), "search_step_s": round(s, 4),
-            "search_throughput_ratio": round(p / s, 4), "hooks": len(hooks.targets)}
+            "search_throughput_ratio": round(p / s, 4), "hooks": len(hooks.targets), "device": str(device),
+            "shape": shape}
 
 
 def search_step_timer(model, masks, ids):
@@ -78,14 +104,16 @@ def search_step_timer(model, masks, ids):
     counter = ParameterCounter(model)
     settings = LoopSettings(steps=10**6, batch_size=ids.shape[0], grad_accum=1, ratio_lr=1e-2, weight_lr=0.0,
                             budget_weight=2.0, target_params=int(0.8 * counter.dense()))
-    loop = SearchLoop(Accelerator(cpu=True), SearchModule(model, masks), masks, counter, ids, settings,
+    loop = SearchLoop(Accelerator(cpu=ids.device.type == "cpu"), SearchModule(model, masks), masks, counter, ids, settings,
                       state_dir="", metrics_path="")
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
 
     def run() -> float:
         model.requires_grad_(False)
+        _sync(ids.device)
         start = time.perf_counter()
         loop.train_step()
+        _sync(ids.device)
         elapsed = time.perf_counter() - start
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
@@ -97,6 +125,9 @@ def search_step_timer(model, masks, ids):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model (default: embedded SmolLM2-135M)")
+    parser.add_argument("--shape", default=None, help="a config.json: time a randomly initialised model of that shape "
+                                                      "instead of --model (e.g. eval/configs/llama-7b.json on a GPU)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -106,8 +137,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    rows = [bench(args.model, d, args.batch, args.seq_len, args.reps, args.structures) for d in args.dtypes.split(",")]
-    print(f"threads={torch.get_num_threads()} model={args.model or 'smollm2-135m'} structures={args.structures}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    rows = [bench(args.model, d, args.batch, args.seq_len, args.reps, args.structures, device, args.shape)
+            for d in args.dtypes.split(",")]
+    name = args.shape or args.model or "smollm2-135m"
+    print(f"device={device} threads={torch.get_num_threads()} model={name} structures={args.structures}")
     print(f"{'dtype':10s} {'batch x len':>12s} {'plain s':>9s} {'masked s':>9s} {'masked/plain':>13s} {'search s':>9s} {'search tok/s / plain':>21s}")
     for r in rows:
         print(f"{r['dtype']:10s} {str(r['batch']) + ' x ' + str(r['seq_len']):>12s} {r['plain_s']:9.3f} {r['masked_s']:9.3f} "

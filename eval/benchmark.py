@@ -63,11 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", action="append", default=[], metavar="METHOD@BUDGET",
                    help="leave this row out (e.g. dms-lora@0.5 when that search is too long for the machine); repeatable")
     p.add_argument("--recovery-steps", type=int, default=0, help="also fine-tune every pruned model for N steps")
+    p.add_argument("--recovery-config", default=None,
+                   help="fine-tuning recipe (YAML, dms_llm/finetune.py options) of the recovery rows; its model, "
+                        "output and step count are set here. Default: LoRA + distillation on the calibration dataset")
     p.add_argument("--speed-reps", type=int, default=5, help="timed runs per model for prefill/decode speed (0: skip)")
     p.add_argument("--speed-seq-len", type=int, default=128, help="prefill length of the speed test")
     p.add_argument("--speed-new-tokens", type=int, default=32, help="decode steps of the speed test (after 32 prompt tokens)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $DMS_DATA_DIR or ../shared/data)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="auto", help="where models are evaluated and baselines calibrate: auto (cuda when "
+                                                    "available), cpu, cuda, cuda:1 ... (searches and fine-tuning use Accelerate's device)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward in calibration and evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO_ROOT / "eval" / "results"), help="folder of <model>.json/.md/.png")
@@ -84,8 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.ppl, args.protocols, args.tasks = split(args.ppl), split(args.protocols), split(args.tasks)
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
-    if args.dms_config and not os.path.isfile(args.dms_config):
-        p.error(f"--dms-config {args.dms_config} not found")
+    for flag, path in (("--dms-config", args.dms_config), ("--recovery-config", args.recovery_config)):
+        if path and not os.path.isfile(path):
+            p.error(f"{flag} {path} not found")
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.recovery_steps < 0 or args.calib_samples < 1 or args.seq_len < 1:
         p.error("--recovery-steps must be >= 0, --calib-samples and --seq-len >= 1")
     args.adopted = {}
@@ -125,10 +135,16 @@ class Benchmark:
         self._tok = None
         self._blocks = None
         self.dms_recipe = None
+        self.recovery_recipe = None
         if args.dms_config:
             from dms_llm.search import load_recipe
 
             self.dms_recipe = load_recipe(args.dms_config)
+        if args.recovery_config:
+            from dms_llm.cli import load_recipe
+            from dms_llm.finetune import FinetuneConfig
+
+            self.recovery_recipe = load_recipe(args.recovery_config, FinetuneConfig)
 
     # ----- lazily loaded inputs -----------------------------------------------------------------
     def dense(self):
@@ -136,7 +152,7 @@ class Benchmark:
             from dms_llm.loading import load_model_and_tokenizer
 
             print(f"[benchmark] loading {self.args.model} ({self.args.dtype})", flush=True)
-            self._dense, self._tok = load_model_and_tokenizer(self.args.model, dtype=self.args.dtype)
+            self._dense, self._tok = load_model_and_tokenizer(self.args.model, dtype=self.args.dtype, device=self.args.device)
         return self._dense
 
     def tokenizer(self):
@@ -171,6 +187,8 @@ class Benchmark:
                 ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len])
         if recovery:
             ident.update(recovery_steps=recovery, recovery_data=[a.calib_dataset, a.calib_samples, a.seq_len, a.seed])
+            if self.recovery_recipe is not None:
+                ident.update(recovery_recipe=self.recovery_recipe)
         return ident
 
     def row_name(self, method: str, budget: float, recovery: int) -> str:
@@ -293,9 +311,13 @@ class Benchmark:
         if not os.path.isfile(os.path.join(out, "config.json")) or not os.path.isfile(summary_path):
             resume = os.path.isfile(os.path.join(out, "finetune_state", "state.pt"))
             print(f"[benchmark] {row['method']} at {row['budget']:g}: recovery fine-tuning, {a.recovery_steps} steps", flush=True)
-            cfg = FinetuneConfig(model=pruned_dir, teacher=a.model, output_dir=out, steps=a.recovery_steps,
-                                 dataset=a.calib_dataset, data_dir=a.data_dir, seq_len=a.seq_len, num_samples=a.calib_samples,
-                                 seed=a.seed, no_eval=True, resume=resume, overwrite=not resume)
+            values = dict(self.recovery_recipe or dict(dataset=a.calib_dataset, seq_len=a.seq_len, num_samples=a.calib_samples))
+            values.pop("epochs", None)  # --recovery-steps sets the length
+            values.update(model=pruned_dir, teacher=a.model, output_dir=out, steps=a.recovery_steps, seed=a.seed,
+                          no_eval=True, resume=resume, overwrite=not resume, push_to_hub=None)
+            if a.data_dir:
+                values["data_dir"] = a.data_dir
+            cfg = FinetuneConfig(**values)
             summary = run(cfg)
             if not summary.get("finished"):
                 raise RuntimeError(f"recovery fine-tuning in {out} stopped before the end; rerun to resume it")
@@ -325,7 +347,7 @@ class Benchmark:
             return (model, plan) if with_plan else model
         from dms_llm.loading import load_model_and_tokenizer
 
-        model, _ = load_model_and_tokenizer(path, dtype=self.args.dtype)
+        model, _ = load_model_and_tokenizer(path, dtype=self.args.dtype, device=self.args.device)
         return model
 
     # ----- evaluation ---------------------------------------------------------------------------
@@ -348,6 +370,14 @@ class Benchmark:
 
     def evaluate(self, row: dict) -> None:
         ppl, tasks, speed = self.missing(row)
+        if speed and row["recovery"]:
+            # Fine-tuning keeps every shape, and speed depends on shapes only: reuse the pruned row's timing.
+            base = self.load_row(row["method"], row["budget"], 0)
+            timing = base["speed"].get(self.speed_key())
+            if timing:
+                row["speed"][self.speed_key()] = {**timing, "measured_on": base["name"]}
+                self.save_row(row)
+                speed = False
         if not (ppl or tasks or speed):
             return
         a = self.args
@@ -499,7 +529,8 @@ def write_outputs(bench: Benchmark, rows: list[dict], argv) -> dict:
               "command": "python eval/benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "settings": {k: getattr(a, k) for k in ("budgets", "methods", "calib_dataset", "calib_samples", "seq_len", "ppl",
                                                        "protocols", "max_windows", "tasks", "limit", "dms_config",
-                                                       "recovery_steps", "speed_reps", "dtype", "seed")},
+                                                       "recovery_steps", "recovery_config", "speed_reps", "dtype",
+                                                       "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, a.label)

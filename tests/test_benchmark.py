@@ -135,6 +135,25 @@ def test_recovery_rows_fine_tune_every_pruned_model(setup):
     assert recovered["ppl"]["wikitext2"]["llm-pruner"] != one_shot["ppl"]["wikitext2"]["llm-pruner"]
 
 
+def test_recovery_recipe_and_speed_reuse(setup):
+    """--recovery-config sets the fine-tuning; a recovered row reuses its pruned row's timing (same shapes)."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results5", setup["tmp"] / "work5"
+    recipe = setup["tmp"] / "recover.yaml"
+    recipe.write_text(f"method: full\nlr: 1.0e-3\ndistill-weight: 0.0\nepochs: 3\ndataset: {setup['corpus']}\n"
+                      "seq-len: 16\nnum-samples: 8\n")
+    assert bench.main(_argv(setup, out, work, "dense,magnitude", recovery_steps=2, recovery_config=recipe,
+                            device="cpu")) == 0
+    rows = json.loads((out / f"{Path(setup['model']).name}.json").read_text())["rows"]
+    one_shot, recovered = rows[1], rows[2]
+    assert recovered["recovery"] and recovered["prefill_speedup"] == one_shot["prefill_speedup"]
+    saved = [json.loads(p.read_text()) for p in (work / "rows").glob("magnitude-*-rec2-*.json")]
+    assert len(saved) == 1 and saved[0]["info"]["recovery"]["method"] == "full"  # the recipe, not the default LoRA
+    assert saved[0]["info"]["recovery"]["steps"] == 2 and saved[0]["identity"]["recovery_recipe"]["lr"] == 1e-3
+    with pytest.raises(SystemExit):
+        bench.main(_argv(setup, out, work, "dense,magnitude", recovery_config=setup["tmp"] / "nope.yaml"))
+
+
 def test_adopting_a_finished_search_folder(setup, monkeypatch):
     from dms_llm import search
 
