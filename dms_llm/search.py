@@ -24,6 +24,10 @@ from dms_llm.cli import load_recipe as _load_recipe  # noqa: E402
 from dms_llm.cli import parse_config as _parse_config  # noqa: E402
 
 
+# The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
+# size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
+FIT_WARN_FRACTION = 0.02
+
 
 @dataclass
 class SearchConfig:
@@ -212,6 +216,12 @@ def run(cfg: SearchConfig) -> dict:
     search_time = time.time() - start
 
     fit = fit_to_budget(masks, counter, target)
+    overshoot = (fit["params_before"] - target) / dense
+    if overshoot > FIT_WARN_FRACTION:
+        say(f"WARNING: the search ended {overshoot:.1%} of the dense size above the budget, so the final fit cut "
+            f"{fit['params_before'] - fit['params']:,} parameters at once ({fit['rescaled']} scaled by {fit['scale']:.3f}) "
+            f"without the search adapting to it; expect a worse model. Raise --budget-weight (LoRA/distillation "
+            f"searches resist pruning more) or give the search more --steps.")
     plan = masks.to_plan(model.config, source_model=cfg.model or "smollm2-135m")
     plan_hashes = _plan_hash_per_rank(plan, accelerator)
     pruned, parity = _extract(model, hooked, peft_model, hooks, masks, plan, blocks[:1].to(accelerator.device))
@@ -219,6 +229,7 @@ def run(cfg: SearchConfig) -> dict:
     plan.metadata.update({"search": dataclasses.asdict(cfg), "target_params": target, "budget_fit": fit,
                           "search_time_s": round(search_time, 1), "masked_vs_pruned_max_abs_logit_diff": parity})
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": pruned_params,
+               "params_before_fit": fit["params_before"],
                "params_ratio": pruned_params / dense, "budget_gap": (target - pruned_params) / target,
                "search_time_s": search_time, "parity_max_abs_diff": parity, "output_dir": out,
                "num_processes": accelerator.num_processes, "plan_sha256_per_rank": plan_hashes}

@@ -139,7 +139,7 @@ def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> 
     structures = [t for _, t in masks.named_structures()]
     before = counter.hard(masks)
     if before <= target:
-        return {"scale": 1.0, "params": before, "rescaled": "none"}
+        return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
     saved = {id(t): t.ratio.detach().clone() for t in structures}
 
     def count_at(alpha, group):
@@ -159,7 +159,7 @@ def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> 
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if count_at(mid, group) <= target else (lo, mid)
         params = count_at(lo, group)
-        return {"scale": lo, "params": params, "rescaled": name}
+        return {"scale": lo, "params": params, "params_before": before, "rescaled": name}
     raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")
 
 

@@ -24,6 +24,7 @@ or tasks, computes only what is missing. Outputs: <out>/<model>.json, <model>.md
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO_ROOT / "eval" / "results"), help="folder of <model>.json/.md/.png")
     p.add_argument("--work", default=None, help="cache folder (default: runs/benchmark/<model>)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table, JSON and plot from the cached rows; compute nothing (missing cells stay empty)")
     args = p.parse_args(argv)
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if not args.budgets or any(not 0 < b < 1 for b in args.budgets):
@@ -392,6 +395,9 @@ class Benchmark:
                                                                                  "n_windows": detail.get("n_windows")}
                 for task, metrics in results.get("zero_shot", {}).items():
                     row["zero_shot"][self.task_key(task)] = metrics
+                    note_machine(row, "zero_shot")
+                if results.get("ppl_details"):
+                    note_machine(row, "ppl")
                 self.save_row(row)
 
             print(f"[benchmark] evaluating {row['name']}: ppl {ppl or '-'} tasks {tasks or '-'}", flush=True)
@@ -405,6 +411,7 @@ class Benchmark:
             res = relative_speed({"dense": self.dense(), "pruned": model}, reference="dense", reps=a.speed_reps,
                                  seq_len=a.speed_seq_len, new_tokens=a.speed_new_tokens)
             row["speed"][self.speed_key()] = {**res["models"]["pruned"], "dense": res["models"]["dense"], "settings": res["settings"]}
+            note_machine(row, "speed")
             self.save_row(row)
 
     # ----- the report ---------------------------------------------------------------------------
@@ -428,9 +435,15 @@ class Benchmark:
         return {"method": row["method"], "budget": row["budget"], "recovery": row["recovery"], "params": row["params"],
                 "ppl": ppl, "zero_shot": zs, "zero_shot_avg": avg,
                 "prefill_speedup": sp.get("prefill_speedup", dense_speed), "decode_speedup": sp.get("decode_speedup", dense_speed),
-                "time_s": row["time_s"]}
+                "time_s": row["time_s"], "machines": row.get("machines", {})}
 
 
+def note_machine(row: dict, part: str) -> None:
+    """Which machine measured this part of the row (ppl, zero_shot, speed): a cache can be filled on several."""
+    row.setdefault("machines", {})[part] = machine()
+
+
+@functools.lru_cache(maxsize=1)
 def machine() -> str:
     import torch
 
@@ -456,7 +469,10 @@ def markdown(report: dict) -> str:
     tasks = list(dict.fromkeys(t for r in rows for t in r["zero_shot"]))
     head = ["method", "budget", "recovery", "params (M)", "% dense"] + [f"{d} ppl ({p})" for d, p in ppl_cols]
     head += tasks + (["zero-shot avg"] if tasks else []) + ["prefill ×", "decode ×", "prune time (s)"]
-    lines = [f"# Benchmark: {report['model']}", "", f"Machine: {report['machine']}", "", "```bash", report["command"], "```", "",
+    machines = report.get("machines") or {}
+    where = [f"Machine: {report['machine']}"] if len({m for ms in machines.values() for m in ms} | {report["machine"]}) == 1 else [
+        "Machines (by what they measured): " + "; ".join(f"{part}: {' / '.join(ms)}" for part, ms in machines.items())]
+    lines = [f"# Benchmark: {report['model']}", ""] + where + ["", "```bash", report["command"], "```", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         c = [r["method"], "–" if r["method"] == "dense" else f"{r['budget']:g}", "yes" if r["recovery"] else "no",
@@ -525,7 +541,11 @@ def plot(report: dict, path: str) -> None:
 
 def write_outputs(bench: Benchmark, rows: list[dict], argv) -> dict:
     a = bench.args
-    report = {"model": a.model, "machine": machine(),
+    by_part: dict = {}
+    for r in rows:
+        for part, name in r.get("machines", {}).items():
+            by_part.setdefault(part, set()).add(name)
+    report = {"model": a.model, "machine": machine(), "machines": {k: sorted(v) for k, v in sorted(by_part.items())},
               "command": "python eval/benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "settings": {k: getattr(a, k) for k in ("budgets", "methods", "calib_dataset", "calib_samples", "seq_len", "ppl",
                                                        "protocols", "max_windows", "tasks", "limit", "dms_config",
@@ -563,6 +583,13 @@ def main(argv=None) -> int:
     bench = Benchmark(args)
     done = []
     for method, budget, recovery in plan_rows(args):
+        if args.report_only:
+            row = bench.load_row(method, budget, recovery)
+            if row["params"] is None:
+                print(f"[benchmark] --report-only: {row['name']} was never built; left out", flush=True)
+            else:
+                done.append(row)
+            continue
         row = bench.ensure_built(method, budget, recovery)
         bench.evaluate(row)
         done.append(row)

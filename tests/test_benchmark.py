@@ -53,7 +53,7 @@ def _argv(setup, out, work, methods, **extra):
             "--data-dir", setup["data"], "--dms-config", setup["recipe"], "--speed-reps", "1", "--speed-seq-len", "16",
             "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4"]
     for k, v in extra.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
+        argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])
     return argv
 
 
@@ -64,14 +64,15 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     assert bench.main(_argv(setup, out, work, methods, tasks="boolq", limit=4)) == 0
     label = Path(setup["model"]).name
     report = json.loads((out / f"{label}.json").read_text())
-    assert {"model", "machine", "command", "rows"} <= set(report)
+    assert {"model", "machine", "machines", "command", "rows"} <= set(report)
+    assert set(report["machines"]) == {"ppl", "zero_shot", "speed"} and report["machines"]["ppl"] == [report["machine"]]
     rows = {r["method"]: r for r in report["rows"]}
     assert list(rows) == methods.split(",")
     dense = rows["dense"]["params"]
     assert rows["dense"]["prefill_speedup"] == 1.0 and rows["dense"]["time_s"] == 0
     for name, r in rows.items():
         assert set(r) == {"method", "budget", "recovery", "params", "ppl", "zero_shot", "zero_shot_avg",
-                          "prefill_speedup", "decode_speedup", "time_s"}
+                          "prefill_speedup", "decode_speedup", "time_s", "machines"}
         assert r["recovery"] is False
         ppl = r["ppl"]["wikitext2"]["llm-pruner"]
         assert ppl > 1 and ppl == ppl
@@ -103,6 +104,13 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     assert bench.main(_argv(setup, out, work, methods, tasks="boolq", limit=4)) == 0
     after = json.loads((out / f"{label}.json").read_text())
     assert after["rows"] == json.loads(before)["rows"]
+
+    # --report-only writes the same report from the cache, and leaves out rows that were never built
+    report_out = setup["tmp"] / "report-only"
+    assert bench.main(_argv(setup, report_out, work, methods + ",dms-lora", tasks="boolq", limit=4, report_only="")) == 0
+    only = json.loads((report_out / f"{label}.json").read_text())
+    assert only["rows"] == after["rows"]  # no dms-lora row: never built, nothing computed for it
+    assert (report_out / f"{label}.md").read_text().count("\n| ") == (out / f"{label}.md").read_text().count("\n| ")
 
 
 def test_rerun_with_a_new_budget_computes_only_the_new_rows(setup, monkeypatch):

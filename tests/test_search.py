@@ -61,6 +61,22 @@ def test_search_prunes_to_budget_saves_and_reloads(setup):
         assert results["baseline"]["params"] == summary["dense_params"]
 
 
+def test_a_search_that_misses_its_budget_warns_before_the_final_cut(setup, capsys):
+    model_dir, corpus, tmp = setup
+    out = tmp / "out"
+    # a budget weight of ~0 leaves the ratios where the task loss wants them: the final fit must cut it all
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.5", "--budget-weight", "1e-9")) == 0
+    summary = json.load(open(out / "search_summary.json"))
+    assert summary["params"] <= summary["target_params"] < summary["params_before_fit"]
+    assert "WARNING: the search ended" in capsys.readouterr().out
+
+    out2 = tmp / "out2"  # a search that follows its schedule ends at the target: no warning
+    assert main(_args(model_dir, corpus, out2, "--target-ratio", "0.9", "--budget-weight", "5")) == 0
+    summary = json.load(open(out2 / "search_summary.json"))
+    assert summary["params_before_fit"] - summary["target_params"] <= 0.02 * summary["dense_params"]
+    assert "WARNING: the search ended" not in capsys.readouterr().out
+
+
 def test_resume_equals_uninterrupted_run(setup):
     model_dir, corpus, tmp = setup
     common = ("--target-ratio", "0.5", "--train-weights", "lora", "--distill")
