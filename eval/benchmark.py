@@ -245,6 +245,8 @@ class Benchmark:
                        info={k: v for k, v in plan.metadata.items() if k not in ("block_influence",)})
         else:
             self.build_dms(row)
+        if method != "dense" and not (row.get("info") or {}).get("adopted"):
+            note_machine(row, "build")  # where the plan, search or fine-tuning ran
         self.save_row(row)
 
     def build_dms(self, row: dict) -> None:

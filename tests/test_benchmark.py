@@ -65,7 +65,7 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     label = Path(setup["model"]).name
     report = json.loads((out / f"{label}.json").read_text())
     assert {"model", "machine", "machines", "command", "rows"} <= set(report)
-    assert set(report["machines"]) == {"ppl", "zero_shot", "speed"} and report["machines"]["ppl"] == [report["machine"]]
+    assert set(report["machines"]) == {"build", "ppl", "zero_shot", "speed"} and report["machines"]["ppl"] == [report["machine"]]
     rows = {r["method"]: r for r in report["rows"]}
     assert list(rows) == methods.split(",")
     dense = rows["dense"]["params"]
