@@ -24,7 +24,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 if __package__ in (None, ""):  # `python dms_llm/finetune.py` and `accelerate launch dms_llm/finetune.py`
@@ -287,34 +286,20 @@ class FinetuneLoop:
 
     # ----- one step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
-        import torch
-
-        from .trainer import batch_indices, distillation_loss, next_token_loss
+        from .trainer import accumulate_gradients
 
         cfg, acc = self.cfg, self.acc
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        totals = {"task_loss": 0.0, "distill_loss": 0.0}
-        self.module.train()
-        for micro in range(cfg.grad_accum):
-            # cfg carries batch_size, grad_accum and seed: the same data order function as the search
-            idx = batch_indices(self.step, micro, cfg, len(self.blocks), acc.process_index, acc.num_processes)
-            ids = self.blocks[idx].to(acc.device)
-            last = micro == cfg.grad_accum - 1
-            sync = acc.no_sync(self.module) if not last and acc.num_processes > 1 else nullcontext()
-            with sync, acc.autocast():
-                logits = self.module(input_ids=ids, use_cache=False).logits
-                task = next_token_loss(logits, ids)
-                loss = task
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
-                    kd = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
-                    loss = loss + cfg.distill_weight * kd
-                    totals["distill_loss"] += float(kd.detach()) / cfg.grad_accum
-                acc.backward(loss / cfg.grad_accum)
-            totals["task_loss"] += float(task.detach()) / cfg.grad_accum
+
+        def logits_of(model):
+            return lambda ids: model(input_ids=ids, use_cache=False).logits
+
+        teacher = logits_of(self.teacher) if self.teacher is not None else None
+        # cfg carries batch_size, grad_accum and seed: the same data order as the search
+        totals = accumulate_gradients(acc, self.module, logits_of(self.module), teacher, self.blocks, self.step, cfg,
+                                      cfg.distill_weight, cfg.distill_temperature)
         grad_norm = acc.clip_grad_norm_(list(self.trainable.values()), cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

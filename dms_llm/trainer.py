@@ -130,6 +130,41 @@ def batch_indices(step: int, micro: int, settings: LoopSettings, num_blocks: int
     return [int(order[(start + j) % num_blocks]) for j in range(settings.batch_size)]
 
 
+def accumulate_gradients(acc, module, forward, teacher, blocks: torch.Tensor, step: int, order, distill_weight: float,
+                         distill_temperature: float, last_micro_loss=None) -> dict:
+    """Forward and backward of one optimiser step over `order.grad_accum` micro-batches (data order of
+    `batch_indices`; `order` carries batch_size, grad_accum and seed), shared by the search and fine-tuning.
+
+    Loss per micro-batch: next-token loss of `forward(ids)`, plus distill_weight x KL to `teacher(ids)`
+    when a teacher is given, divided by grad_accum; `last_micro_loss()` is added once, on the last
+    micro-batch (the search's budget term). Returns the step's mean task and distillation losses.
+    """
+    n = order.grad_accum
+    totals = {"task_loss": 0.0, "distill_loss": 0.0}
+    module.train()
+    for micro in range(n):
+        idx = batch_indices(step, micro, order, len(blocks), acc.process_index, acc.num_processes)
+        ids = blocks[idx].to(acc.device)
+        last = micro == n - 1
+        sync = acc.no_sync(module) if not last and acc.num_processes > 1 else nullcontext()
+        with sync, acc.autocast():
+            logits = forward(ids)
+            task = next_token_loss(logits, ids)
+            loss = task
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(ids)
+                kd = distillation_loss(logits, teacher_logits, distill_temperature)
+                loss = loss + distill_weight * kd
+                totals["distill_loss"] += float(kd.detach()) / n
+            loss = loss / n
+            if last and last_micro_loss is not None:
+                loss = loss + last_micro_loss()
+            acc.backward(loss)
+        totals["task_loss"] += float(task.detach()) / n
+    return totals
+
+
 def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> dict:
     """Scale the kept ratios down until the hard architecture fits: largest factor with count <= target.
 
@@ -234,31 +269,17 @@ class SearchLoop:
         target_ratio = scheduled_target_ratio(self.step, s.steps, self.final_ratio, s.schedule_fraction)
         if self.step == self.refine_start:
             self.masks.freeze_discrete()
-        totals = {"task_loss": 0.0, "distill_loss": 0.0}
-        self.module.train()
-        for micro in range(s.grad_accum):
-            idx = batch_indices(self.step, micro, s, len(self.blocks), acc.process_index, acc.num_processes)
-            ids = self.blocks[idx].to(acc.device)
-            last = micro == s.grad_accum - 1
-            sync = acc.no_sync(self.module) if not last and acc.num_processes > 1 else nullcontext()
-            with sync, acc.autocast():
-                logits = self.module(ids)
-                task = next_token_loss(logits, ids)
-                loss = task
-                if s.distill and self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(ids)
-                    kd = distillation_loss(logits, teacher_logits, s.distill_temperature)
-                    loss = loss + s.distill_weight * kd
-                    totals["distill_loss"] += float(kd.detach()) / s.grad_accum
-                if last:  # the budget term once per step; masks are shared by every micro-batch
-                    ratio_now = self.counter.masked(self.masks) / self.dense
-                    bl = budget_loss(ratio_now, target_ratio, s.budget_weight)
-                    loss = loss / s.grad_accum + bl.float()
-                else:
-                    loss = loss / s.grad_accum
-                acc.backward(loss)
-            totals["task_loss"] += float(task.detach()) / s.grad_accum
+        budget = {}
+
+        def budget_term() -> torch.Tensor:  # once per step: the masks are shared by every micro-batch
+            ratio_now = self.counter.masked(self.masks) / self.dense
+            budget["loss"] = budget_loss(ratio_now, target_ratio, s.budget_weight)
+            return budget["loss"].float()
+
+        teacher = self.teacher if s.distill else None
+        totals = accumulate_gradients(acc, self.module, self.module, teacher, self.blocks, self.step, s, s.distill_weight,
+                                      s.distill_temperature, last_micro_loss=budget_term)
+        bl = budget["loss"]
         scaler = getattr(acc, "scaler", None)
         grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         self.masks.update_importance(grad_scale=grad_scale, all_reduce=self._all_reduce_mean)

@@ -397,9 +397,10 @@ class Benchmark:
                                                                                  "n_windows": detail.get("n_windows")}
                 for task, metrics in results.get("zero_shot", {}).items():
                     row["zero_shot"][self.task_key(task)] = metrics
-                    note_machine(row, "zero_shot")
                 if results.get("ppl_details"):
                     note_machine(row, "ppl")
+                if results.get("zero_shot"):
+                    note_machine(row, "zero_shot")
                 self.save_row(row)
 
             print(f"[benchmark] evaluating {row['name']}: ppl {ppl or '-'} tasks {tasks or '-'}", flush=True)
