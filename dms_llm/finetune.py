@@ -331,7 +331,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     from .arch import arch_spec
     from .data import describe_dataset, load_calibration
-    from .loading import load_model_and_tokenizer, resolve_model
+    from .loading import load_model_and_tokenizer, resolve_model, training_dtype
 
     out = os.path.abspath(cfg.output_dir)
     pruned_dir, plan = check_pruned_dir(cfg)
@@ -350,7 +350,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.resume:
         check_resume_settings(cfg, out, steps)
     set_seed(cfg.seed)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = training_dtype(cfg.dtype)
     say(f"loading the pruned model {pruned_dir} as {dtype}")
     model, tokenizer = load_model_and_tokenizer(pruned_dir, dtype=dtype)
     spec = arch_spec(model.config)

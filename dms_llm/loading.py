@@ -313,6 +313,16 @@ def _register_dms_classes() -> None:
     register_auto_classes()
 
 
+def training_dtype(dtype: str) -> str:
+    """The weights dtype of a search or fine-tuning run: `auto` means bf16 on a GPU (half the memory of
+    fp32 at the same exponent range) and fp32 on a CPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def _torch_dtype(dtype):
     import torch
 

@@ -155,7 +155,7 @@ def run(cfg: SearchConfig) -> dict:
     from .budget import ParameterCounter
     from .data import load_calibration
     from .inject import MaskHooks
-    from .loading import load_model_and_tokenizer, resolve_model
+    from .loading import load_model_and_tokenizer, resolve_model, training_dtype
     from .masks import ModelMasks
     from .trainer import LoopSettings, SearchLoop, SearchModule, fit_to_budget
 
@@ -167,7 +167,7 @@ def run(cfg: SearchConfig) -> dict:
     check_output_dir(cfg, source if os.path.isdir(source) else None)
 
     _check_supported(source)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    dtype = training_dtype(cfg.dtype)
     say(f"loading {cfg.model or 'smollm2-135m (embedded default)'} as {dtype}")
     with accelerator.main_process_first():  # the first process converts/caches, the others reuse
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
