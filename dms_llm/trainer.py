@@ -166,15 +166,17 @@ def accumulate_gradients(acc, module, forward, teacher, blocks: torch.Tensor, st
 
 
 def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> dict:
-    """Scale the kept ratios down until the hard architecture fits: largest factor with count <= target.
+    """Rescale the kept ratios so the hard architecture uses the budget: the largest factor with
+    count <= target.
 
-    Channel widths are rescaled first (fine-grained, so the result lands close to the target); heads
-    and depth are included only when channels alone cannot reach it.
+    Above the target, channel widths are scaled down first (fine-grained, so the result lands close to
+    the target); heads and depth are included only when channels alone cannot reach it. Below the
+    target, the MLP widths are scaled up into the slack (the search's budget loss tends to stop a little
+    under its target; the hidden width is left alone because one hidden channel costs a whole column of
+    every layer, too coarse to fill with).
     """
     structures = [t for _, t in masks.named_structures()]
     before = counter.hard(masks)
-    if before <= target:
-        return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
     saved = {id(t): t.ratio.detach().clone() for t in structures}
 
     def count_at(alpha, group):
@@ -184,17 +186,29 @@ def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> 
                 t.clamp_()
         return counter.hard(masks)
 
+    def largest_fitting(group, lo, hi):  # count is monotone in alpha; 60 halvings reach float precision
+        if count_at(hi, group) <= target:
+            return hi
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if count_at(mid, group) <= target else (lo, mid)
+        return lo
+
+    if before <= target:
+        mlp = [t for name, t in masks.named_structures() if name.startswith("channels.")]
+        if not mlp or before == target:
+            return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
+        ceiling = max(1.0 / float(saved[id(t)]) for t in mlp)  # beyond it every MLP is whole
+        alpha = largest_fitting(mlp, 1.0, ceiling)
+        return {"scale": alpha, "params": count_at(alpha, mlp), "params_before": before, "rescaled": "mlp channels up"}
+
     for name, group in (("channels", [t for t in structures if t.kind == "channel"]), ("all", structures)):
         for t in structures:
             t.ratio.data.copy_(saved[id(t)])
         if not group or count_at(0.0, group) > target:
             continue
-        lo, hi = 0.0, 1.0
-        for _ in range(60):  # count is monotone in alpha; 60 halvings reach float precision
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if count_at(mid, group) <= target else (lo, mid)
-        params = count_at(lo, group)
-        return {"scale": lo, "params": params, "params_before": before, "rescaled": name}
+        alpha = largest_fitting(group, 0.0, 1.0)
+        return {"scale": alpha, "params": count_at(alpha, group), "params_before": before, "rescaled": name}
     raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")
 
 

@@ -322,3 +322,48 @@ def test_untied_count_includes_lm_head():
 
 def test_family_table_is_complete():
     assert set(FAMILIES) == {"llama-mha", "llama-gqa", "mistral", "qwen2"}
+
+
+# ----- the end-of-search fit --------------------------------------------------------------------
+
+
+def _ratios(masks):
+    return {name: float(t.ratio) for name, t in masks.named_structures()}
+
+
+@pytest.mark.parametrize("slack_channels", [1, 7, 1000])
+def test_fit_fills_a_budget_the_search_left_unused_with_mlp_channels_only(slack_channels):
+    from dms_llm.trainer import fit_to_budget
+
+    model = tiny_model("llama-gqa")
+    masks = _structure_masks(model, "heads,channels,hidden,layers")
+    counter = ParameterCounter(model)
+    before, start = counter.hard(masks), _ratios(masks)
+    channel_cost = 3 * masks.hidden.kept()  # gate + up rows and a down column, at the kept hidden width
+    target = before + slack_channels * channel_cost
+    fit = fit_to_budget(masks, counter, target)
+    after = _ratios(masks)
+
+    assert fit["params_before"] == before and fit["params"] == counter.hard(masks) <= target
+    assert fit["rescaled"] == "mlp channels up"
+    # the widths scale together, so every layer gains its next channel at the same factor here
+    assert fit["params"] > before if slack_channels >= len(masks.channels) else fit["params"] == before
+    # only the MLP widths grew; heads, hidden width and depth are what the search chose
+    assert all(after[n] == start[n] for n in start if not n.startswith("channels."))
+    assert all(after[n] >= start[n] for n in start if n.startswith("channels."))
+    whole = all(t.kept() == t.n for n, t in masks.named_structures() if n.startswith("channels."))
+    # what is left over is less than one more channel in each layer (or every MLP is already whole)
+    assert whole or target - fit["params"] < len(masks.channels) * channel_cost
+
+
+def test_fit_scales_down_to_the_target_and_leaves_an_exact_fit_alone():
+    from dms_llm.trainer import fit_to_budget
+
+    model = tiny_model("llama-gqa")
+    masks = _structure_masks(model, "heads,channels,hidden,layers")
+    counter = ParameterCounter(model)
+    before = counter.hard(masks)
+    fit = fit_to_budget(masks, counter, before - 500)
+    assert fit["params"] <= before - 500 < fit["params_before"] == before and fit["rescaled"] == "channels"
+    exact = fit_to_budget(masks, counter, fit["params"])
+    assert exact["rescaled"] == "none" and exact["params"] == fit["params"]
