@@ -222,6 +222,9 @@ def run(cfg: SearchConfig) -> dict:
             f"{fit['params_before'] - fit['params']:,} parameters at once ({fit['rescaled']} scaled by {fit['scale']:.3f}) "
             f"without the search adapting to it; expect a worse model. Raise --budget-weight (LoRA/distillation "
             f"searches resist pruning more) or give the search more --steps.")
+    if fit["params"] > fit["params_before"]:
+        say(f"the search ended {fit['params_before']:,} parameters, under the budget: MLP widths scaled by "
+            f"{fit['scale']:.4f} to use {fit['params'] - fit['params_before']:,} of the unused parameters")
     plan = masks.to_plan(model.config, source_model=cfg.model or "smollm2-135m")
     plan_hashes = _plan_hash_per_rank(plan, accelerator)
     pruned, parity = _extract(model, hooked, peft_model, hooks, masks, plan, blocks[:1].to(accelerator.device))
