@@ -200,7 +200,9 @@ def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> 
             return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
         ceiling = max(1.0 / float(saved[id(t)]) for t in mlp)  # beyond it every MLP is whole
         alpha = largest_fitting(mlp, 1.0, ceiling)
-        return {"scale": alpha, "params": count_at(alpha, mlp), "params_before": before, "rescaled": "mlp channels up"}
+        params = count_at(alpha, mlp)
+        return {"scale": alpha, "params": params, "params_before": before,
+                "rescaled": "mlp channels up" if params > before else "none"}
 
     for name, group in (("channels", [t for t in structures if t.kind == "channel"]), ("all", structures)):
         for t in structures:
