@@ -171,9 +171,9 @@ def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> 
 
     Above the target, channel widths are scaled down first (fine-grained, so the result lands close to
     the target); heads and depth are included only when channels alone cannot reach it. Below the
-    target, the MLP widths are scaled up into the slack (the search's budget loss tends to stop a little
-    under its target; the hidden width is left alone because one hidden channel costs a whole column of
-    every layer, too coarse to fill with).
+    target (the hard rounding of heads and depth can leave a search there), the MLP widths are scaled up
+    into the slack; the hidden width is left alone because one hidden channel costs a whole column of
+    every layer, too coarse to fill with.
     """
     structures = [t for _, t in masks.named_structures()]
     before = counter.hard(masks)
