@@ -223,7 +223,7 @@ def run(cfg: SearchConfig) -> dict:
             f"without the search adapting to it; expect a worse model. Raise --budget-weight (LoRA/distillation "
             f"searches resist pruning more) or give the search more --steps.")
     if fit["params"] > fit["params_before"]:
-        say(f"the search ended {fit['params_before']:,} parameters, under the budget: MLP widths scaled by "
+        say(f"the search ended at {fit['params_before']:,} parameters, under the budget: MLP widths scaled by "
             f"{fit['scale']:.4f} to use {fit['params'] - fit['params_before']:,} of the unused parameters")
     plan = masks.to_plan(model.config, source_model=cfg.model or "smollm2-135m")
     plan_hashes = _plan_hash_per_rank(plan, accelerator)

@@ -195,7 +195,7 @@ def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> 
         return lo
 
     if before <= target:
-        mlp = [t for name, t in masks.named_structures() if name.startswith("channels.")]
+        mlp = list(masks.channels.values())
         if not mlp or before == target:
             return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
         ceiling = max(1.0 / float(saved[id(t)]) for t in mlp)  # beyond it every MLP is whole
