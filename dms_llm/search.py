@@ -235,7 +235,7 @@ def run(cfg: SearchConfig) -> dict:
                "params_before_fit": fit["params_before"],
                "params_ratio": pruned_params / dense, "budget_gap": (target - pruned_params) / target,
                "search_time_s": search_time, "parity_max_abs_diff": parity, "output_dir": out,
-               "num_processes": accelerator.num_processes, "plan_sha256_per_rank": plan_hashes}
+               "num_processes": accelerator.num_processes, "dtype": dtype, "plan_sha256_per_rank": plan_hashes}
     say(f"pruned: {pruned_params:,} parameters ({pruned_params / dense:.2%} of dense, {summary['budget_gap']:.3%} under target); "
         f"masked vs pruned logits max diff {parity:.2e}")
 

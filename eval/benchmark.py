@@ -71,7 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speed-seq-len", type=int, default=128, help="prefill length of the speed test")
     p.add_argument("--speed-new-tokens", type=int, default=32, help="decode steps of the speed test (after 32 prompt tokens)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $DMS_DATA_DIR or ../shared/data)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights dtype of the evaluations and the baselines' calibration")
+    p.add_argument("--train-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype of the DMS searches and the recovery fine-tuning: auto = bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", default="auto", help="where models are evaluated and baselines calibrate: auto (cuda when "
                                                     "available), cpu, cuda, cuda:1 ... (searches and fine-tuning use Accelerate's device)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward in calibration and evaluation")
@@ -188,6 +191,8 @@ class Benchmark:
             ident.update(recipe=self.dms_recipe, seed=a.seed)
             if self.dms_recipe is None:  # the search then calibrates like the baselines
                 ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len])
+        if a.train_dtype != "auto" and (method in DMS_METHODS or recovery):  # left out at auto: earlier rows stay valid
+            ident.update(train_dtype=a.train_dtype)
         if recovery:
             ident.update(recovery_steps=recovery, recovery_data=[a.calib_dataset, a.calib_samples, a.seq_len, a.seed])
             if self.recovery_recipe is not None:
@@ -269,7 +274,7 @@ class Benchmark:
         out = os.path.join(a.work, "dms", row["name"])
         values = dict(self.dms_recipe or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
         values.update(model=a.model, target_ratio=row["budget"], target_params=None, output_dir=out, no_eval=True,
-                      push_to_hub=None, seed=a.seed, stop_after=None)
+                      push_to_hub=None, seed=a.seed, stop_after=None, dtype=a.train_dtype)
         if a.data_dir:
             values["data_dir"] = a.data_dir
         if row["method"] == "dms-lora":
@@ -287,7 +292,8 @@ class Benchmark:
         with open(summary_path) as f:
             summary = json.load(f)
         row.update(params=int(summary["params"]), time_s=float(summary["search_time_s"]),
-                   artifact=os.path.relpath(out, a.work), info={"dms_settings": {k: v for k, v in values.items() if k != "model"}})
+                   artifact=os.path.relpath(out, a.work), info={"dms_settings": {k: v for k, v in values.items() if k != "model"},
+                                                                "train_dtype": summary.get("dtype")})
 
     def checkpoint_of(self, base: dict) -> str:
         """A saved checkpoint folder of a pruned row (fine-tuning reads a folder)."""
@@ -319,7 +325,7 @@ class Benchmark:
             values = dict(self.recovery_recipe or dict(dataset=a.calib_dataset, seq_len=a.seq_len, num_samples=a.calib_samples))
             values.pop("epochs", None)  # --recovery-steps sets the length
             values.update(model=pruned_dir, teacher=a.model, output_dir=out, steps=a.recovery_steps, seed=a.seed,
-                          no_eval=True, resume=resume, overwrite=not resume, push_to_hub=None)
+                          dtype=a.train_dtype, no_eval=True, resume=resume, overwrite=not resume, push_to_hub=None)
             if a.data_dir:
                 values["data_dir"] = a.data_dir
             cfg = FinetuneConfig(**values)
@@ -330,7 +336,7 @@ class Benchmark:
         with open(summary_path) as f:
             summary = json.load(f)
         row.update(params=int(summary["params"]), time_s=float(base["time_s"]) + float(summary["train_time_s"]),
-                   artifact=os.path.relpath(out, a.work), info={"recovery": {k: summary.get(k) for k in ("method", "steps", "teacher", "lr", "train_time_s")}})
+                   artifact=os.path.relpath(out, a.work), info={"recovery": {k: summary.get(k) for k in ("method", "steps", "teacher", "lr", "train_time_s", "dtype")}})
 
     def ensure_built(self, method: str, budget: float, recovery: int) -> dict:
         row = self.load_row(method, budget, recovery)
@@ -552,7 +558,7 @@ def write_outputs(bench: Benchmark, rows: list[dict], argv) -> dict:
               "command": "python eval/benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "settings": {k: getattr(a, k) for k in ("budgets", "methods", "calib_dataset", "calib_samples", "seq_len", "ppl",
                                                        "protocols", "max_windows", "tasks", "limit", "dms_config",
-                                                       "recovery_steps", "recovery_config", "speed_reps", "dtype",
+                                                       "recovery_steps", "recovery_config", "speed_reps", "dtype", "train_dtype",
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
     os.makedirs(a.out, exist_ok=True)

@@ -162,6 +162,23 @@ def test_recovery_recipe_and_speed_reuse(setup):
         bench.main(_argv(setup, out, work, "dense,magnitude", recovery_config=setup["tmp"] / "nope.yaml"))
 
 
+def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
+    """--train-dtype sets the dtype the DMS search and the recovery run in, is recorded, and keys the cache."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results6", setup["tmp"] / "work6"
+    assert bench.main(_argv(setup, out, work, "dms", speed_reps=0, recovery_steps=2, train_dtype="bfloat16")) == 0
+    saved = {p.name: json.loads(p.read_text()) for p in (work / "rows").glob("dms-*.json")}
+    one_shot = next(r for n, r in saved.items() if "-rec" not in n)
+    recovered = next(r for n, r in saved.items() if "-rec2-" in n)
+    assert one_shot["info"]["train_dtype"] == "bfloat16" and one_shot["identity"]["train_dtype"] == "bfloat16"
+    assert recovered["info"]["recovery"]["dtype"] == "bfloat16"
+    # the default (auto: fp32 on this CPU) is a different row, and its identity has no train_dtype key
+    args = bench.parse_args(_argv(setup, out, work, "dms"))
+    auto = bench.Benchmark(args)
+    assert "train_dtype" not in auto.identity("dms", 0.7, 0)
+    assert auto.row_name("dms", 0.7, 0) != one_shot["name"]
+
+
 def test_adopting_a_finished_search_folder(setup, monkeypatch):
     from dms_llm import search
 
