@@ -27,6 +27,9 @@ from dms_llm.cli import parse_config as _parse_config  # noqa: E402
 # The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
 # size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
 FIT_WARN_FRACTION = 0.02
+# Held-out blocks that score --restarts: 32 x 256 tokens separate SmolLM2 searches whose test perplexities
+# differ by 5% or more (measured, README "Search restarts").
+DEFAULT_HELDOUT_SAMPLES = 32
 
 
 @dataclass
@@ -58,6 +61,11 @@ class SearchConfig:
     dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     seed: int = option(0, "seed of data order and everything random")
+    data_seed: int | None = option(None, "seed of the calibration block selection (default: --seed)")
+    restarts: int = option(1, "independent searches (seeds --seed, --seed+1, ...; same calibration blocks); "
+                              "the one with the lowest held-out calibration loss is kept")
+    heldout_samples: int | None = option(None, "calibration blocks held out of the search to score it "
+                                               "(default: 32 with --restarts, else none)")
     checkpoint_every: int = option(50, "checkpoint the search every N steps (and on Ctrl-C)")
     stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
     resume: bool = option(False, "continue from the checkpoint in --output-dir")
@@ -76,6 +84,12 @@ class SearchConfig:
             raise ConfigError("give exactly one of --target-params and --target-ratio")
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise ConfigError(f"--target-ratio must be in (0, 1), got {self.target_ratio}")
+        if self.restarts < 1:
+            raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
+        if self.heldout_samples is None:
+            self.heldout_samples = DEFAULT_HELDOUT_SAMPLES if self.restarts > 1 else 0
+        if self.heldout_samples < 0 or (self.restarts > 1 and self.heldout_samples == 0):
+            raise ConfigError(f"--heldout-samples must be >= 0, and > 0 with --restarts (it scores them); got {self.heldout_samples}")
         if self.train_weights not in ("none", "lora", "full"):
             raise ConfigError(f"--train-weights must be none, lora or full, got {self.train_weights!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -117,8 +131,17 @@ def check_output_dir(cfg: SearchConfig, source_dir: str | None) -> None:
             raise ConfigError(f"--output-dir {out} contains {precious}; choose a dedicated folder for the pruned model")
     if os.path.isdir(out) and os.listdir(out) and not (cfg.overwrite or cfg.resume):
         raise ConfigError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, or choose another folder")
-    if cfg.resume and not os.path.exists(os.path.join(out, "search_state", "state.pt")):
-        raise ConfigError(f"--resume: no checkpoint in {out}/search_state; run without --resume to start")
+    if cfg.resume and not resumable(out):
+        raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start")
+
+
+def resumable(out: str) -> bool:
+    """A search checkpoint, or the searches of an unfinished --restarts run, is in `out`."""
+    from .restarts import RECORD_FILE, RESTARTS_DIR
+
+    if os.path.exists(os.path.join(out, "search_state", "state.pt")):
+        return True
+    return os.path.isdir(os.path.join(out, RESTARTS_DIR)) and not os.path.exists(os.path.join(out, RECORD_FILE))
 
 
 def resolve_target(cfg: SearchConfig, dense: int, minimum: int) -> int:
@@ -157,8 +180,12 @@ def run(cfg: SearchConfig) -> dict:
     from .inject import MaskHooks
     from .loading import load_model_and_tokenizer, resolve_model, training_dtype
     from .masks import ModelMasks
-    from .trainer import LoopSettings, SearchLoop, SearchModule, fit_to_budget
+    from .trainer import LoopSettings, SearchLoop, SearchModule, fit_to_budget, mean_next_token_loss
 
+    if cfg.restarts > 1:
+        from .restarts import run_restarts
+
+        return run_restarts(cfg, run)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     say = accelerator.print
     set_seed(cfg.seed)
@@ -178,9 +205,11 @@ def run(cfg: SearchConfig) -> dict:
     target = resolve_target(cfg, dense, smallest_reachable(counter, masks))
     say(f"dense parameters {dense:,}; target {target:,} ({target / dense:.1%}); searching {cfg.prune}")
 
-    with accelerator.main_process_first():
-        blocks = load_calibration(cfg.dataset, tokenizer, cfg.seq_len, cfg.num_samples, seed=cfg.seed,
+    with accelerator.main_process_first():  # held-out blocks come from the same selection, after the searched ones
+        blocks = load_calibration(cfg.dataset, tokenizer, cfg.seq_len, cfg.num_samples + cfg.heldout_samples,
+                                  seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
                                   text_field=cfg.text_field, data_dir=cfg.data_dir)
+    blocks, heldout = blocks[:cfg.num_samples], blocks[cfg.num_samples:]
     if accelerator.is_main_process:
         if cfg.overwrite and os.path.isdir(out) and not cfg.resume:
             _clear_run_files(out)
@@ -236,6 +265,9 @@ def run(cfg: SearchConfig) -> dict:
                "params_ratio": pruned_params / dense, "budget_gap": (target - pruned_params) / target,
                "search_time_s": search_time, "parity_max_abs_diff": parity, "output_dir": out,
                "num_processes": accelerator.num_processes, "dtype": dtype, "plan_sha256_per_rank": plan_hashes}
+    if len(heldout):
+        summary["heldout_loss"] = mean_next_token_loss(pruned, heldout, cfg.batch_size)
+        say(f"held-out calibration loss of the pruned model: {summary['heldout_loss']:.4f} ({len(heldout)} blocks)")
     say(f"pruned: {pruned_params:,} parameters ({pruned_params / dense:.2%} of dense, {summary['budget_gap']:.3%} under target); "
         f"masked vs pruned logits max diff {parity:.2e}")
 

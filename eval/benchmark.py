@@ -255,7 +255,7 @@ class Benchmark:
         self.save_row(row)
 
     def build_dms(self, row: dict) -> None:
-        from dms_llm.search import SearchConfig, run
+        from dms_llm.search import SearchConfig, resumable, run
 
         a = self.args
         adopted = a.adopted.get((row["method"], row["budget"]))
@@ -283,7 +283,7 @@ class Benchmark:
             values["train_weights"] = "none"
         summary_path = os.path.join(out, "search_summary.json")
         if not os.path.isfile(summary_path):
-            resume = os.path.isfile(os.path.join(out, "search_state", "state.pt"))
+            resume = resumable(out)
             values.update(resume=resume, overwrite=not resume)
             print(f"[benchmark] {row['method']} at {row['budget']:g}: DMS search ({'resuming' if resume else 'starting'}) in {out}", flush=True)
             summary = run(SearchConfig(**values))

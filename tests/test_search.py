@@ -197,3 +197,82 @@ def test_real_smollm2_short_search(tmp_path):
     assert summary["target_params"] - summary["params"] < 0.005 * summary["target_params"]
     results = json.load(open(out / "results.json"))
     assert results["ppl"]["wikitext2"]["llm-pruner"] > 1
+
+
+def _heldout_blocks(model_dir, corpus, n_search, n_heldout):
+    from transformers import AutoTokenizer
+
+    from dms_llm.data import load_calibration
+
+    return load_calibration(corpus, AutoTokenizer.from_pretrained(model_dir), 32, n_search + n_heldout, seed=0)[n_search:]
+
+
+def test_heldout_blocks_score_the_search_without_changing_it(setup):
+    from transformers import AutoModelForCausalLM
+
+    from dms_llm.trainer import mean_next_token_loss
+
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.5")) == 0
+    assert main(_args(model_dir, corpus, tmp / "b", "--target-ratio", "0.5", "--heldout-samples", "8")) == 0
+    plan_a, plan_b = (json.load(open(tmp / d / "dms_plan.json")) for d in "ab")
+    assert plan_a["layers"] == plan_b["layers"]  # the searched blocks are the same; 8 more are only scored
+    summary = json.load(open(tmp / "b" / "search_summary.json"))
+    assert "heldout_loss" not in json.load(open(tmp / "a" / "search_summary.json"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp / "b")
+    expected = mean_next_token_loss(reloaded, _heldout_blocks(model_dir, corpus, 16, 8), batch_size=3)
+    assert summary["heldout_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_restarts_keep_the_search_with_the_lowest_heldout_loss(setup, capsys):
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5", "--heldout-samples", "8")
+    out = tmp / "best"
+    assert main(_args(model_dir, corpus, out, *common, "--restarts", "3", "--seed", "5")) == 0
+    record = json.load(open(out / "restarts.json"))
+    searches = record["searches"]
+    assert [s["seed"] for s in searches] == [5, 6, 7]
+    assert len({s["heldout_loss"] for s in searches}) == 3  # the seeds reach different architectures
+    best = min(searches, key=lambda s: s["heldout_loss"])
+    assert record["chosen_seed"] == best["seed"]
+    assert f"seed {best['seed']}: held-out loss" in capsys.readouterr().out
+    summary = json.load(open(out / "search_summary.json"))
+    assert summary["heldout_loss"] == best["heldout_loss"] and summary["chosen_seed"] == best["seed"]
+    assert summary["search_time_s"] == pytest.approx(sum(s["search_time_s"] for s in searches))
+    # the kept checkpoint is exactly what an ordinary search with that seed (same calibration blocks) makes
+    single = tmp / "single"
+    assert main(_args(model_dir, corpus, single, *common, "--seed", str(best["seed"]), "--data-seed", "5")) == 0
+    assert json.load(open(single / "dms_plan.json"))["layers"] == json.load(open(out / "dms_plan.json"))["layers"]
+    assert json.load(open(single / "search_summary.json"))["heldout_loss"] == pytest.approx(best["heldout_loss"])
+    from transformers import AutoModelForCausalLM
+
+    assert sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters()) == summary["params"]
+    # every search keeps its record; only the top level holds weights
+    for s in searches:
+        folder = out / "restarts" / f"seed-{s['seed']}"
+        assert (folder / "dms_plan.json").exists() and (folder / "metrics.jsonl").exists()
+        assert not list(folder.glob("*.safetensors"))
+    assert not (tmp / "best.saving").exists() and not (tmp / "best.old").exists()
+
+
+def test_interrupted_restarts_resume_to_the_same_result(setup):
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5", "--heldout-samples", "8", "--restarts", "2")
+    assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 2  # exists: resume or overwrite
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 2  # finished: nothing to resume
+    assert list((tmp / "b").glob("model*.safetensors"))  # and nothing was lost
+    a, b = (json.load(open(tmp / d / "restarts.json")) for d in "ab")
+    assert a["chosen_seed"] == b["chosen_seed"]
+    assert [s["heldout_loss"] for s in a["searches"]] == [s["heldout_loss"] for s in b["searches"]]
+    assert json.load(open(tmp / "a" / "dms_plan.json"))["layers"] == json.load(open(tmp / "b" / "dms_plan.json"))["layers"]
+
+
+@pytest.mark.parametrize("extra, message", [(("--restarts", "0"), "--restarts"),
+                                            (("--restarts", "2", "--heldout-samples", "0"), "--heldout-samples")])
+def test_bad_restart_settings_fail_early(setup, capsys, extra, message):
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", *extra)) == 2
+    assert message in capsys.readouterr().err and not (tmp / "out").exists()
