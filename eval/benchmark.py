@@ -299,7 +299,11 @@ class Benchmark:
         """A saved checkpoint folder of a pruned row (fine-tuning reads a folder)."""
         work = self.args.work
         if base["method"] in DMS_METHODS:
-            return os.path.join(work, base["artifact"])
+            folder = os.path.join(work, base["artifact"])
+            if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
+                raise RuntimeError(f"the {base['method']} search folder {folder} holds no weights (copied without "
+                                   f"them?); delete {self.row_path(base['name'])} to search again")
+            return folder
         folder = os.path.join(work, "models", base["name"])
         if not os.path.isfile(os.path.join(folder, "config.json")):
             from dms_llm.save import save_pruned
@@ -586,6 +590,16 @@ def plan_rows(args) -> list[tuple[str, float, int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args, argv)
+    except (ValueError, OSError, RuntimeError) as e:  # one line, like the other commands; DMS_DEBUG=1 for the traceback
+        if os.environ.get("DMS_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, argv) -> int:
     if any(m in DMS_METHODS for m in args.methods) and not args.dms_config:
         print("[benchmark] no --dms-config: DMS rows use the SearchConfig defaults with the benchmark's calibration settings",
               flush=True)

@@ -179,7 +179,19 @@ def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
     assert auto.row_name("dms", 0.7, 0) != one_shot["name"]
 
 
-def test_adopting_a_finished_search_folder(setup, monkeypatch):
+def test_a_search_folder_without_weights_is_a_clear_error(setup, capsys):
+    """A cached DMS row whose folder lost its weights cannot be fine-tuned: one line says what to delete."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results7", setup["tmp"] / "work7"
+    assert bench.main(_argv(setup, out, work, "dms", speed_reps=0)) == 0
+    for weights in (work / "dms").glob("*/*.safetensors"):
+        weights.unlink()
+    assert bench.main(_argv(setup, out, work, "dms", speed_reps=0, recovery_steps=2)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the dms search folder") and "holds no weights" in err and "Traceback" not in err
+
+
+def test_adopting_a_finished_search_folder(setup, monkeypatch, capsys):
     from dms_llm import search
 
     run_dir = setup["tmp"] / "dms-run"
@@ -195,8 +207,9 @@ def test_adopting_a_finished_search_folder(setup, monkeypatch):
     assert rows[1]["ppl"]["wikitext2"]["llm-pruner"] > 1
     with pytest.raises(SystemExit):  # a folder made for another budget is refused before any work
         bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, adopt=f"dms@0.7={setup['tmp']}"))
-    with pytest.raises(RuntimeError, match="target"):
-        bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, budgets=0.5, adopt=f"dms@0.5={run_dir}"))
+    capsys.readouterr()
+    assert bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, budgets=0.5, adopt=f"dms@0.5={run_dir}")) == 2
+    assert "its target is" in capsys.readouterr().err
 
 
 def test_bad_arguments_fail_early(setup):
