@@ -591,7 +591,7 @@ def plan_rows(args) -> list[tuple[str, float, int]]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        return run(args, argv)
+        return run_benchmark(args, argv)
     except (ValueError, OSError, RuntimeError) as e:  # one line, like the other commands; DMS_DEBUG=1 for the traceback
         if os.environ.get("DMS_DEBUG"):
             raise
@@ -599,7 +599,7 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(args, argv) -> int:
+def run_benchmark(args, argv) -> int:
     if any(m in DMS_METHODS for m in args.methods) and not args.dms_config:
         print("[benchmark] no --dms-config: DMS rows use the SearchConfig defaults with the benchmark's calibration settings",
               flush=True)
