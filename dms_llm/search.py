@@ -180,7 +180,7 @@ def run(cfg: SearchConfig) -> dict:
     from .inject import MaskHooks
     from .loading import load_model_and_tokenizer, resolve_model, training_dtype
     from .masks import ModelMasks
-    from .trainer import LoopSettings, SearchLoop, SearchModule, fit_to_budget, mean_next_token_loss
+    from .trainer import LoopSettings, SearchLoop, SearchModule, fit_to_budget
 
     if cfg.restarts > 1:
         from .restarts import run_restarts
@@ -266,7 +266,10 @@ def run(cfg: SearchConfig) -> dict:
                "search_time_s": search_time, "parity_max_abs_diff": parity, "output_dir": out,
                "num_processes": accelerator.num_processes, "dtype": dtype, "plan_sha256_per_rank": plan_hashes}
     if len(heldout):
-        summary["heldout_loss"] = mean_next_token_loss(pruned, heldout, cfg.batch_size)
+        from .evaluation import window_nll
+
+        nll, tokens = window_nll(pruned, heldout, batch_size=cfg.batch_size, progress=False)
+        summary["heldout_loss"] = nll / tokens
         say(f"held-out calibration loss of the pruned model: {summary['heldout_loss']:.4f} ({len(heldout)} blocks)")
     say(f"pruned: {pruned_params:,} parameters ({pruned_params / dense:.2%} of dense, {summary['budget_gap']:.3%} under target); "
         f"masked vs pruned logits max diff {parity:.2e}")

@@ -61,20 +61,6 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
 
 
-@torch.no_grad()
-def mean_next_token_loss(model: nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token loss of `model` over equal-length `blocks` (e.g. held-out calibration text)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, len(blocks), batch_size):
-        ids = blocks[start:start + batch_size].to(device)
-        total += float(next_token_loss(model(input_ids=ids, use_cache=False).logits.float(), ids)) * len(ids)
-    model.train(was_training)
-    return total / len(blocks)
-
-
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(teacher || student) per token at temperature T, scaled by T^2 (Hinton et al.)."""
     t = temperature
