@@ -80,28 +80,28 @@ def _print_scores(candidates: list[dict], best: dict) -> None:
 def _install_winner(out: str, folder: str, best: dict, candidates: list[dict], summary: dict) -> None:
     """Make OUT the winner's checkpoint with every search's record under OUT/restarts.
 
-    Files are hard-linked into a staging folder (no copy of the weights), which then replaces OUT in one
-    rename, so an interruption leaves either the searches or the finished folder, never half of both.
+    Files are hard-linked into a staging folder (no copy of the weights), which then replaces OUT, so an
+    interruption leaves either the searches or the finished folder, never half of both.
     """
-    staging, old = out + ".saving", out + ".old"
-    for leftover in (staging, old):
-        if os.path.isdir(leftover):
-            shutil.rmtree(leftover)
-    shutil.copytree(best["folder"], staging, copy_function=_link_or_copy)
+    from .save import replace_run_folder
+
     for c in candidates:  # the losers' weights are no longer needed; the winner's live at the top
-        for name in os.listdir(c["folder"]):
-            if name.endswith(".safetensors") and c is not best:
-                os.remove(os.path.join(c["folder"], name))
+        if c is not best:
+            for name in os.listdir(c["folder"]):
+                if name.endswith(".safetensors"):
+                    os.remove(os.path.join(c["folder"], name))
     winner_weights = shutil.ignore_patterns("*.safetensors")
-    shutil.copytree(folder, os.path.join(staging, RESTARTS_DIR), copy_function=_link_or_copy,
-                    ignore=lambda d, names: winner_weights(d, names) if os.path.samefile(d, best["folder"]) else set())
-    # new files, not writes into hard-linked ones (those would change the searches' records too)
-    write_text_atomic(os.path.join(staging, "search_summary.json"), json.dumps(summary, indent=2))
-    record = {"chosen_seed": best["seed"], "chosen_by": "lowest heldout_loss", "searches": summary["restarts"]}
-    write_text_atomic(os.path.join(staging, RECORD_FILE), json.dumps(record, indent=2))
-    os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old)
+
+    def fill(staging):
+        shutil.copytree(best["folder"], staging, copy_function=_link_or_copy)
+        shutil.copytree(folder, os.path.join(staging, RESTARTS_DIR), copy_function=_link_or_copy,
+                        ignore=lambda d, names: winner_weights(d, names) if os.path.samefile(d, best["folder"]) else set())
+        # new files, not writes into hard-linked ones (those would change the searches' records too)
+        write_text_atomic(os.path.join(staging, "search_summary.json"), json.dumps(summary, indent=2))
+        record = {"chosen_seed": best["seed"], "chosen_by": "lowest heldout_loss", "searches": summary["restarts"]}
+        write_text_atomic(os.path.join(staging, RECORD_FILE), json.dumps(record, indent=2))
+
+    replace_run_folder(out, fill)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

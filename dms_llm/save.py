@@ -450,20 +450,33 @@ def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict
     """
     import shutil
 
+    def fill(staging):
+        save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir)
+        for name in carry:
+            src, dst = os.path.join(out, name), os.path.join(staging, os.path.basename(name))
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            elif os.path.exists(src):
+                shutil.copy2(src, dst)
+        if add is not None:
+            add(staging)
+
+    replace_run_folder(out, fill)
+
+
+def replace_run_folder(out: str, fill) -> None:
+    """Replace the existing folder `out` by the folder `fill(staging)` creates beside it, in two renames.
+
+    An interruption before the swap leaves `out` as it was (and a staging folder the next call removes).
+    """
+    import shutil
+
     out = out.rstrip(os.sep)
     staging, old = out + ".saving", out + ".old"
     for leftover in (staging, old):  # from a crash mid-save: ours to replace
         if os.path.isdir(leftover):
             shutil.rmtree(leftover)
-    save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir)
-    for name in carry:
-        src, dst = os.path.join(out, name), os.path.join(staging, os.path.basename(name))
-        if os.path.isdir(src):
-            shutil.copytree(src, dst)
-        elif os.path.exists(src):
-            shutil.copy2(src, dst)
-    if add is not None:
-        add(staging)
+    fill(staging)
     os.replace(out, old)
     os.replace(staging, out)
     shutil.rmtree(old)
