@@ -78,11 +78,16 @@ def parse_config(config_cls, argv, description: str, exclusive=()):
 def run_main(run, parse, argv=None) -> int:
     """0 when finished, 3 when stopped early (resumable), 2 with one `error: ...` line on bad input;
     DMS_DEBUG=1 shows the traceback instead."""
+    return exit_code(lambda: 0 if run(parse(argv)).get("finished") else 3)
+
+
+def exit_code(command) -> int:
+    """`command()`'s exit code, or 2 after one `error: ...` line for an error the user can act on
+    (DMS_DEBUG=1 shows the traceback instead)."""
     try:
-        summary = run(parse(argv))
+        return command()
     except (ValueError, OSError, RuntimeError, ImportError) as e:
         if os.environ.get("DMS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if summary.get("finished") else 3

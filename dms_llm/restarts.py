@@ -26,7 +26,7 @@ def run_restarts(cfg, run_one) -> dict:
     from accelerate import PartialState
 
     from .loading import resolve_model
-    from .search import check_output_dir
+    from .search import check_output_dir, resumable
 
     state = PartialState()
     out = os.path.abspath(cfg.output_dir)
@@ -44,7 +44,7 @@ def run_restarts(cfg, run_one) -> dict:
         sub = os.path.join(folder, f"seed-{seed}")
         summary_path = os.path.join(sub, "search_summary.json")
         if not os.path.isfile(summary_path):
-            resume = os.path.isfile(os.path.join(sub, "search_state", "state.pt"))
+            resume = resumable(sub)
             if state.is_main_process:
                 print(f"search {i + 1}/{cfg.restarts} (seed {seed}){', resuming' if resume else ''}: {sub}", flush=True)
             sub_cfg = dataclasses.replace(cfg, restarts=1, seed=seed, data_seed=data_seed, output_dir=sub, no_eval=True,
@@ -60,7 +60,7 @@ def run_restarts(cfg, run_one) -> dict:
         _print_scores(candidates, best)
         _install_winner(out, folder, best, candidates, summary)
     state.wait_for_everyone()
-    _evaluate_and_push(cfg, out, summary, state)
+    _evaluate_and_push(cfg, out, source, summary, state)
     return summary
 
 
@@ -111,16 +111,15 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _evaluate_and_push(cfg, out: str, summary: dict, state) -> None:
-    from .loading import load_model_and_tokenizer, resolve_model, training_dtype
+def _evaluate_and_push(cfg, out: str, source: str, summary: dict, state) -> None:
+    from .loading import load_model_and_tokenizer, training_dtype
     from .search import _cached_eval, _evaluate_pruned, _report
 
     dtype = training_dtype(cfg.dtype)
     dense_eval = None
     if not cfg.no_eval:  # every rank takes part: _cached_eval synchronises them
         dense, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
-        dense_eval = _cached_eval(os.path.join(out, RESTARTS_DIR, "dense_eval.json"), dense, tokenizer, cfg, state,
-                                  resolve_model(cfg.model))
+        dense_eval = _cached_eval(os.path.join(out, RESTARTS_DIR, "dense_eval.json"), dense, tokenizer, cfg, state, source)
         del dense
         if state.is_main_process:
             pruned, tokenizer = load_model_and_tokenizer(out, dtype=dtype)

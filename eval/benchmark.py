@@ -589,14 +589,10 @@ def plan_rows(args) -> list[tuple[str, float, int]]:
 
 
 def main(argv=None) -> int:
+    from dms_llm.cli import exit_code
+
     args = parse_args(argv)
-    try:
-        return run_benchmark(args, argv)
-    except (ValueError, OSError, RuntimeError) as e:  # one line, like the other commands; DMS_DEBUG=1 for the traceback
-        if os.environ.get("DMS_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run_benchmark(args, argv))  # one `error: ...` line, like the other commands
 
 
 def run_benchmark(args, argv) -> int:
