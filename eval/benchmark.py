@@ -9,9 +9,10 @@
 Every pruned model is evaluated the same way (dms_llm.evaluation.evaluate_model), timed against the dense
 model (dms_llm.speed, interleaved runs, medians), and its pruning/search wall time recorded. The one-shot
 baselines (dms_llm.baselines) all calibrate on the same blocks (`--calib-dataset`, default the C4 train
-sample; never an evaluation split). `dms` runs the DMS search with frozen weights, `dms-lora` with LoRA
-and distillation from the unpruned model, both in-process (`dms_llm.search.run`) with the `--dms-config`
-recipe (its budget replaced by each --budgets value; evaluation switched off there and done here).
+sample; never an evaluation split). `dms` runs the DMS search with frozen weights, `dms-restarts` the best
+of `--dms-restarts` such searches by held-out calibration loss (search.py --restarts), `dms-lora` one search
+with LoRA and distillation from the unpruned model, all in-process (`dms_llm.search.run`) with the
+`--dms-config` recipe (its budget replaced by each --budgets value; evaluation switched off there and done here).
 `--recovery-steps N` adds, for every pruned model, a row fine-tuned for N steps (`dms_llm.finetune.run`,
 LoRA + distillation, on the calibration dataset) with the same settings for every method.
 
@@ -39,8 +40,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 BASELINES = ("magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt")
-DMS_METHODS = ("dms", "dms-lora")
+DMS_METHODS = ("dms", "dms-restarts", "dms-lora")
 ALL_METHODS = ("dense",) + BASELINES + DMS_METHODS
+# dms-restarts costs --dms-restarts searches per budget, so it runs only when asked for.
+DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "dms-restarts")
 ROW_FORMAT = "dms_benchmark_row/1"
 
 
@@ -48,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="alias, Hub id or local folder (default: smollm2-135m)")
     p.add_argument("--budgets", default="0.8", help="comma list of kept-parameter fractions, e.g. 0.8,0.5")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list from {','.join(ALL_METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list from {','.join(ALL_METHODS)} (default: all but dms-restarts)")
     p.add_argument("--calib-dataset", default="default", help="calibration text of the baselines (data.load_calibration)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration blocks of the baselines")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
@@ -57,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-windows", type=int, default=None, help="perplexity on the first N windows only")
     p.add_argument("--tasks", default="", help="zero-shot tasks (comma list; empty: none)")
     p.add_argument("--limit", type=float, default=None, help="zero-shot: the first N documents of each task")
-    p.add_argument("--dms-config", default=None, help="DMS search recipe (YAML) for the dms and dms-lora rows")
+    p.add_argument("--dms-config", default=None, help="DMS search recipe (YAML) for the dms, dms-restarts and dms-lora rows")
+    p.add_argument("--dms-restarts", type=int, default=3,
+                   help="searches behind a dms-restarts row; the lowest held-out calibration loss is kept (default 3)")
     p.add_argument("--adopt", action="append", default=[], metavar="METHOD@BUDGET=DIR",
                    help="use a finished DMS search folder (dms_llm/search.py --output-dir) for that row instead of "
                         "searching, e.g. dms@0.8=runs/smollm2-80; repeatable")
@@ -104,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.recovery_steps < 0 or args.calib_samples < 1 or args.seq_len < 1:
         p.error("--recovery-steps must be >= 0, --calib-samples and --seq-len >= 1")
+    if args.dms_restarts < 2:
+        p.error(f"--dms-restarts must be at least 2 (a dms row is one search), got {args.dms_restarts}")
     args.adopted = {}
     for spec in args.adopt:
         try:
@@ -116,10 +124,24 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--adopt: only {'/'.join(DMS_METHODS)} rows can adopt a search folder, got {method!r}")
         if not os.path.isfile(os.path.join(folder, "search_summary.json")):
             p.error(f"--adopt {spec!r}: {folder} holds no search_summary.json (not a finished dms_llm/search.py run)")
+        if method == "dms-restarts" and _restarts_of(folder) != args.dms_restarts:
+            p.error(f"--adopt {spec!r}: a dms-restarts row needs a search.py --restarts {args.dms_restarts} run; "
+                    f"{folder} holds {_restarts_of(folder) or 'no restarts.json, so one search'}")
         args.adopted[(method, budget)] = os.path.abspath(folder)
     args.label = Path(args.model.rstrip("/")).name if os.path.isdir(args.model) else args.model.replace("/", "--")
     args.work = os.path.abspath(args.work or REPO_ROOT / "runs" / "benchmark" / args.label)
     return args
+
+
+def _restarts_of(folder: str) -> int | None:
+    """How many searches a finished search.py --restarts run compared (None: not a restarts run)."""
+    from dms_llm.restarts import RECORD_FILE
+
+    path = os.path.join(folder, RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return len(json.load(f)["searches"])
 
 
 def _digest(obj) -> str:
@@ -189,6 +211,8 @@ class Benchmark:
                 ident.update(adopted=a.adopted[(method, budget)], summary=_digest(json.load(f)))
         elif method in DMS_METHODS:
             ident.update(recipe=self.dms_recipe, seed=a.seed)
+            if method == "dms-restarts":
+                ident.update(restarts=a.dms_restarts)
             if self.dms_recipe is None:  # the search then calibrates like the baselines
                 ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len])
         if a.train_dtype != "auto" and (method in DMS_METHODS or recovery):  # left out at auto: earlier rows stay valid
@@ -281,6 +305,8 @@ class Benchmark:
             values.update(train_weights="lora", distill=True)
         else:
             values["train_weights"] = "none"
+        if row["method"] == "dms-restarts":
+            values["restarts"] = a.dms_restarts
         summary_path = os.path.join(out, "search_summary.json")
         if not os.path.isfile(summary_path):
             resume = resumable(out)
@@ -561,7 +587,7 @@ def write_outputs(bench: Benchmark, rows: list[dict], argv) -> dict:
     report = {"model": a.model, "machine": machine(), "machines": {k: sorted(v) for k, v in sorted(by_part.items())},
               "command": "python eval/benchmark.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "settings": {k: getattr(a, k) for k in ("budgets", "methods", "calib_dataset", "calib_samples", "seq_len", "ppl",
-                                                       "protocols", "max_windows", "tasks", "limit", "dms_config",
+                                                       "protocols", "max_windows", "tasks", "limit", "dms_config", "dms_restarts",
                                                        "recovery_steps", "recovery_config", "speed_reps", "dtype", "train_dtype",
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}

@@ -212,6 +212,35 @@ def test_adopting_a_finished_search_folder(setup, monkeypatch, capsys):
     assert "its target is" in capsys.readouterr().err
 
 
+def test_dms_restarts_row_keeps_the_best_of_its_searches(setup, capsys):
+    """A dms-restarts row is a search.py --restarts run; a folder that is not one cannot be adopted for it."""
+    bench = _load_benchmark()
+    recipe = setup["tmp"] / "dms-restarts.yaml"
+    recipe.write_text(Path(setup["recipe"]).read_text() + "heldout-samples: 8\n")
+    out, work = setup["tmp"] / "results8", setup["tmp"] / "work8"
+    argv = _argv(setup, out, work, "dms-restarts", speed_reps=0, dms_restarts=2, dms_config=recipe)
+    assert bench.main(argv) == 0
+    args = bench.parse_args(argv)
+    name = bench.Benchmark(args).row_name("dms-restarts", 0.7, 0)
+    assert args.methods == ["dms-restarts"] and "dms-restarts" not in bench.parse_args([]).methods  # opt-in only
+    assert bench.Benchmark(bench.parse_args(_argv(setup, out, work, "dms-restarts", dms_restarts=3))).row_name(
+        "dms-restarts", 0.7, 0) != name  # the number of searches is part of the row's identity
+    record = json.loads((work / "dms" / name / "restarts.json").read_text())
+    assert [s["seed"] for s in record["searches"]] == [0, 1]
+    assert record["chosen_seed"] == min(record["searches"], key=lambda s: s["heldout_loss"])["seed"]
+    row = json.loads((out / f"{Path(setup['model']).name}.json").read_text())["rows"][0]
+    assert row["method"] == "dms-restarts" and row["params"] == json.loads(
+        (work / "dms" / name / "search_summary.json").read_text())["params"]
+    assert row["ppl"]["wikitext2"]["llm-pruner"] > 1
+    single = work / "dms" / name / "restarts" / "seed-0"  # one search, not a restarts run
+    for bad in ([f"dms-restarts@0.7={single}"], [f"dms-restarts@0.7={work / 'dms' / name}", "--dms-restarts", "3"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(_argv(setup, out, work, "dms-restarts", adopt=bad[0]) + bad[1:])
+        assert "a dms-restarts row needs a search.py --restarts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(_argv(setup, out, work, "dms-restarts", dms_restarts=1))
+
+
 def test_bad_arguments_fail_early(setup):
     bench = _load_benchmark()
     for argv in (["--budgets", "1.2"], ["--methods", "dense,nope"], ["--dms-config", "/no/such.yaml"]):
