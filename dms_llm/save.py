@@ -467,16 +467,24 @@ def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict
 def replace_run_folder(out: str, fill) -> None:
     """Replace the existing folder `out` by the folder `fill(staging)` creates beside it, in two renames.
 
-    An interruption before the swap leaves `out` as it was (and a staging folder the next call removes).
+    An interruption before the swap leaves `out` as it was (and a staging folder the next call removes); a
+    failure between the two renames puts the old folder back.
     """
     import shutil
 
     out = out.rstrip(os.sep)
     staging, old = out + ".saving", out + ".old"
+    if os.path.isdir(old) and not os.path.exists(out):
+        os.replace(old, out)  # a process killed between the renames below: `old` is still the run's only copy
     for leftover in (staging, old):  # from a crash mid-save: ours to replace
         if os.path.isdir(leftover):
             shutil.rmtree(leftover)
     fill(staging)
     os.replace(out, old)
-    os.replace(staging, out)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if not os.path.exists(out):
+            os.replace(old, out)
+        raise
     shutil.rmtree(old)

@@ -7,6 +7,7 @@ create_repo/upload_folder (arguments) and with the real functions offline (the c
 import hashlib
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -361,6 +362,45 @@ def test_failed_final_rename_restores_the_old_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         save_pruned(model, None, str(out), plan, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["config.json", "old.txt"]
+
+
+def _run_folder(path, text):
+    path.mkdir()
+    (path / "log.txt").write_text(text)
+
+
+def _fill_with(text):
+    return lambda staging: _run_folder(Path(staging), text)
+
+
+def test_replace_run_folder_swaps_and_puts_the_old_folder_back_on_failure(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _run_folder(out, "old")
+    save_mod.replace_run_folder(str(out), _fill_with("new"))
+    assert sorted(os.listdir(tmp_path)) == ["run"] and (out / "log.txt").read_text() == "new"
+    real_replace = os.replace
+
+    def flaky(src, dst):
+        if str(src).endswith(".saving"):
+            raise OSError("simulated: the swap failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        save_mod.replace_run_folder(str(out), _fill_with("newer"))
+    monkeypatch.undo()
+    assert (out / "log.txt").read_text() == "new" and not (tmp_path / "run.old").exists()
+
+
+def test_replace_run_folder_recovers_a_run_killed_between_its_renames(tmp_path):
+    """Only `run.old` left (the process died between the two renames): it is the run and must survive."""
+    _run_folder(tmp_path / "run.old", "the only copy")
+    _run_folder(tmp_path / "run.saving", "half written")
+    seen = []
+    save_mod.replace_run_folder(str(tmp_path / "run"), lambda staging: (seen.append(
+        (tmp_path / "run" / "log.txt").read_text()), _run_folder(Path(staging), "new")))
+    assert seen == ["the only copy"]  # fill() saw the restored run
+    assert sorted(os.listdir(tmp_path)) == ["run"] and (tmp_path / "run" / "log.txt").read_text() == "new"
 
 
 # ----- Hub ----------------------------------------------------------------------------------------------
