@@ -11,6 +11,10 @@
 | `mlp_layers`     | MLP sublayers              | layer   |
 | `layers`         | whole blocks               | layer   |  (depth="block", the paper's mode)
 
+`spared_layers` are kept whole: they get no head or channel structure, and the depth gates rank only
+the other layers (LLM-Pruner's practice of sparing the first and last layers). The hidden dimension is
+one global structure and stays searchable.
+
 Before every forward, `refresh()` computes each structure's mask once (soft while searching, hard for
 the binarised model) and the derived per-module scales the hooks multiply by. Taylor importance is
 gathered by a gradient hook on each base mask: autograd hands it the gradient summed over batch,
@@ -43,7 +47,7 @@ def parse_structures(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
 class ModelMasks(nn.Module):
     """Learnable kept ratios and importances for the chosen structures of a model (config only)."""
 
-    def __init__(self, config, structures=STRUCTURES, depth: str = "sublayer"):
+    def __init__(self, config, structures=STRUCTURES, depth: str = "sublayer", spared_layers=()):
         super().__init__()
         if depth not in DEPTH_MODES:
             raise ValueError(f"depth must be one of {DEPTH_MODES}, got {depth!r}")
@@ -51,22 +55,28 @@ class ModelMasks(nn.Module):
         self.depth = depth
         self.shapes = model_shapes(config)
         s = self.shapes
+        self.spared_layers = sorted(set(spared_layers))
+        if any(not 0 <= layer < s.num_layers for layer in self.spared_layers):
+            raise ValueError(f"spared layers {self.spared_layers} must lie in 0..{s.num_layers - 1}")
+        searched = [layer for layer in range(s.num_layers) if layer not in self.spared_layers]
         self.heads = nn.ModuleDict()
         self.channels = nn.ModuleDict()
         if "heads" in self.structures:
-            for layer in range(s.num_layers):
+            for layer in searched:
                 if s.num_kv_heads[layer]:
                     self.heads[str(layer)] = DifferentiableTopK(s.num_kv_heads[layer], "head")
         if "channels" in self.structures:
-            for layer in range(s.num_layers):
+            for layer in searched:
                 if s.intermediate[layer]:
                     self.channels[str(layer)] = DifferentiableTopK(s.intermediate[layer], "channel")
         self.hidden = DifferentiableTopK(s.hidden_size, "channel") if "hidden" in self.structures else None
         self.depth_gates = nn.ModuleDict()
-        if "layers" in self.structures:
+        # Element i of a depth gate is layer gated_layers[i]; spared layers have a constant gate of 1.
+        self.register_buffer("gated_layers", torch.tensor(searched, dtype=torch.long), persistent=False)
+        if "layers" in self.structures and searched:
             names = ("attn_layers", "mlp_layers") if depth == "sublayer" else ("layers",)
             for name in names:
-                self.depth_gates[name] = DifferentiableTopK(s.num_layers, "layer")
+                self.depth_gates[name] = DifferentiableTopK(len(searched), "layer")
         self.mode = "soft"
         self.enabled = True
         self.current: dict[str, torch.Tensor | float] = {}
@@ -117,7 +127,7 @@ class ModelMasks(nn.Module):
             # RMSNorm over kept channels only: scaling the input by sqrt(D / sum m) makes the norm's
             # mean(x^2) equal sum(x^2) / sum(m); the output is scaled back (see inject.py).
             cur["norm_scale"] = torch.sqrt(s.hidden_size / hidden.sum())
-        gates = {name: self._base_mask(name, topk, track) for name, topk in self.depth_gates.items()}
+        gates = {name: self.per_layer(self._base_mask(name, topk, track)) for name, topk in self.depth_gates.items()}
         for layer in range(s.num_layers):
             attn_scale, mlp_scale = hidden, hidden
             if "layers" in gates:
@@ -139,6 +149,13 @@ class ModelMasks(nn.Module):
             cur[f"mlp_out.{layer}"] = _combine(mlp_gate, mlp_scale)
         self.current = cur
         return cur
+
+    def per_layer(self, gate: torch.Tensor) -> torch.Tensor:
+        """A depth gate's mask over all layers: spared layers read 1 (differentiable in `gate`)."""
+        if not self.spared_layers:
+            return gate
+        full = torch.ones(self.shapes.num_layers, dtype=gate.dtype, device=gate.device)
+        return full.index_copy(0, self.gated_layers.to(gate.device), gate)
 
     # ----- importance --------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,7 +202,7 @@ class ModelMasks(nn.Module):
     def sublayer_kept(self) -> tuple[list[bool], list[bool]]:
         """Which attention / MLP sublayers the hard depth gates keep (all, when depth is not searched)."""
         n = self.shapes.num_layers
-        gates = {name: topk.hard_mask().bool().tolist() for name, topk in self.depth_gates.items()}
+        gates = {name: self.per_layer(topk.hard_mask()).bool().tolist() for name, topk in self.depth_gates.items()}
         attn = gates.get("layers", gates.get("attn_layers", [True] * n))
         mlp = gates.get("layers", gates.get("mlp_layers", [True] * n))
         return attn, mlp

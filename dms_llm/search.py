@@ -40,6 +40,8 @@ class SearchConfig:
     output_dir: str | None = option(None, "where the pruned checkpoint, plan, metrics and results go")
     prune: str = option("heads,channels,hidden,layers", "structures to search: any of heads,channels,hidden,layers")
     depth: str = option("sublayer", "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
+    spare_first: int = option(0, "keep the first N decoder layers whole (not searched)")
+    spare_last: int = option(0, "keep the last N decoder layers whole (not searched)")
     dataset: str = option("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
     text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
     data_dir: str | None = option(None, "offline data folder (default: $DMS_DATA_DIR or ../shared/data)")
@@ -94,6 +96,8 @@ class SearchConfig:
             raise ConfigError(f"--train-weights must be none, lora or full, got {self.train_weights!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.spare_first < 0 or self.spare_last < 0:
+            raise ConfigError(f"--spare-first and --spare-last must be >= 0, got {self.spare_first} and {self.spare_last}")
         for name in ("seq_len", "num_samples", "batch_size", "grad_accum", "steps", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -107,6 +111,15 @@ class SearchConfig:
             raise ConfigError(f"--prune: {e}") from None
         if self.depth not in DEPTH_MODES:
             raise ConfigError(f"--depth must be one of {', '.join(DEPTH_MODES)}")
+
+
+def spared_layers(cfg: SearchConfig, config) -> list[int]:
+    """The layers --spare-first / --spare-last keep whole; at least one layer must stay searchable."""
+    n = config.num_hidden_layers
+    if cfg.spare_first + cfg.spare_last >= n:
+        raise ConfigError(f"--spare-first {cfg.spare_first} and --spare-last {cfg.spare_last} spare all {n} layers of "
+                          f"this model; spare fewer than {n} in all")
+    return list(range(cfg.spare_first)) + list(range(n - cfg.spare_last, n))
 
 
 # ----- command line and recipes -------------------------------------------------------------------
@@ -199,7 +212,7 @@ def run(cfg: SearchConfig) -> dict:
     with accelerator.main_process_first():  # the first process converts/caches, the others reuse
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     arch_spec(model.config)
-    masks = ModelMasks(model.config, structures=cfg.prune, depth=cfg.depth)
+    masks = ModelMasks(model.config, structures=cfg.prune, depth=cfg.depth, spared_layers=spared_layers(cfg, model.config))
     counter = ParameterCounter(model)
     dense = counter.dense()
     target = resolve_target(cfg, dense, smallest_reachable(counter, masks))

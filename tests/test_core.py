@@ -195,6 +195,37 @@ def test_hard_mask_equals_zeroing_weights_by_hand(family, structures, depth):
     assert (hooked - model(x).logits).abs().max().item() > 1e-3  # something really was removed
 
 
+@pytest.mark.parametrize("depth", ["sublayer", "block"])
+def test_spared_layers_stay_whole_and_the_rest_matches_physical_pruning(family, depth):
+    """Spared layers get no structure; the plan, the count and the hooked logits all agree on the rest."""
+    from dms_llm.plan import count_plan_parameters
+    from dms_llm.prune import prune_model
+
+    model = tiny_model(family, num_hidden_layers=5)
+    masks = ModelMasks(model.config, depth=depth, spared_layers=[0, 4])
+    assert not {"heads.0", "channels.0", "heads.4", "channels.4"} & {n for n, _ in masks.named_structures()}
+    assert all(topk.n == 3 for topk in masks.depth_gates.values())
+    g = torch.Generator().manual_seed(4)
+    for _, topk in masks.named_structures():  # cut hard everywhere that may be cut
+        topk.importance.copy_(torch.rand(topk.n, generator=g))
+        topk.ratio.data.fill_(0.34 if topk.kind == "layer" else 0.3)
+    plan = masks.to_plan(model.config)
+    cfg = model.config
+    for layer in (0, 4):
+        assert plan.layers[layer].attention_groups == list(range(cfg.num_key_value_heads))
+        assert plan.layers[layer].mlp_channels == list(range(cfg.intermediate_size))
+    assert sum(not lp.attention_groups for lp in plan.layers[1:4]) >= 1  # a searched sublayer was dropped
+    pruned = prune_model(model, plan)
+    counted = ParameterCounter(model).masked(masks)
+    assert float(counted.detach()) == count_plan_parameters(plan) == sum(p.numel() for p in pruned.parameters())
+    counted.backward()
+    assert all(topk.ratio.grad is not None for topk in masks.depth_gates.values())
+    x = input_ids()
+    with MaskHooks(model, masks), masks.hard():
+        hooked = model(x).logits
+    assert (hooked - pruned(x).logits).abs().max().item() < 1e-5
+
+
 def test_layer_with_no_heads_drops_its_output_bias():
     model = tiny_model("llama-mha", attention_bias=True)
     masks = _structure_masks(model, "heads")

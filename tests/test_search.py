@@ -99,7 +99,8 @@ def test_seed_makes_runs_repeatable_and_seeds_differ(setup):
 
 
 @pytest.mark.parametrize("case", ["existing-output", "budget-too-small", "budget-above-dense", "missing-data",
-                                  "empty-data", "unsupported-architecture", "missing-model", "bad-recipe-key"])
+                                  "empty-data", "unsupported-architecture", "missing-model", "bad-recipe-key",
+                                  "all-layers-spared"])
 def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys):
     import transformers
 
@@ -130,6 +131,8 @@ def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys
         recipe = tmp / "r.yaml"
         recipe.write_text("target-ratio: 0.5\nsteps: 3\nlearning_rate: 1\n")
         extra = ["--config", str(recipe)]
+    elif case == "all-layers-spared":
+        extra += ["--spare-first", "2", "--spare-last", "1"]  # the tiny model has 3 layers
     before = sorted(os.listdir(tmp))
     assert main(_args(model_dir, corpus, out, *extra)) == 2
     err = capsys.readouterr().err
@@ -137,7 +140,8 @@ def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     expected = {"existing-output": "--overwrite", "budget-too-small": "smallest model", "budget-above-dense": "not below",
                 "missing-data": "nope.jsonl", "empty-data": "empty", "unsupported-architecture": "gpt2",
-                "missing-model": "no-such-model", "bad-recipe-key": "learning_rate"}[case]
+                "missing-model": "no-such-model", "bad-recipe-key": "learning_rate",
+                "all-layers-spared": "spare fewer than 3"}[case]
     assert expected in err
     assert sorted(os.listdir(tmp)) == before  # nothing created or removed
     if case == "existing-output":
@@ -173,6 +177,22 @@ def test_two_processes_agree_on_the_plan(setup):
     assert summary["num_processes"] == 2
     assert len(set(summary["plan_sha256_per_rank"])) == 1
     assert len(_read_metrics(out)) == 4  # one writer: each step logged once
+
+
+def test_spared_layers_come_out_whole(setup):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", "--spare-first", "1", "--spare-last", "1")) == 0
+    plan = json.load(open(tmp / "out" / "dms_plan.json"))
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    whole = {"attention_groups": list(range(config["num_key_value_heads"])),
+             "mlp_channels": list(range(config["intermediate_size"]))}
+    assert plan["layers"][0] == whole and plan["layers"][-1] == whole
+    assert plan["layers"][1] != whole  # the budget was met by cutting the middle layer (and the hidden width)
+    summary = json.load(open(tmp / "out" / "search_summary.json"))
+    assert summary["params"] <= summary["target_params"] and summary["parity_max_abs_diff"] < 1e-4
+    assert sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp / "out").parameters()) == summary["params"]
 
 
 def test_every_recipe_loads():
