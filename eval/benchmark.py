@@ -542,7 +542,7 @@ def plot(report: dict, path: str) -> None:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     dense_params = dense["params"] if dense else max(r["params"] or 0 for r in rows)
     first = next(((d, p) for r in rows for d, by in r["ppl"].items() for p in by), None)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, what in zip(axes, ("ppl", "zs")):
@@ -568,10 +568,14 @@ def plot(report: dict, path: str) -> None:
             if not any(r["zero_shot_avg"] is not None for r in rows):
                 ax.text(0.5, 0.5, "no zero-shot tasks run", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    legend = {}  # one legend for both panels, beside them: inside, it hid points
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
     fig.suptitle(f"{report['model']}: structured pruning at equal parameter budgets")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.85 if legend else 1, 1))
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
