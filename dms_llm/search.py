@@ -122,6 +122,22 @@ def spared_layers(cfg: SearchConfig, config) -> list[int]:
     return list(range(cfg.spare_first)) + list(range(n - cfg.spare_last, n))
 
 
+# Settings that shape the mask state: a checkpoint made with others cannot be continued.
+_STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last")
+
+
+def _check_resume_settings(cfg: SearchConfig, out: str) -> None:
+    path = os.path.join(out, "search_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    changed = [k for k in _STRUCTURE_SETTINGS if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
+        raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
+
+
 # ----- command line and recipes -------------------------------------------------------------------
 def load_recipe(path: str) -> dict:
     return _load_recipe(path, SearchConfig)
@@ -223,6 +239,8 @@ def run(cfg: SearchConfig) -> dict:
                                   seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
                                   text_field=cfg.text_field, data_dir=cfg.data_dir)
     blocks, heldout = blocks[:cfg.num_samples], blocks[cfg.num_samples:]
+    if cfg.resume:
+        _check_resume_settings(cfg, out)
     if accelerator.is_main_process:
         if cfg.overwrite and os.path.isdir(out) and not cfg.resume:
             _clear_run_files(out)

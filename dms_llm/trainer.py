@@ -257,7 +257,12 @@ class SearchLoop:
         if not os.path.exists(self.state_path()):
             return False
         state = torch.load(self.state_path(), map_location="cpu", weights_only=False)
-        self.masks.load_state_dict(state["masks"])
+        try:
+            self.masks.load_state_dict(state["masks"])
+        except RuntimeError:  # other structures or sizes: the run was started with other settings
+            raise RuntimeError(f"the checkpoint in {self.state_dir} was made with other search settings (--prune, "
+                               f"--depth, --spare-first/--spare-last); resume with those of the run's "
+                               f"search_config.json") from None
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for i, p in enumerate(self.weight_params):

@@ -7,10 +7,10 @@ create_repo/upload_folder (arguments) and with the real functions offline (the c
 import hashlib
 import json
 import os
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch

@@ -195,6 +195,18 @@ def test_spared_layers_come_out_whole(setup):
     assert sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tmp / "out").parameters()) == summary["params"]
 
 
+def test_resuming_with_other_structures_is_a_clear_error(setup, capsys):
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", "--stop-after", "2")) == 3
+    capsys.readouterr()
+    assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", "--resume", "--spare-first", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "--spare-first 0" in err[-1] and "Traceback" not in "".join(err)
+    assert json.load(open(tmp / "out" / "search_config.json"))["spare_first"] == 0  # the run's record is unchanged
+    assert os.path.isdir(tmp / "out" / "search_state")  # and so is the checkpoint: a correct --resume still works
+    assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", "--resume")) == 0
+
+
 def test_every_recipe_loads():
     recipes = sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml")))
     assert len(recipes) >= 8
