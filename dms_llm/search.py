@@ -122,22 +122,6 @@ def spared_layers(cfg: SearchConfig, config) -> list[int]:
     return list(range(cfg.spare_first)) + list(range(n - cfg.spare_last, n))
 
 
-# Settings that shape the mask state: a checkpoint made with others cannot be continued.
-_STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last")
-
-
-def _check_resume_settings(cfg: SearchConfig, out: str) -> None:
-    path = os.path.join(out, "search_config.json")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    changed = [k for k in _STRUCTURE_SETTINGS if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in changed)
-        raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
-
-
 # ----- command line and recipes -------------------------------------------------------------------
 def load_recipe(path: str) -> dict:
     return _load_recipe(path, SearchConfig)
@@ -162,6 +146,25 @@ def check_output_dir(cfg: SearchConfig, source_dir: str | None) -> None:
         raise ConfigError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, or choose another folder")
     if cfg.resume and not resumable(out):
         raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start")
+    if cfg.resume:
+        _check_resume_settings(cfg, out)
+
+
+# Settings that shape the mask state: a checkpoint made with others cannot be continued.
+_STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last")
+
+
+def _check_resume_settings(cfg: SearchConfig, out: str) -> None:
+    path = os.path.join(out, "search_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}  # a key older runs did not record
+    changed = [k for k in _STRUCTURE_SETTINGS if saved.get(k, defaults[k]) != getattr(cfg, k)]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, defaults[k])}" for k in changed)
+        raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
 
 
 def resumable(out: str) -> bool:
@@ -239,8 +242,6 @@ def run(cfg: SearchConfig) -> dict:
                                   seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
                                   text_field=cfg.text_field, data_dir=cfg.data_dir)
     blocks, heldout = blocks[:cfg.num_samples], blocks[cfg.num_samples:]
-    if cfg.resume:
-        _check_resume_settings(cfg, out)
     if accelerator.is_main_process:
         if cfg.overwrite and os.path.isdir(out) and not cfg.resume:
             _clear_run_files(out)

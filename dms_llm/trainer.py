@@ -259,10 +259,9 @@ class SearchLoop:
         state = torch.load(self.state_path(), map_location="cpu", weights_only=False)
         try:
             self.masks.load_state_dict(state["masks"])
-        except RuntimeError:  # other structures or sizes: the run was started with other settings
-            raise RuntimeError(f"the checkpoint in {self.state_dir} was made with other search settings (--prune, "
-                               f"--depth, --spare-first/--spare-last); resume with those of the run's "
-                               f"search_config.json") from None
+        except RuntimeError:  # search.check_output_dir compares the settings; this catches another model too
+            raise RuntimeError(f"the checkpoint in {self.state_dir} does not fit these masks: it was made for another "
+                               f"model or with other search settings; resume with those of its run") from None
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for i, p in enumerate(self.weight_params):
