@@ -29,6 +29,7 @@ from dms_llm import (
 def test_kept_count_rule(n, ratio, kind, expected):
     topk = DifferentiableTopK(n, kind)
     topk.ratio.data.fill_(ratio)
+    assert kept_count(ratio, n, topk.min_kept) == expected  # the module and the free function share one rule
     assert topk.kept() == expected
     assert int(topk.hard_mask().sum()) == expected
     assert len(topk.kept_indices()) == expected
