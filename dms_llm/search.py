@@ -161,9 +161,10 @@ def _check_resume_settings(cfg: SearchConfig, out: str) -> None:
     with open(path) as f:
         saved = json.load(f)
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}  # a key older runs did not record
-    changed = [k for k in _STRUCTURE_SETTINGS if saved.get(k, defaults[k]) != getattr(cfg, k)]
+    recorded = {k: saved.get(k, defaults[k]) for k in _STRUCTURE_SETTINGS}
+    changed = [k for k in _STRUCTURE_SETTINGS if recorded[k] != getattr(cfg, k)]
     if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k, defaults[k])}" for k in changed)
+        was = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in changed)
         raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
 
 

@@ -124,10 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--adopt: only {'/'.join(DMS_METHODS)} rows can adopt a search folder, got {method!r}")
         if not os.path.isfile(os.path.join(folder, "search_summary.json")):
             p.error(f"--adopt {spec!r}: {folder} holds no search_summary.json (not a finished dms_llm/search.py run)")
-        searches = _restarts_of(folder) if method == "dms-restarts" else None
-        if method == "dms-restarts" and searches != args.dms_restarts:
-            p.error(f"--adopt {spec!r}: a dms-restarts row needs a search.py --restarts {args.dms_restarts} run; "
-                    f"{folder} holds {searches or 'no restarts.json, so one search'}")
+        if method == "dms-restarts":
+            searches = _restarts_of(folder)
+            if searches != args.dms_restarts:
+                p.error(f"--adopt {spec!r}: a dms-restarts row needs a search.py --restarts {args.dms_restarts} run; "
+                        f"{folder} holds {searches or 'no restarts.json, so one search'}")
         args.adopted[(method, budget)] = os.path.abspath(folder)
     args.label = Path(args.model.rstrip("/")).name if os.path.isdir(args.model) else args.model.replace("/", "--")
     args.work = os.path.abspath(args.work or REPO_ROOT / "runs" / "benchmark" / args.label)
