@@ -6,6 +6,8 @@ This file is copied into every saved checkpoint (remote code): it imports only t
 transformers, and its config through a relative import.
 """
 
+import dataclasses
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -14,9 +16,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
@@ -24,10 +25,36 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 from transformers.utils import can_return_tuple
-from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_dms_llama import DMSLlamaConfig
+
+# This file is loaded by whatever transformers a checkpoint's user has, so it leans on as few internal
+# helpers as it can and adapts to the one rename seen so far: transformers 5.24 calls the KV cache `cache`
+# (forward keyword, mask helpers, output field) where earlier 5.x releases said `past_key_values`.
+# Forwards accept both names; every helper gets the name its own signature declares.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_keyword(names) -> str:
+    for name in _CACHE_NAMES:
+        if name in names:
+            return name
+    raise ImportError(f"this transformers release names the KV cache none of {_CACHE_NAMES}; dms_llama cannot use it")
+
+
+_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+_MASK_CACHE_KEYWORD = _cache_keyword(_MASK_PARAMETERS)
+if "layer_idx" not in _MASK_PARAMETERS:
+    raise ImportError("dms_llama needs transformers >= 5.20 (create_causal_mask(layer_idx=...)); upgrade transformers")
+
+
+_OUTPUT_CACHE_FIELD = _cache_keyword({f.name for f in dataclasses.fields(BaseModelOutputWithPast)})
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 class DMSLlamaAttention(nn.Module):
@@ -56,8 +83,8 @@ class DMSLlamaAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -67,8 +94,8 @@ class DMSLlamaAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -101,7 +128,7 @@ class DMSLlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class DMSLlamaDecoderLayer(GradientCheckpointingLayer):
+class DMSLlamaDecoderLayer(nn.Module):
     """A Llama decoder layer whose sublayers are optional: a removed sublayer is None and so is its
     pre-norm, so the layer holds no parameter for it and the residual stream passes through."""
 
@@ -119,27 +146,22 @@ class DMSLlamaDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output and its attention weights (None without attention, or from a backend
+        that does not return them)."""
+        attn_weights = None
         if self.self_attn is not None:
-            attn_output, _ = self.self_attn(
-                hidden_states=self.input_layernorm(hidden_states),
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                position_embeddings=position_embeddings,
-                **kwargs,
+            attn_output, attn_weights = self.self_attn(
+                self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
             )
             hidden_states = hidden_states + attn_output
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states
+        return hidden_states, attn_weights
 
 
 class DMSLlamaPreTrainedModel(PreTrainedModel):
@@ -148,15 +170,11 @@ class DMSLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DMSLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_record_outputs = {
-        "hidden_states": DMSLlamaDecoderLayer,
-        "attentions": DMSLlamaAttention,
-    }
 
 
 class DMSLlamaModel(DMSLlamaPreTrainedModel):
@@ -168,11 +186,12 @@ class DMSLlamaModel(DMSLlamaPreTrainedModel):
         self.layers = nn.ModuleList([DMSLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # `gradient_checkpointing_enable()` sets this and `_gradient_checkpointing_func` here; the layers
+        # are checkpointed by this forward, not by transformers' layer base class (whose rules change).
         self.gradient_checkpointing = False
         self.post_init()
 
-    @merge_with_config_defaults
-    @capture_outputs
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -181,55 +200,76 @@ class DMSLlamaModel(DMSLlamaPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        cache = _one_cache(cache, past_key_values)
+        config = self.config
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
 
-        attention_layers = self.config.attention_layer_indices
-        if not attention_layers:
-            # Nothing would ever be cached, and transformers' caches cannot report a length then.
-            use_cache, past_key_values = False, None
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        attention_layers = config.attention_layer_indices
+        if checkpointing or not attention_layers:
+            # A checkpointed layer runs twice, which would write the cache twice. Without attention
+            # nothing would be cached, and transformers' caches cannot report a length then.
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
 
         # Lengths and masks are read from the first layer that really caches: with a cache built
         # without the config (layers appended lazily), slot 0 may be an empty stand-in.
         cache_layer = attention_layers[0] if attention_layers else 0
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length(cache_layer) if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length(cache_layer) if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         if isinstance(attention_mask, dict):  # already prepared per layer type, e.g. by `generate`
-            causal_mask = attention_mask.get(self.config.layer_types[cache_layer])
+            causal_mask = attention_mask.get(config.layer_types[cache_layer])
         else:
-            sliding = self.config.sliding_window is not None
-            causal_mask = (create_sliding_window_causal_mask if sliding else create_causal_mask)(
-                config=self.config,
+            make_mask = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
+            causal_mask = make_mask(
+                config=config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 position_ids=position_ids,
                 layer_idx=cache_layer,
+                **{_MASK_CACHE_KEYWORD: cache},
             )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
-            )
+        all_hidden_states, all_attentions = [], []
+        for decoder_layer in self.layers[: config.num_hidden_layers]:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            if checkpointing:
+                hidden_states, attn_weights = self._gradient_checkpointing_func(
+                    decoder_layer.__call__, hidden_states, position_embeddings, causal_mask, None
+                )
+            else:
+                hidden_states, attn_weights = decoder_layer(
+                    hidden_states, position_embeddings, causal_mask, cache, **kwargs
+                )
+            if output_attentions:
+                all_attentions.append(attn_weights)
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            **{_OUTPUT_CACHE_FIELD: cache},
+        )
 
 
 class DMSLlamaForCausalLM(DMSLlamaPreTrainedModel, GenerationMixin):
@@ -254,27 +294,35 @@ class DMSLlamaForCausalLM(DMSLlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        outputs: BaseModelOutputWithPast = self.model(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            # 0 keeps every position (slice(-0, None) is the whole sequence).
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
         )
 
 
