@@ -1,0 +1,34 @@
+"""The `dms-llm` command: subcommands dispatch to their modules; bad use is one line and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dms_llm.commands import SUBCOMMANDS, main
+
+
+def test_overview_lists_every_subcommand(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS)
+    assert main([]) == 2  # no subcommand: the overview, as an error
+
+
+def test_unknown_subcommand_is_one_line_error(capsys):
+    assert main(["serch"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown subcommand 'serch'")
+
+
+@pytest.mark.parametrize("name", sorted(SUBCOMMANDS))
+def test_each_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "dms_llm.commands", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "subcommands:" in result.stdout
