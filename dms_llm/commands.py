@@ -17,6 +17,7 @@ import sys
 SUBCOMMANDS = {
     "search": ("dms_llm.search", "search an architecture under a parameter budget, prune, save and evaluate it"),
     "finetune": ("dms_llm.finetune", "recovery fine-tuning (LoRA or full, with distillation) of a pruned checkpoint"),
+    "export": ("dms_llm.export", "write a checkpoint in an inference engine's format (GGUF for llama.cpp)"),
 }
 
 
