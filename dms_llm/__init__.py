@@ -9,18 +9,15 @@ from .arch import UnsupportedArchitectureError, arch_spec, register_family
 from .budget import ParameterCounter, budget_loss
 from .dtopk import DifferentiableTopK, kept_count, normalized_ranks
 from .inject import HookTargetError, MaskHooks
-from .masks import STRUCTURES, ModelMasks
+from .masks import ModelMasks
+from .method import STRUCTURES, DMSConfig
+from .modeling import register_auto_classes
 
-try:  # the modeling package is optional at import time only while it is being written
-    from .modeling import register_auto_classes
-
-    register_auto_classes()
-except ImportError:  # pragma: no cover
-    pass
+register_auto_classes()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "STRUCTURES",
+    "DMSConfig", "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "STRUCTURES",
     "UnsupportedArchitectureError", "arch_spec", "budget_loss", "kept_count", "normalized_ranks", "register_family",
 ]

@@ -755,10 +755,6 @@ def results_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def _identity(results: dict) -> tuple:
-    return (results.get("model"), results.get("params"))
-
-
 def write_results(results: dict, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Writes results.json and results.md. `out` is a folder (files named results.*) or a .json path (the
     Markdown goes next to it). Refuses to replace the results of a different model unless overwrite."""

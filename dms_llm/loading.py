@@ -306,10 +306,8 @@ def embedded_default_dir() -> str:
 
 
 def _register_dms_classes() -> None:
-    try:
-        from dms_llm.modeling import register_auto_classes
-    except ImportError:
-        return
+    from .modeling import register_auto_classes
+
     register_auto_classes()
 
 

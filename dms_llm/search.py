@@ -103,7 +103,7 @@ class SearchConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.output_dir is None:
             raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
-        from .masks import DEPTH_MODES, parse_structures
+        from .method import DEPTH_MODES, parse_structures
 
         try:
             self.prune = ",".join(parse_structures(self.prune))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .budget import ParameterCounter, budget_loss
+from .budget import ParameterCounter, budget_loss, fit_to_budget  # noqa: F401 (search.py reads it here)
 from .masks import ModelMasks
 
 STATE_FILE = "state.pt"
@@ -163,55 +163,6 @@ def accumulate_gradients(acc, module, forward, teacher, blocks: torch.Tensor, st
             acc.backward(loss)
         totals["task_loss"] += float(task.detach()) / n
     return totals
-
-
-def fit_to_budget(masks: ModelMasks, counter: ParameterCounter, target: int) -> dict:
-    """Rescale the kept ratios so the hard architecture uses the budget: the largest factor with
-    count <= target.
-
-    Above the target, channel widths are scaled down first (fine-grained, so the result lands close to
-    the target); heads and depth are included only when channels alone cannot reach it. Below the
-    target (the hard rounding of heads and depth can leave a search there), the MLP widths are scaled up
-    into the slack; the hidden width is left alone because one hidden channel costs a whole column of
-    every layer, too coarse to fill with.
-    """
-    structures = [t for _, t in masks.named_structures()]
-    before = counter.hard(masks)
-    saved = {id(t): t.ratio.detach().clone() for t in structures}
-
-    def count_at(alpha, group):
-        with torch.no_grad():
-            for t in group:
-                t.ratio.copy_(saved[id(t)] * alpha)
-                t.clamp_()
-        return counter.hard(masks)
-
-    def largest_fitting(group, lo, hi):  # count is monotone in alpha; 60 halvings reach float precision
-        if count_at(hi, group) <= target:
-            return hi
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if count_at(mid, group) <= target else (lo, mid)
-        return lo
-
-    if before <= target:
-        mlp = list(masks.channels.values())
-        if not mlp or before == target:
-            return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
-        ceiling = max(1.0 / float(saved[id(t)]) for t in mlp)  # beyond it every MLP is whole
-        alpha = largest_fitting(mlp, 1.0, ceiling)
-        params = count_at(alpha, mlp)
-        return {"scale": alpha, "params": params, "params_before": before,
-                "rescaled": "mlp channels up" if params > before else "none"}
-
-    for name, group in (("channels", [t for t in structures if t.kind == "channel"]), ("all", structures)):
-        for t in structures:
-            t.ratio.data.copy_(saved[id(t)])
-        if not group or count_at(0.0, group) > target:
-            continue
-        alpha = largest_fitting(group, 0.0, 1.0)
-        return {"scale": alpha, "params": count_at(alpha, group), "params_before": before, "rescaled": name}
-    raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")
 
 
 class SearchLoop:

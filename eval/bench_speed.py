@@ -27,7 +27,7 @@ def synthetic_pruned(model, ratio: float):
 
     from dms_llm import ModelMasks, ParameterCounter
     from dms_llm.prune import prune_model
-    from dms_llm.trainer import fit_to_budget
+    from dms_llm.budget import fit_to_budget
 
     masks = ModelMasks(model.config, structures="heads,channels,hidden")
     counter = ParameterCounter(model)

@@ -365,7 +365,7 @@ def _ratios(masks):
 
 @pytest.mark.parametrize("slack_channels", [1, 7, 1000])
 def test_fit_fills_a_budget_the_search_left_unused_with_mlp_channels_only(slack_channels):
-    from dms_llm.trainer import fit_to_budget
+    from dms_llm.budget import fit_to_budget
 
     model = tiny_model("llama-gqa")
     masks = _structure_masks(model, "heads,channels,hidden,layers")
@@ -390,7 +390,7 @@ def test_fit_fills_a_budget_the_search_left_unused_with_mlp_channels_only(slack_
 
 
 def test_fit_scales_down_to_the_target_and_leaves_an_exact_fit_alone():
-    from dms_llm.trainer import fit_to_budget
+    from dms_llm.budget import fit_to_budget
 
     model = tiny_model("llama-gqa")
     masks = _structure_masks(model, "heads,channels,hidden,layers")

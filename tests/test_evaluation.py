@@ -421,7 +421,6 @@ def saved_model(tmp_path_factory, model, tok):
 
 
 def test_run_eval_cli_with_baseline(saved_model, data_dir, capsys):
-    pytest.importorskip("dms_llm.loading")
     sys.path.insert(0, str(REPO / "eval"))
     try:
         import run_eval

@@ -209,7 +209,6 @@ def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
 
 
 def test_dms_llama_architecture_is_registered_on_load(saved_model):
-    pytest.importorskip("dms_llm.modeling")
     from transformers import CONFIG_MAPPING
 
     load_model_and_tokenizer(str(saved_model))

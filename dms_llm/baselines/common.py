@@ -1,6 +1,6 @@
 """What every baseline shares: per-structure weight groups, calibration statistics, and turning scores
-into a `PrunePlan` that meets a parameter budget as the shared formula (`budget.architecture_parameters`)
-counts it.
+into a `PrunePlan` that meets a parameter budget as the shared counter (`budget.ParameterCounter`) counts
+it, with the search's kept-count rule (`dtopk.kept_count`).
 
 Structures are the ones DMS searches (docs/DMS.md §2): the KV groups of each layer (a key/value head with
 its n_rep query heads: q/k/v rows + o_proj columns) and the MLP channels of each layer (gate/up rows +
@@ -9,16 +9,15 @@ down_proj column). Hidden channels are never pruned by the baselines (none of th
 
 from __future__ import annotations
 
-import math
-import time
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..arch import ModelParts
-from ..budget import BiasFacts, architecture_parameters
-from ..plan import LayerPlan, PlanError, PrunePlan, bias_flags, count_plan_parameters
+from ..budget import ParameterCounter
+from ..dtopk import kept_count
+from ..plan import LayerPlan, PlanError, PrunePlan, count_plan_parameters
 from ..prune import head_rows
 
 
@@ -147,26 +146,6 @@ def top_indices(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k].tolist())
 
 
-class Counter:
-    """The shared parameter formula over per-layer kept counts, with the plan's bias facts (including
-    output biases a method adds), so allocation loops never build a plan just to count it."""
-
-    def __init__(self, model: nn.Module, output_bias: dict | None = None):
-        cfg = model.config.to_dict()
-        self.shapes = ModelParts(model).shapes
-        b = bias_flags(cfg)
-        ob = output_bias or {}
-        self.biases = BiasFacts(qkv=b["qkv"], o=b["o"] or bool(ob.get("attention")), gate_up=b["mlp_in"],
-                                down=b["mlp_out"] or bool(ob.get("mlp")))
-
-    def __call__(self, kv: list[int], ch: list[int]) -> int:
-        n = self.shapes.num_layers
-        return int(architecture_parameters(self.shapes, self.biases, self.shapes.hidden_size, kv, ch, [1] * n, [1] * n))
-
-    def dense(self) -> int:
-        return self(list(self.shapes.num_kv_heads), list(self.shapes.intermediate))
-
-
 def build_plan(model: nn.Module, heads: dict[int, list[int]], channels: dict[int, list[int]], source_model: str | None,
                metadata: dict, output_bias: dict | None = None, output_bias_values: dict | None = None) -> PrunePlan:
     """A plan keeping `heads[l]` / `channels[l]` (all of a layer's elements when it is not listed)."""
@@ -184,17 +163,13 @@ def build_plan(model: nn.Module, heads: dict[int, list[int]], channels: dict[int
 
 
 def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
-    """The plan's own count must equal the allocation's (two implementations of one formula) and fit."""
+    """The plan's count must equal the count of the sizes the allocation chose, and fit the budget."""
     if plan.params_after != counted:
         raise RuntimeError(f"count_plan_parameters gives {plan.params_after:,}, the allocation counted {counted:,}")
     if plan.params_after > target:
         raise RuntimeError(f"plan has {plan.params_after:,} parameters, above the target {target:,}")
     plan.metadata.update(target_params=int(target), params=plan.params_after, budget_gap=(target - plan.params_after) / target)
     return plan
-
-
-def _keep(n: int, f: float) -> int:
-    return 0 if n == 0 else min(n, max(1, math.floor(f * n + 0.5)))
 
 
 def _bisect(fits, lo: float = 0.0, hi: float = 1.0, iters: int = 60) -> float:
@@ -214,13 +189,14 @@ def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel
     bisection on the shared formula, and the pair whose two fractions are closest is kept (ties: the
     larger model). Every pruned layer keeps at least one KV group and one channel.
     """
-    count = Counter(model)
-    s = count.shapes
+    counter = ParameterCounter(model)
+    count = counter.sizes
+    s = counter.shapes
     pruned = sorted(set(range(s.num_layers) if layers is None else layers))
 
     def sizes(fh: float, fc: float):
-        kv = [_keep(s.num_kv_heads[i], fh) if i in pruned else s.num_kv_heads[i] for i in range(s.num_layers)]
-        ch = [_keep(s.intermediate[i], fc) if i in pruned else s.intermediate[i] for i in range(s.num_layers)]
+        kv = [kept_count(fh, s.num_kv_heads[i], 1) if i in pruned else s.num_kv_heads[i] for i in range(s.num_layers)]
+        ch = [kept_count(fc, s.intermediate[i], 1) if i in pruned else s.intermediate[i] for i in range(s.num_layers)]
         return kv, ch
 
     def fraction(kept: list[int], dense) -> float:
@@ -257,24 +233,15 @@ def source_name(model: nn.Module, source_model: str | None) -> str:
     return source_model if source_model is not None else str(getattr(model.config, "_name_or_path", "") or "")
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-
-
 def check_target(model: nn.Module, target_params) -> int:
     target = int(target_params)
-    dense = Counter(model).dense()
+    dense = ParameterCounter(model).dense()
     if not 0 < target < dense:
         raise BudgetError(f"target {target:,} parameters must be positive and below the dense count {dense:,}")
     return target
 
 
 __all__ = [
-    "BudgetError", "Counter", "InputStats", "PlanError", "build_plan", "check_budget", "output_proj_input_stats",
+    "BudgetError", "InputStats", "PlanError", "build_plan", "check_budget", "output_proj_input_stats",
     "per_group", "top_indices", "uniform_plan", "weight_sq_norms",
 ]

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
+from ..budget import ParameterCounter
 from .common import (
     BudgetError,
-    Counter,
     build_plan,
     check_budget,
     check_target,
@@ -140,7 +140,7 @@ def flap_plan(model, calib_blocks, target_params: int, batch_size: int = 8, bias
         first = next((kind, layer) for layer in range(s.num_layers) for kind, sc in (("attention", heads), ("mlp", chans)) if layer in sc)
         best = max(j for j, (kind, layer, _) in enumerate(order) if (kind, layer) == first)
         order = order[:best] + order[best + 1 :]
-    count = Counter(model, OUTPUT_BIAS if bias_compensation else None)
+    count = ParameterCounter(model, OUTPUT_BIAS if bias_compensation else None).sizes
 
     # kept sizes after removing the first n structures of the order, per layer
     kinds = torch.tensor([0 if k == "attention" else 1 for k, _, _ in order], dtype=torch.long)

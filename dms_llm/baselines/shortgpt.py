@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
-from .common import BudgetError, Counter, _device, _hooks, batches, build_plan, check_budget, check_target, source_name
+from ..budget import ParameterCounter
+from .common import BudgetError, _device, _hooks, batches, build_plan, check_budget, check_target, source_name
 
 
 def _hidden(x):
@@ -54,7 +55,7 @@ def shortgpt_plan(model, calib_blocks, target_params: int, batch_size: int = 8, 
     s = ModelParts(model).shapes
     bi = block_influence(model, calib_blocks, batch_size)
     order = sorted(range(s.num_layers), key=lambda i: (bi[i], i))
-    count = Counter(model)
+    count = ParameterCounter(model).sizes
     kv, ch = list(s.num_kv_heads), list(s.intermediate)
     removed = []
     for i in order[:-1]:  # at least one layer stays
