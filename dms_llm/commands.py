@@ -15,9 +15,11 @@ import sys
 
 # name -> (module with a `main(argv) -> int`, one line for the overview)
 SUBCOMMANDS = {
-    "search": ("dms_llm.search", "search an architecture under a parameter budget, prune, save and evaluate it"),
-    "finetune": ("dms_llm.finetune", "recovery fine-tuning (LoRA or full, with distillation) of a pruned checkpoint"),
+    "search": ("dms_llm.cli.search", "search an architecture under a parameter budget, prune, save and evaluate it"),
+    "finetune": ("dms_llm.cli.finetune", "recovery fine-tuning (LoRA or full, with distillation) of a pruned checkpoint"),
     "export": ("dms_llm.export", "write a checkpoint in an inference engine's format (GGUF for llama.cpp)"),
+    "eval": ("dms_llm.cli.run_eval", "perplexity and zero-shot accuracy of a dense or pruned model"),
+    "benchmark": ("dms_llm.cli.benchmark", "baselines and DMS side by side at equal budgets: plans, evaluation, speed, plot"),
 }
 
 

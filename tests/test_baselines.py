@@ -68,7 +68,7 @@ def test_uniform_methods_fill_the_budget_to_one_channel_per_layer(ratio):
 def test_plan_saves_and_reloads(method, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model = build("qwen2")
     plan = METHODS[method](model, CALIB, int(0.6 * n_params(model)))

