@@ -37,7 +37,7 @@ def run_command(name: str, values: dict, config_path: str) -> None:
 
 
 def _restarts_of(folder: str) -> int | None:
-    """How many searches a finished search.py --restarts run compared (None: not a restarts run)."""
+    """How many searches a finished `dms-llm search --restarts` run compared (None: not a restarts run)."""
     from ..cli.restarts import RECORD_FILE
 
     path = os.path.join(folder, RECORD_FILE)
@@ -71,7 +71,7 @@ class Benchmark:
     # ----- lazily loaded inputs -----------------------------------------------------------------
     def dense(self):
         if self._dense is None:
-            from ..loading import load_model_and_tokenizer
+            from ..checkpoints import load_model_and_tokenizer
 
             print(f"[benchmark] loading {self.args.model} ({self.args.dtype})", flush=True)
             self._dense, self._tok = load_model_and_tokenizer(self.args.model, dtype=self.args.dtype, device=self.args.device)
@@ -222,7 +222,7 @@ class Benchmark:
             return folder
         folder = os.path.join(work, "models", base["name"])
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            from ..save import save_pruned
+            from ..checkpoints import save_pruned
 
             model, plan = self.materialize(base, with_plan=True)
             save_pruned(model, self.tokenizer(), folder, plan, overwrite=True,
@@ -270,7 +270,7 @@ class Benchmark:
             plan = PrunePlan.from_json(path)
             model = prune_model(self.dense(), plan)
             return (model, plan) if with_plan else model
-        from ..loading import load_model_and_tokenizer
+        from ..checkpoints import load_model_and_tokenizer
 
         model, _ = load_model_and_tokenizer(path, dtype=self.args.dtype, device=self.args.device)
         return model

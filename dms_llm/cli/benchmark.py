@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="leave this row out (e.g. dms-lora@0.5 when that search is too long for the machine); repeatable")
     p.add_argument("--recovery-steps", type=int, default=0, help="also fine-tune every pruned model for N steps")
     p.add_argument("--recovery-config", default=None,
-                   help="fine-tuning recipe (YAML, dms_llm/finetune.py options) of the recovery rows; its model, "
+                   help="fine-tuning recipe (YAML, `dms-llm finetune` options) of the recovery rows; its model, "
                         "output and step count are set here. Default: LoRA + distillation on the calibration dataset")
     p.add_argument("--speed-reps", type=int, default=5, help="timed runs per model for prefill/decode speed (0: skip)")
     p.add_argument("--speed-seq-len", type=int, default=128, help="prefill length of the speed test")
