@@ -348,18 +348,23 @@ def test_failure_mid_save_leaves_nothing_half_written(tmp_path, monkeypatch, ove
         assert sorted(os.listdir(out)) == ["config.json", "old.txt"]
 
 
-def test_failed_final_rename_restores_the_old_checkpoint(tmp_path, monkeypatch):
-    model, plan = pruned_pair("llama-mha", "all")
-    out = tmp_path / "out"
-    old_checkpoint(out)
+def _fail_the_swap(monkeypatch):
+    """The rename that moves the finished staging folder into place fails."""
     real_replace = os.replace
 
     def flaky(src, dst):
         if str(src).endswith(".saving"):
-            raise OSError("simulated: rename of the finished checkpoint failed")
+            raise OSError("simulated: the swap failed")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", flaky)
+
+
+def test_failed_final_rename_restores_the_old_checkpoint(tmp_path, monkeypatch):
+    model, plan = pruned_pair("llama-mha", "all")
+    out = tmp_path / "out"
+    old_checkpoint(out)
+    _fail_the_swap(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         save_pruned(model, None, str(out), plan, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["config.json", "old.txt"]
@@ -379,14 +384,7 @@ def test_replace_folder_swaps_and_puts_the_old_folder_back_on_failure(tmp_path, 
     _run_folder(out, "old")
     replace_folder(str(out), _fill_with("new"))
     assert sorted(os.listdir(tmp_path)) == ["run"] and (out / "log.txt").read_text() == "new"
-    real_replace = os.replace
-
-    def flaky(src, dst):
-        if str(src).endswith(".saving"):
-            raise OSError("simulated: the swap failed")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
+    _fail_the_swap(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         replace_folder(str(out), _fill_with("newer"))
     monkeypatch.undo()

@@ -21,10 +21,11 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ..training.engine import RunSettings, process_state
+from ..training.engine import process_state
 from .options import ConfigError, data_dir_default, option, run_main
 from .options import load_recipe as _load_recipe
 from .options import parse_config as _parse_config
+from .runs import RunOptions
 
 STATE_DIR = "finetune_state"
 SETTINGS_FILE = "finetune_settings.json"
@@ -38,7 +39,7 @@ DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunOptions):
     model: str | None = option(None, "the pruned checkpoint folder to fine-tune (holds dms_plan.json)")
     teacher: str | None = option(None, "dense model for distillation: folder, Hub id or alias; default: the plan's source model")
     output_dir: str | None = option(None, "where the fine-tuned checkpoint, metrics and results go")
@@ -52,31 +53,11 @@ class FinetuneConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping (global L2 norm)")
     dataset: str = option("default", "training text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
-    text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
-    data_dir: str | None = option(None, "offline data folder (default: $DMS_DATA_DIR or ../shared/data)")
-    seq_len: int = option(256, "tokens per training block")
     num_samples: int = option(512, "training blocks (one epoch = this many blocks)")
-    batch_size: int = option(1, "blocks per micro-batch and process")
-    grad_accum: int = option(1, "micro-batches per step")
     lora_r: int = option(8, "LoRA rank")
     lora_alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA branch input")
-    mixed_precision: str = option("no", "no, bf16 or fp16 (autocast through Accelerate)")
-    dtype: str = option("auto", "weights dtype of student and teacher: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    seed: int = option(0, "seed of data order, LoRA init, dropout")
-    checkpoint_every: int = option(50, "checkpoint every N steps (and on Ctrl-C)")
-    stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
-    resume: bool = option(False, "continue from the checkpoint in --output-dir")
     overwrite: bool = option(False, "replace an existing --output-dir that holds a checkpoint or a fine-tuning run")
-    no_eval: bool = option(False, "skip the before/after evaluation")
-    eval_ppl: str = option("wikitext2", "held-out perplexity datasets (comma list)")
-    eval_protocol: str = option("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
-    eval_max_windows: int | None = option(None, "evaluate only the first N windows (None: the whole split)")
-    eval_tasks: str = option("", "zero-shot tasks (comma list; empty: none)")
-    eval_limit: int | None = option(None, "examples per zero-shot task")
-    push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
-    hub_private: bool = option(False, "create the Hub repo as private")
 
     def __post_init__(self):
         if not self.model:
@@ -85,15 +66,14 @@ class FinetuneConfig:
             raise ConfigError("give --output-dir (where the fine-tuned checkpoint goes)")
         if self.method not in ("lora", "full"):
             raise ConfigError(f"--method must be lora or full, got {self.method!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        super().__post_init__()
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give one of --steps and --epochs, not both")
         if self.steps is not None and self.steps < 1:
             raise ConfigError("--steps must be at least 1")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
-        for name in ("seq_len", "num_samples", "batch_size", "grad_accum", "checkpoint_every", "lora_r"):
+        for name in ("num_samples", "lora_r"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr is None:
@@ -208,12 +188,6 @@ def recovery_config(cfg: FinetuneConfig, steps: int):
                           distill_temperature=cfg.distill_temperature)
 
 
-def run_settings(cfg: FinetuneConfig) -> RunSettings:
-    return RunSettings(batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
-                       gradient_checkpointing=cfg.gradient_checkpointing, checkpoint_every=cfg.checkpoint_every,
-                       stop_after=cfg.stop_after)
-
-
 # ----- the command --------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     from ..checkpoints.loading import load_model_and_tokenizer, resolve_model, training_dtype
@@ -267,7 +241,7 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
         before = reusable_results(pruned_dir, cfg, model) or evaluate_once(
             [os.path.join(out, "before_eval.json")], lambda: evaluate(model, tokenizer, cfg, name=pruned_dir), state)
     try:
-        result = recover(model, blocks, recovery_config(cfg, steps), run_settings(cfg), teacher=teacher_model, run_dir=out,
+        result = recover(model, blocks, recovery_config(cfg, steps), cfg.run_settings(), teacher=teacher_model, run_dir=out,
                          resume=cfg.resume, verbose=state.is_main_process)
     except Stopped as e:
         say(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")

@@ -48,7 +48,8 @@ def _help(f) -> str:
 def build_parser(config_cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML recipe whose keys are these option names (the command line overrides it)")
-    for f in dataclasses.fields(config_cls):
+    inherited = {f.name for base in config_cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    for f in sorted(dataclasses.fields(config_cls), key=lambda f: f.name in inherited):  # the command's own first
         flag = "--" + f.name.replace("_", "-")
         if _kind(f) is bool:
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])

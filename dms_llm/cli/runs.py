@@ -6,9 +6,52 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 
 from ..files import read_json, replace_folder, write_json_atomic
-from .options import ConfigError, data_dir_default
+from ..training.engine import RunSettings
+from .options import ConfigError, data_dir_default, option
+
+R = RunSettings  # the library's defaults are the commands'
+
+
+@dataclass
+class RunOptions:
+    """The options the training commands (search, finetune) share: data, execution, checkpoints,
+    evaluation after the run, Hub push. Each command's own options come first in its --help."""
+
+    text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
+    data_dir: str | None = option(None, "data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
+    seq_len: int = option(256, "tokens per block")
+    batch_size: int = option(R.batch_size, "blocks per micro-batch and process")
+    grad_accum: int = option(R.grad_accum, "micro-batches per step")
+    mixed_precision: str = option(R.mixed_precision, "no, bf16 or fp16 (autocast through Accelerate)")
+    dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    gradient_checkpointing: bool = option(R.gradient_checkpointing, "recompute activations in backward to save memory")
+    seed: int = option(R.seed, "seed of the data order and of everything random (LoRA init, dropout)")
+    checkpoint_every: int = option(R.checkpoint_every, "checkpoint every N steps (and on Ctrl-C)")
+    stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
+    resume: bool = option(False, "continue from the checkpoint in --output-dir")
+    no_eval: bool = option(False, "skip the evaluation (of the model before and of the result after)")
+    eval_ppl: str = option("wikitext2", "held-out perplexity datasets (comma list)")
+    eval_protocol: str = option("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
+    eval_max_windows: int | None = option(None, "evaluate only the first N windows (default: the whole split)")
+    eval_tasks: str = option("", "zero-shot tasks (comma list; empty: none)")
+    eval_limit: int | None = option(None, "examples per zero-shot task")
+    push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
+    hub_private: bool = option(False, "create the Hub repo as private")
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def run_settings(self) -> RunSettings:
+        return RunSettings(batch_size=self.batch_size, grad_accum=self.grad_accum, seed=self.seed,
+                           mixed_precision=self.mixed_precision, gradient_checkpointing=self.gradient_checkpointing,
+                           checkpoint_every=self.checkpoint_every, stop_after=self.stop_after)
 
 
 def check_output_dir(out: str, overwrite: bool, resume: bool, can_resume: bool, protected: dict[str, str],

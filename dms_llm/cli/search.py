@@ -19,21 +19,22 @@ import sys
 from dataclasses import dataclass
 
 from ..method import DMSConfig
-from ..training.engine import RunSettings, process_state
+from ..training.engine import process_state
 from .options import ConfigError, data_dir_default, option, run_main
 from .options import load_recipe as _load_recipe
 from .options import parse_config as _parse_config
+from .runs import RunOptions
 
 # Held-out blocks that score --restarts: 32 x 256 tokens ranked six SmolLM2 searches as their test
 # perplexities did wherever those differed by 20% or more (docs/RESULTS.md, "Restarts").
 DEFAULT_HELDOUT_SAMPLES = 32
 # Settings that shape the mask state: a checkpoint made with others cannot be continued.
 STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last")
-M, R = DMSConfig, RunSettings  # the library's defaults are the command's
+M = DMSConfig  # the library's defaults are the command's
 
 
 @dataclass
-class SearchConfig:
+class SearchConfig(RunOptions):
     model: str | None = option(None, "local folder, Hub id or alias (smollm2-135m, llama-7b, ...); default: embedded SmolLM2-135M")
     target_params: float | None = option(None, "parameter budget of the pruned model, e.g. 5.47e9")
     target_ratio: float | None = option(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
@@ -43,12 +44,7 @@ class SearchConfig:
     spare_first: int = option(M.spare_first, "keep the first N decoder layers whole (not searched)")
     spare_last: int = option(M.spare_last, "keep the last N decoder layers whole (not searched)")
     dataset: str = option("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
-    text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
-    data_dir: str | None = option(None, "data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
-    seq_len: int = option(256, "tokens per calibration block")
     num_samples: int = option(256, "calibration blocks")
-    batch_size: int = option(R.batch_size, "blocks per micro-batch and process")
-    grad_accum: int = option(R.grad_accum, "micro-batches per step")
     steps: int = option(M.steps, "search steps; the last 20%% refine channel widths only")
     ratio_lr: float = option(M.ratio_lr, "learning rate of the kept ratios (constant, Adam, no weight decay)")
     weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
@@ -59,27 +55,12 @@ class SearchConfig:
     distill: bool = option(M.distill, "add KL to the unpruned model's logits (the same weights with masks off)")
     distill_weight: float = option(M.distill_weight, "weight of the distillation term")
     distill_temperature: float = option(M.distill_temperature, "distillation temperature")
-    mixed_precision: str = option(R.mixed_precision, "no, bf16 or fp16 (autocast through Accelerate)")
-    dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    gradient_checkpointing: bool = option(R.gradient_checkpointing, "recompute activations in backward to save memory")
-    seed: int = option(R.seed, "seed of data order and everything random")
     data_seed: int | None = option(None, "seed of the calibration block selection (default: --seed)")
     restarts: int = option(1, "independent searches (seeds --seed, --seed+1, ...; same calibration blocks); "
                               "the one with the lowest held-out calibration loss is kept")
     heldout_samples: int | None = option(None, "calibration blocks held out of the search to score it "
                                                "(default: 32 with --restarts, else none)")
-    checkpoint_every: int = option(R.checkpoint_every, "checkpoint the search every N steps (and on Ctrl-C)")
-    stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
-    resume: bool = option(False, "continue from the checkpoint in --output-dir")
     overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
-    no_eval: bool = option(False, "skip the evaluation after saving")
-    eval_ppl: str = option("wikitext2", "held-out perplexity datasets after the search (comma list)")
-    eval_protocol: str = option("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
-    eval_max_windows: int | None = option(None, "evaluate only the first N windows (default: the whole split)")
-    eval_tasks: str = option("", "zero-shot tasks after the search (comma list; empty: none)")
-    eval_limit: int | None = option(None, "examples per zero-shot task")
-    push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
-    hub_private: bool = option(False, "create the Hub repo as private")
 
     def __post_init__(self):
         if (self.target_params is None) == (self.target_ratio is None):
@@ -92,9 +73,8 @@ class SearchConfig:
             self.heldout_samples = DEFAULT_HELDOUT_SAMPLES if self.restarts > 1 else 0
         if self.heldout_samples < 0 or (self.restarts > 1 and self.heldout_samples == 0):
             raise ConfigError(f"--heldout-samples must be >= 0, and > 0 with --restarts (it scores them); got {self.heldout_samples}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        for name in ("seq_len", "num_samples", "batch_size", "grad_accum", "steps", "checkpoint_every"):
+        super().__post_init__()
+        for name in ("num_samples", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.output_dir is None:
@@ -110,11 +90,6 @@ class SearchConfig:
                              distill_temperature=self.distill_temperature)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-
-    def run_settings(self) -> RunSettings:
-        return RunSettings(batch_size=self.batch_size, grad_accum=self.grad_accum, seed=self.seed,
-                           mixed_precision=self.mixed_precision, gradient_checkpointing=self.gradient_checkpointing,
-                           checkpoint_every=self.checkpoint_every, stop_after=self.stop_after)
 
 
 def load_recipe(path: str) -> dict:
