@@ -25,8 +25,12 @@ def _source_card_data(source_dir: str | None) -> dict:
         return {}
     from huggingface_hub import ModelCard
 
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.startswith("---"):
+        return {}  # no front matter
     try:
-        return ModelCard.load(path).data.to_dict()
+        return ModelCard(text).data.to_dict()
     except ValueError:  # front matter that is not valid YAML: the source card just has no metadata to offer
         return {}
 
