@@ -68,13 +68,15 @@ LLAMA_LAYOUT = ArchSpec()
 class Family:
     spec: ArchSpec
     biases: Callable[[dict], BiasFacts]
+    stock: bool  # its own config class can describe a uniformly pruned model (a stock checkpoint)
 
 
 FAMILIES: dict[str, Family] = {}
 
 
-def register_family(model_type: str, spec: ArchSpec = LLAMA_LAYOUT, biases: Callable[[dict], BiasFacts] = _llama_biases) -> None:
-    FAMILIES[model_type] = Family(spec, biases)
+def register_family(model_type: str, spec: ArchSpec = LLAMA_LAYOUT, biases: Callable[[dict], BiasFacts] = _llama_biases,
+                    stock: bool = True) -> None:
+    FAMILIES[model_type] = Family(spec, biases, stock)
 
 
 # Mistral and Qwen2 use Llama's module names; Mistral has no biases, Qwen2 q/k/v biases only.
@@ -82,7 +84,7 @@ def register_family(model_type: str, spec: ArchSpec = LLAMA_LAYOUT, biases: Call
 register_family("llama")
 register_family("mistral", biases=lambda cfg: BiasFacts(False, False, False, False))
 register_family("qwen2", biases=lambda cfg: BiasFacts(True, False, False, False))
-register_family("dms_llama", biases=_dms_llama_biases)
+register_family("dms_llama", biases=_dms_llama_biases, stock=False)
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -128,6 +128,17 @@ def smallest_reachable(counter: ParameterCounter, masks) -> int:
     return minimum
 
 
+def largest_fitting(fits, lo: float, hi: float, iters: int = 60) -> float:
+    """The largest x in [lo, hi] with `fits(x)`, given `fits(lo)` and that `fits` is monotone (60 halvings
+    reach float precision). Every bisection over a kept fraction uses it (the fit below, the baselines)."""
+    if fits(hi):
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def fit_to_budget(masks, counter: ParameterCounter, target: int) -> dict:
     """Rescale the kept ratios so the hard architecture uses the budget: the largest factor with
     count <= target.
@@ -149,20 +160,15 @@ def fit_to_budget(masks, counter: ParameterCounter, target: int) -> dict:
                 t.clamp_()
         return counter.hard(masks)
 
-    def largest_fitting(group, lo, hi):  # count is monotone in alpha; 60 halvings reach float precision
-        if count_at(hi, group) <= target:
-            return hi
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if count_at(mid, group) <= target else (lo, mid)
-        return lo
+    def fitting(group, lo, hi):  # the count is monotone in alpha
+        return largest_fitting(lambda alpha: count_at(alpha, group) <= target, lo, hi)
 
     if before <= target:
         mlp = list(masks.channels.values())
         if not mlp or before == target:
             return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
         ceiling = max(1.0 / float(saved[id(t)]) for t in mlp)  # beyond it every MLP is whole
-        alpha = largest_fitting(mlp, 1.0, ceiling)
+        alpha = fitting(mlp, 1.0, ceiling)
         params = count_at(alpha, mlp)
         return {"scale": alpha, "params": params, "params_before": before,
                 "rescaled": "mlp channels up" if params > before else "none"}
@@ -172,6 +178,6 @@ def fit_to_budget(masks, counter: ParameterCounter, target: int) -> dict:
             t.ratio.data.copy_(saved[id(t)])
         if not group or count_at(0.0, group) > target:
             continue
-        alpha = largest_fitting(group, 0.0, 1.0)
+        alpha = fitting(group, 0.0, 1.0)
         return {"scale": alpha, "params": count_at(alpha, group), "params_before": before, "rescaled": name}
     raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")

@@ -14,23 +14,19 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
 from .arch import FAMILIES, bias_facts, model_shapes
 from .budget import ParameterCounter
-from .files import write_text_atomic
+from .files import write_atomic, write_text_atomic
 
 PLAN_FORMAT = "dms_plan/1"
 # Output-bias deltas (e.g. FLAP's bias compensation) live beside the plan JSON: `dms_plan.json` ->
 # `dms_plan.bias.safetensors`; the JSON names the file, so a renamed plan still finds its values.
 BIAS_SUFFIX = ".bias.safetensors"
 OUTPUT_BIAS_KINDS = ("attention", "mlp")
-
-# Families whose own config class can describe a uniformly pruned model (a stock checkpoint).
-STOCK_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Config keys that describe the source checkpoint rather than the architecture, or that the derived
 # config sets itself; carrying them over would make the pruned config lie.
@@ -278,7 +274,7 @@ class PrunePlan:
     def uses_stock_format(self) -> bool:
         """Uniform, a stock family, and accepted by that family's config class (LlamaConfig, for
         instance, refuses a hidden size that is not a multiple of the number of heads)."""
-        if not self.is_uniform() or self.source_model_type not in STOCK_MODEL_TYPES:
+        if not self.is_uniform() or not FAMILIES[self.source_model_type].stock:
             return False
         if self.adds_output_bias("attention") or self.adds_output_bias("mlp"):
             # Stock configs tie the o_proj / down_proj bias to q/k/v / gate/up biases (or have none).
@@ -402,16 +398,8 @@ def _bias_path(plan_path: str) -> str:
 def _save_bias_values(values: dict, path: str) -> None:
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dms_plan_bias.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in values.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in values.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
 
 def _load_bias_values(path: str) -> dict:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..arch import ModelParts
-from ..budget import ParameterCounter
+from ..budget import ParameterCounter, largest_fitting
 from ..dtopk import kept_count
 from ..plan import LayerPlan, PlanError, PrunePlan, count_plan_parameters
 from ..prune import head_rows
@@ -172,14 +172,6 @@ def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
     return plan
 
 
-def _bisect(fits, lo: float = 0.0, hi: float = 1.0, iters: int = 60) -> float:
-    """Largest f in [lo, hi] with fits(f), given fits(lo) and monotonicity."""
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
 def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel_scores: dict[int, torch.Tensor],
                  target: int, source_model: str | None, metadata: dict, layers: list[int] | None = None) -> PrunePlan:
     """The same kept fraction in every pruned layer (`layers`, default all), top-k by score within a layer.
@@ -215,7 +207,7 @@ def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel
     for fh in candidates:
         if count(*sizes(fh, 0.0)) > target:
             continue
-        fc = _bisect(lambda x: count(*sizes(fh, x)) <= target)
+        fc = largest_fitting(lambda x: count(*sizes(fh, x)) <= target, 0.0, 1.0)
         kv, ch = sizes(fh, fc)
         h, c = fraction(kv, s.num_kv_heads), fraction(ch, s.intermediate)
         key = (round(abs(h - c), 12), -count(kv, ch))

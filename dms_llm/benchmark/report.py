@@ -9,7 +9,7 @@ import platform
 import shlex
 import sys
 
-from ..files import write_json_atomic, write_text_atomic
+from ..files import write_atomic, write_json_atomic, write_text_atomic
 
 
 def note_machine(row: dict, part: str) -> None:
@@ -111,10 +111,8 @@ def plot(report: dict, path: str) -> None:
     fig.tight_layout(rect=(0, 0, 0.85 if legend else 1, 1))
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_outputs(bench, rows: list[dict], argv) -> dict:
