@@ -4,8 +4,8 @@
     plan = search_plan(model, blocks, target_ratio=0.8, config=DMSConfig(steps=100, spare_last=2))
     plan.metadata["method"]     # this config, as saved in dms_plan.json
 
-The defaults are the method as docs/DMS.md states it (temperatures, EMA decay, kept-count minimums,
-schedule); the search options (structures, depth, steps, learning rates, weights) are this project's.
+The defaults are the method as the DMS paper states it (temperatures, EMA decay, kept-count minimums,
+schedule; docs/DESIGN.md); the search options (structures, depth, steps, learning rates, weights) are this project's.
 Run settings that do not change what is searched (batch size, seed, checkpoints) are the training
 engine's (`dms_llm.training.engine.RunSettings`).
 """
@@ -31,7 +31,7 @@ def parse_structures(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
 
 @dataclass
 class DMSConfig:
-    """The DMS method (docs/DMS.md). Element kinds are `channel`, `head` and `layer`."""
+    """The DMS method (docs/DESIGN.md, "The method as implemented"). Element kinds: `channel`, `head`, `layer`."""
 
     # what is searched
     structures: str = "heads,channels,hidden,layers"  # any of heads, channels, hidden, layers

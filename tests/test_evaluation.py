@@ -460,7 +460,7 @@ def test_lm_eval_cli_runs_a_local_task_on_a_saved_checkpoint(saved_model, data_d
 # the real model on the real file
 
 # Measured with `dms-llm eval` (fp32, CPU): the first 200 windows of 128 tokens (25,400 predicted
-# tokens) of the WikiText-2 test text. The full text (2,382 windows) gives 56.09 (docs/ENVIRONMENT.md).
+# tokens) of the WikiText-2 test text. The full text (2,382 windows) gives 56.09 (docs/RESULTS.md, section 6).
 SMOLLM2_WIKITEXT2_FIRST_200 = 53.8896
 
 

@@ -2,7 +2,7 @@
 into a `PrunePlan` that meets a parameter budget as the shared counter (`budget.ParameterCounter`) counts
 it, with the search's kept-count rule (`dtopk.kept_count`).
 
-Structures are the ones DMS searches (docs/DMS.md §2): the KV groups of each layer (a key/value head with
+Structures are the ones DMS searches (docs/DESIGN.md, "Where the masks act"): the KV groups of each layer (a key/value head with
 its n_rep query heads: q/k/v rows + o_proj columns) and the MLP channels of each layer (gate/up rows +
 down_proj column). Hidden channels are never pruned by the baselines (none of the papers do).
 """

@@ -3,7 +3,7 @@
 The data-free reference point of structured pruning (used as the "L2 / magnitude" baseline by
 LLM-Pruner, Ma et al. 2023, and FLAP, An et al. 2024). A KV group's weights are its q/k/v rows and the
 matching o_proj columns; an MLP channel's are its gate/up rows and its down_proj column. Known to fail
-on models whose few huge-activation channels have ordinary weights (SmolLM2, see ENVIRONMENT.md).
+on models whose few huge-activation channels have ordinary weights (SmolLM2: layers 0, 28 and 29).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from .options import parse_config as _parse_config
 from .runs import RunOptions
 
 # Held-out blocks that score --restarts: 32 x 256 tokens ranked six SmolLM2 searches as their test
-# perplexities did wherever those differed by 20% or more (docs/RESULTS.md, "Restarts").
+# perplexities did wherever those differed by 20% or more (docs/RESULTS.md, section 4).
 DEFAULT_HELDOUT_SAMPLES = 32
 # Settings that shape the mask state: a checkpoint made with others cannot be continued.
 STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last")
