@@ -49,10 +49,9 @@ def _dms_checkpoint(out, ratio):
 
 def _baseline_checkpoint(out, ratio, smollm2_dir):
     from dms_llm.baselines import METHODS
+    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer, save_pruned
     from dms_llm.data import load_calibration
-    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
     from dms_llm.prune import prune_model
-    from dms_llm.checkpoints import save_pruned
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)
@@ -66,11 +65,10 @@ def _trap_checkpoint(out, smollm2_dir):
     import dataclasses
 
     from dms_llm.baselines import METHODS
+    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer, save_pruned
     from dms_llm.data import load_calibration
-    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
     from dms_llm.plan import LayerPlan
     from dms_llm.prune import prune_model
-    from dms_llm.checkpoints import save_pruned
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)
@@ -91,7 +89,7 @@ def exported(request, smollm2_dir, tmp_path_factory):
     """(checkpoint folder, f32 GGUF, GGUF architecture) of one case."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp(request.param)
-    name, _, ratio = request.param.rpartition("-")
+    name, _, ratio = request.param.rpartition("-") if "-" in request.param else (request.param, "", "")
     if request.param == "dense":
         ckpt = smollm2_dir
     elif name == "dms":
