@@ -310,3 +310,29 @@ def test_bad_restart_settings_fail_early(setup, capsys, extra, message):
     model_dir, corpus, tmp = setup
     assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", *extra)) == 2
     assert message in capsys.readouterr().err and not (tmp / "out").exists()
+
+
+def test_the_library_call_writes_nothing_and_finds_the_commands_plan(setup, monkeypatch):
+    """`search_plan` on a model and blocks is the search the command runs: the same plan, no files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dms_llm import DMSConfig, RunSettings, load_calibration, prune_model, search_plan
+
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "cli", "--target-ratio", "0.5", "--heldout-samples", "4")) == 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    blocks = load_calibration(corpus, AutoTokenizer.from_pretrained(model_dir), 32, 20, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    elsewhere = tmp / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    plan = search_plan(model, blocks[:16], target_ratio=0.5, config=DMSConfig(steps=6), heldout=blocks[16:],
+                       run=RunSettings(checkpoint_every=2), source_model=model_dir)
+    assert os.listdir(elsewhere) == [] and sorted(os.listdir(tmp)) == ["calib.jsonl", "cli", "cwd", "model"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # frozen weights: unchanged
+    saved = json.load(open(tmp / "cli" / "dms_plan.json"))
+    assert plan.to_dict()["layers"] == saved["layers"] and plan.hidden_channels == saved["hidden_channels"]
+    assert plan.metadata["method"] == DMSConfig(steps=6).to_dict() == saved["metadata"]["method"]
+    summary = json.load(open(tmp / "cli" / "search_summary.json"))
+    assert plan.metadata["heldout_loss"] == pytest.approx(summary["heldout_loss"])
+    assert sum(p.numel() for p in prune_model(model, plan).parameters()) == plan.params_after <= int(0.5 * summary["dense_params"])
