@@ -31,6 +31,8 @@ from .plan import PrunePlan, count_plan_parameters
 EVAL_START = "<!-- dms_llm:evaluation:start -->"
 EVAL_END = "<!-- dms_llm:evaluation:end -->"
 PLAN_FILE = "dms_plan.json"
+# Shard size of save_pruned (and of a search's checkpoint, whichever way it is written).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
@@ -169,7 +171,7 @@ def save_pruned(
     overwrite: bool = False,
     model_card_info: dict | None = None,
     source_dir: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     write_weights=None,
 ) -> str:
     """Save a pruned model (from `prune_model(source, plan)`) as a complete checkpoint folder.

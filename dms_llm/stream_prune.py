@@ -325,7 +325,7 @@ def run(cfg: PruneConfig, argv=()) -> dict:
     saved = PrunePlan.from_json(os.path.join(out, "dms_plan.json"))
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
     print(f"pruned checkpoint: {out}\nparameters: {saved.params_before:,} -> {saved.params_after:,} "
-          f"({saved.params_after / saved.params_before:.2%}); weights {size / 1e9:.2f} GB")
+          f"({saved.params_after / saved.params_before:.2%}); weights {size / 1e9:.2f} GB ({size:,} bytes)")
     return {"finished": True, "output_dir": out}
 
 
