@@ -283,3 +283,21 @@ def test_plan_removing_layers_renumbers_them(tmp_path):
     names = tensors(out)
     assert {k.split(".")[2] for k in names if k.startswith("model.layers.")} == {"0", "1"}
     assert torch.equal(names["model.layers.1.mlp.up_proj.weight"][1], model.model.layers[3].mlp.up_proj.weight)
+
+
+def test_synthetic_checkpoint_script_and_its_plan(tmp_path):
+    """eval/make_synthetic_checkpoint.py (the measurement's source) on a tiny shape: a sharded checkpoint
+    that loads, a non-uniform plan at 80% of it, and the two pruning paths agree on it."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "make_synthetic_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    source, plan_path = str(tmp_path / "src"), str(tmp_path / "plan.json")
+    assert script.main([source, "--shape", "tiny", "--max-shard-size", "100KB", "--plan", plan_path]) == 0
+    assert len(json.load(open(os.path.join(source, sp.INDEX_NAME)))["weight_map"]) == 4 * 9 + 3
+    plan = PrunePlan.from_json(plan_path)
+    assert 0.79 < plan.params_after / plan.params_before <= 0.8 and not plan.is_uniform()
+    in_memory(plan, source, tmp_path / "ref", max_shard_size="100KB")
+    assert_same_checkpoint(prune_checkpoint(plan, source, str(tmp_path / "out"), max_shard_size="100KB"), tmp_path / "ref")
