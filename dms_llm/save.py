@@ -31,6 +31,8 @@ from .plan import PrunePlan, count_plan_parameters
 EVAL_START = "<!-- dms_llm:evaluation:start -->"
 EVAL_END = "<!-- dms_llm:evaluation:end -->"
 PLAN_FILE = "dms_plan.json"
+# Shard size of save_pruned (and of a search's checkpoint, whichever way it is written).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
@@ -73,6 +75,11 @@ def _check_destination(out: str, sources: list[str], overwrite: bool) -> None:
         )
     if _inside(os.path.realpath(os.getcwd()), real_out):
         raise FileExistsError(f"refusing to overwrite {out}: it contains the current working directory")
+
+
+def check_output_folder(out_dir: str, plan: PrunePlan, source_dir: str | None = None, overwrite: bool = False) -> None:
+    """The checks `save_pruned` makes on its destination, for callers that want them before any work."""
+    _check_destination(os.path.abspath(out_dir), _source_dirs(plan, source_dir), overwrite)
 
 
 def _source_dirs(plan: PrunePlan, source_dir: str | None) -> list[str]:
@@ -119,14 +126,21 @@ def _check_model_matches_plan(model, plan: PrunePlan) -> None:
         )
 
 
-def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_size) -> None:
+def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_size, write_weights=None) -> None:
     custom = model.config.model_type == "dms_llama"
     if custom:
         # Makes save_pretrained write auto_map and copy the modeling files (works for a remote-code
         # class too, which is why the classes are taken from the model rather than imported).
         type(model.config).register_for_auto_class("AutoConfig")
         type(model).register_for_auto_class("AutoModelForCausalLM")
-    model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    if write_weights is None:
+        model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    else:
+        # Everything save_pretrained writes but the weights (config with dtype and architectures,
+        # generation config, modeling files), from a model that may live on the meta device; then the caller's
+        # weight files.
+        model.save_pretrained(folder, state_dict={}, safe_serialization=True)
+        write_weights(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     plan.to_json(os.path.join(folder, PLAN_FILE))
@@ -157,7 +171,8 @@ def save_pruned(
     overwrite: bool = False,
     model_card_info: dict | None = None,
     source_dir: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    write_weights=None,
 ) -> str:
     """Save a pruned model (from `prune_model(source, plan)`) as a complete checkpoint folder.
 
@@ -165,6 +180,10 @@ def save_pruned(
     when it is a local folder), and into a non-empty `out_dir` unless `overwrite`. `model_card_info`
     may hold: title, description, base_model, license, tags, datasets, repo_id, command, settings
     (dict), results (see `update_model_card`). Returns the absolute path of the saved folder.
+
+    `write_weights(folder)`, when given, writes the weight files (safetensors and their index) instead of
+    `model.save_pretrained`; the model then only provides config, class and generation config, and may be
+    on the meta device (`dms_llm.stream_prune` writes the weights from the source files, tensor by tensor).
     """
     out = os.path.abspath(out_dir)
     _check_destination(out, _source_dirs(plan, source_dir), overwrite)
@@ -182,7 +201,7 @@ def save_pruned(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     try:
-        _write_checkpoint(model, tokenizer, tmp, plan, max_shard_size)
+        _write_checkpoint(model, tokenizer, tmp, plan, max_shard_size, write_weights)
         card = render_model_card(plan, model.config.model_type, info, source_dir)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
@@ -441,7 +460,7 @@ def push_to_hub(out_dir: str, repo_id: str, private: bool = False, token: str | 
 
 
 def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict, source_dir: str | None,
-                         carry=(), add=None) -> None:
+                         carry=(), add=None, write_weights=None) -> None:
     """Save a checkpoint into `out`, a run folder that already holds the run's logs and resume state.
 
     The checkpoint is written into a staging folder beside `out`; the files and folders named in `carry`
@@ -451,7 +470,8 @@ def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict
     import shutil
 
     def fill(staging):
-        save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir)
+        save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir,
+                    write_weights=write_weights)
         for name in carry:
             src, dst = os.path.join(out, name), os.path.join(staging, os.path.basename(name))
             if os.path.isdir(src):

@@ -10,6 +10,7 @@ train sample in ../shared/data. Options and recipe keys are the fields of `Searc
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -78,6 +79,9 @@ class SearchConfig:
     eval_max_windows: int | None = option(None, "evaluate only the first N windows (None: the whole split)")
     eval_tasks: str = option("", "zero-shot tasks after the search (comma list; empty: none)")
     eval_limit: int | None = option(None, "examples per zero-shot task")
+    prune_from_files: str = option("auto", "write the pruned checkpoint from the source's safetensors files, tensor by "
+                                           "tensor, instead of pruning a copy in memory: auto (when the source is sharded "
+                                           "and the weights are frozen), always, never")
     push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
     hub_private: bool = option(False, "create the Hub repo as private")
 
@@ -94,6 +98,10 @@ class SearchConfig:
             raise ConfigError(f"--heldout-samples must be >= 0, and > 0 with --restarts (it scores them); got {self.heldout_samples}")
         if self.train_weights not in ("none", "lora", "full"):
             raise ConfigError(f"--train-weights must be none, lora or full, got {self.train_weights!r}")
+        if self.prune_from_files not in ("auto", "always", "never"):
+            raise ConfigError(f"--prune-from-files must be auto, always or never, got {self.prune_from_files!r}")
+        if self.prune_from_files == "always" and self.train_weights != "none":
+            raise ConfigError("--prune-from-files always needs --train-weights none: trained weights differ from the files")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.spare_first < 0 or self.spare_last < 0:
@@ -232,6 +240,7 @@ def run(cfg: SearchConfig) -> dict:
     with accelerator.main_process_first():  # the first process converts/caches, the others reuse
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     arch_spec(model.config)
+    files = _prune_from_files(cfg, source)
     masks = ModelMasks(model.config, structures=cfg.prune, depth=cfg.depth, spared_layers=spared_layers(cfg, model.config))
     counter = ParameterCounter(model)
     dense = counter.dense()
@@ -289,15 +298,35 @@ def run(cfg: SearchConfig) -> dict:
             f"{fit['scale']:.4f} to use {fit['params'] - fit['params_before']:,} of the unused parameters")
     plan = masks.to_plan(model.config, source_model=cfg.model or "smollm2-135m")
     plan_hashes = _plan_hash_per_rank(plan, accelerator)
-    pruned, parity = _extract(model, hooked, peft_model, hooks, masks, plan, blocks[:1].to(accelerator.device))
-    pruned_params = plan.params_after
+    probe = blocks[:1].to(accelerator.device)
     plan.metadata.update({"search": dataclasses.asdict(cfg), "target_params": target, "budget_fit": fit,
-                          "search_time_s": round(search_time, 1), "masked_vs_pruned_max_abs_logit_diff": parity})
+                          "search_time_s": round(search_time, 1)})
+    if files is None:
+        pruned, parity = _extract(model, hooked, peft_model, hooks, masks, plan, probe)
+    else:
+        # Written from the source files (memory: one shard), then the pruned model is read back; the
+        # search's copy of the weights goes first, so the two models are never in memory together.
+        masked_logits = _masked_logits(hooked, masks, probe)
+        hooks.remove()
+        del model, hooked, hooks, teacher, loop
+        accelerator.free_memory()
+        gc.collect()
+        say(f"writing the pruned checkpoint from the files of {files}")
+        if accelerator.is_main_process:
+            _save(None, tokenizer, plan, cfg, out, source, None, files=files, dtype=dtype)
+        accelerator.wait_for_everyone()
+        pruned = _load_pruned(out, dtype, accelerator.device)
+        parity = _check_pruned(pruned, probe, masked_logits, plan)
+    plan.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
+    pruned_params = plan.params_after
+    if files is not None and accelerator.is_main_process:
+        _record_parity(out, parity)
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": pruned_params,
                "params_before_fit": fit["params_before"],
                "params_ratio": pruned_params / dense, "budget_gap": (target - pruned_params) / target,
                "search_time_s": search_time, "parity_max_abs_diff": parity, "output_dir": out,
-               "num_processes": accelerator.num_processes, "dtype": dtype, "plan_sha256_per_rank": plan_hashes}
+               "num_processes": accelerator.num_processes, "dtype": dtype, "plan_sha256_per_rank": plan_hashes,
+               "pruned_from_files": files is not None}
     if len(heldout):
         from .evaluation import window_nll
 
@@ -308,7 +337,10 @@ def run(cfg: SearchConfig) -> dict:
         f"masked vs pruned logits max diff {parity:.2e}")
 
     if accelerator.is_main_process:
-        _save(pruned, tokenizer, plan, cfg, out, source, summary)
+        if files is None:
+            _save(pruned, tokenizer, plan, cfg, out, source, summary)
+        else:
+            _write_json(os.path.join(out, "search_summary.json"), summary)
     accelerator.wait_for_everyone()
     if not cfg.no_eval and accelerator.is_main_process:
         summary["results"] = _evaluate_pruned(pruned, tokenizer, cfg, out, dense_eval)
@@ -360,23 +392,81 @@ def _prepare_weights(cfg: SearchConfig, model, masks):
 def _extract(model, hooked, peft_model, hooks, masks, plan, probe):
     """Remove the hooks, merge LoRA, prune physically; checks the pruned model against the binarised
     masked one on `probe` and its size against the plan. Returns (pruned model, max abs logit diff)."""
-    import torch
-
     from .prune import prune_model
 
-    with torch.no_grad(), masks.hard():
-        masked_logits = hooked(input_ids=probe, use_cache=False).logits.float()
+    masked_logits = _masked_logits(hooked, masks, probe)
     hooks.remove()
     if peft_model is not None:
         model = peft_model.merge_and_unload()
     pruned = prune_model(model, plan)
+    return pruned, _check_pruned(pruned, probe, masked_logits, plan)
+
+
+def _masked_logits(hooked, masks, probe):
+    import torch
+
+    with torch.no_grad(), masks.hard():
+        return hooked(input_ids=probe, use_cache=False).logits.float()
+
+
+def _check_pruned(pruned, probe, masked_logits, plan) -> float:
+    """The max abs difference between the pruned model's logits and the binarised masked model's; the
+    pruned model's size must be the plan's."""
+    import torch
+
     with torch.no_grad():
         logits = pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float()
-    parity = float((logits - masked_logits).abs().max())
+    parity = float((logits - masked_logits.to(logits.device)).abs().max())
     numel = sum(p.numel() for p in pruned.parameters())
     if numel != plan.params_after:
         raise RuntimeError(f"pruned model has {numel:,} parameters, the plan says {plan.params_after:,}")
-    return pruned, parity
+    return parity
+
+
+def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
+    """The folder whose safetensors files the pruned checkpoint is written from (--prune-from-files), or
+    None to prune a copy in memory. Only frozen weights are the files' weights."""
+    if cfg.prune_from_files == "never" or cfg.train_weights != "none":
+        return None
+    from .loading import local_model_folder
+    from .stream_prune import INDEX_NAME, WEIGHTS_NAME
+
+    try:
+        folder = local_model_folder(source)
+    except (OSError, ValueError):
+        folder = None
+    sharded = folder is not None and os.path.isfile(os.path.join(folder, INDEX_NAME))
+    if cfg.prune_from_files == "auto":
+        return folder if sharded else None
+    if not (sharded or (folder is not None and os.path.isfile(os.path.join(folder, WEIGHTS_NAME)))):
+        raise ConfigError(f"--prune-from-files always: {cfg.model or source} has no safetensors files to prune from")
+    return folder
+
+
+def _load_pruned(out: str, dtype: str, device):
+    from transformers import AutoModelForCausalLM
+
+    from .loading import _register_dms_classes
+
+    _register_dms_classes()
+    return AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(device).eval()
+
+
+def _record_parity(out: str, parity: float) -> None:
+    """The parity is measured on the model read back from the written checkpoint: add it to its plan."""
+    from .plan import PrunePlan
+    from .save import PLAN_FILE
+
+    path = os.path.join(out, PLAN_FILE)
+    saved = PrunePlan.from_json(path)
+    saved.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
+    saved.to_json(path)
+
+
+def _write_json(path: str, value) -> None:
+    from .files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(value, indent=2))
 
 
 def _check_supported(source: str) -> None:
@@ -417,19 +507,32 @@ def _clear_run_files(out: str) -> None:
             os.remove(path)
 
 
-def _save(pruned, tokenizer, plan, cfg, out, source, summary) -> None:
-    """Save the checkpoint into `out`, keeping the run's metrics and config beside it."""
-    from .save import save_into_run_folder
+def _save(pruned, tokenizer, plan, cfg, out, source, summary, files=None, dtype=None) -> None:
+    """Save the checkpoint into `out`, keeping the run's metrics and config beside it; from the source
+    files in `files` (tensor by tensor, in `dtype`) instead of the model `pruned` when given."""
+    from .save import DEFAULT_MAX_SHARD_SIZE, save_into_run_folder
 
     card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")},
             "command": "dms_llm/search.py " + " ".join(sys.argv[1:])}
+    carry = ("metrics.jsonl", "search_config.json", "tensorboard")
 
     def add_summary(folder):
-        with open(os.path.join(folder, "search_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        if summary is not None:
+            with open(os.path.join(folder, "search_summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
 
-    save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None,
-                         carry=("metrics.jsonl", "search_config.json", "tensorboard"), add=add_summary)
+    if files is None:
+        save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None,
+                             carry=carry, add=add_summary)
+        return
+    from .stream_prune import prune_checkpoint
+
+    def save(model, tok, out_dir, plan_, info, source_dir, write_weights):
+        save_into_run_folder(model, tok, out_dir, plan_, info, source_dir, carry=carry, add=add_summary,
+                             write_weights=write_weights)
+
+    prune_checkpoint(plan, files, out, dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, model_card_info=card,
+                     tokenizer=tokenizer, save=save)
 
 
 def _cached_eval(path, model, tokenizer, cfg, accelerator, source):
