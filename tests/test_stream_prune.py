@@ -301,3 +301,19 @@ def test_synthetic_checkpoint_script_and_its_plan(tmp_path):
     assert 0.79 < plan.params_after / plan.params_before <= 0.8 and not plan.is_uniform()
     in_memory(plan, source, tmp_path / "ref", max_shard_size="100KB")
     assert_same_checkpoint(prune_checkpoint(plan, source, str(tmp_path / "out"), max_shard_size="100KB"), tmp_path / "ref")
+
+
+def test_a_dms_llama_checkpoint_is_pruned_again_from_its_files(tmp_path):
+    """The per-layer format as the source (a pruned checkpoint pruned further), its remote-code classes
+    registered locally, as a second search would do."""
+    model = build("qwen2")
+    first = prune_model(model, make_plan(model, "sublayers"))
+    source = str(tmp_path / "src")
+    save_pruned(first, tiny_tokenizer(), source, make_plan(model, "sublayers"))
+    plan = PrunePlan.dense(first.config, source_model=source)
+    plan.layers[2].mlp_channels = plan.layers[2].mlp_channels[:5]
+    plan.hidden_channels = plan.hidden_channels[2:]
+    plan.params_after = count_plan_parameters(plan)
+    assert plan.source_model_type == "dms_llama"
+    in_memory(plan, source, tmp_path / "ref")
+    assert_same_checkpoint(prune_checkpoint(plan, source, str(tmp_path / "out")), tmp_path / "ref")
