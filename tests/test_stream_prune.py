@@ -163,13 +163,15 @@ def test_plan_with_output_biases_from_its_sidecar_file(tmp_path, case):
     assert_same_checkpoint(out, tmp_path / "ref")
 
 
-def test_tied_source_that_also_stores_lm_head(tmp_path):
-    """Some tied checkpoints carry lm_head.weight anyway; from_pretrained ignores it, so must pruning."""
+def test_tied_source_that_also_stores_lm_head_and_has_no_generation_config(tmp_path):
+    """Some tied checkpoints carry lm_head.weight anyway; from_pretrained ignores it, so must pruning.
+    Without generation_config.json, both paths derive the generation config from config.json."""
     from safetensors.torch import load_file, save_file
 
     model = build("llama-gqa")  # tied
     plan = make_plan(model, "uniform")
     source = write_source(tmp_path / "src", model)
+    os.remove(os.path.join(source, "generation_config.json"))
     in_memory(plan, source, tmp_path / "ref")
     path = os.path.join(source, sp.WEIGHTS_NAME)
     state = load_file(path)
@@ -223,7 +225,7 @@ def test_command_line_prints_the_counts_and_records_the_command(tmp_path, capsys
 
 
 BAD = ["other-model", "other-model-type", "missing-shard", "files-disagree-with-config", "output-taken",
-       "output-inside-source", "missing-plan", "no-weights", "not-cached"]
+       "output-inside-source", "missing-plan", "no-weights", "not-cached", "mixed-dtypes"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -254,6 +256,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, capsys):
                 os.remove(os.path.join(source, f))
     elif case == "not-cached":
         name = "nobody/nothing-here"
+    elif case == "mixed-dtypes":  # which dtype would the pruned model have? --dtype says
+        from safetensors.torch import load_file, save_file
+
+        shard = os.path.join(source, json.load(open(os.path.join(source, sp.INDEX_NAME)))["weight_map"]["model.norm.weight"])
+        state = load_file(shard)
+        save_file({k: v.half() for k, v in state.items()}, shard, metadata={"format": "pt"})
     plan_path = tmp_path / "plan.json"
     plan.to_json(str(plan_path))
     if case == "missing-plan":
@@ -268,7 +276,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, capsys):
     expected = {"other-model": "different model", "other-model-type": "plan is for", "missing-shard": "missing",
                 "files-disagree-with-config": "do not match their config", "output-taken": "not empty",
                 "output-inside-source": "source model folder", "missing-plan": "no such file",
-                "no-weights": "no safetensors weights", "not-cached": "local Hugging Face cache"}[case]
+                "no-weights": "no safetensors weights", "not-cached": "local Hugging Face cache",
+                "mixed-dtypes": "mix dtypes ['F16', 'F32']; choose one with --dtype"}[case]
     assert expected in err, err
 
 
