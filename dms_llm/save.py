@@ -139,7 +139,15 @@ def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_
         # Everything save_pretrained writes but the weights (config with dtype and architectures,
         # generation config, modeling files), from a model that may live on the meta device; then the caller's
         # weight files.
-        model.save_pretrained(folder, state_dict={}, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its "Writing model shards: 0it" would only confuse
+        try:
+            model.save_pretrained(folder, state_dict={}, safe_serialization=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         write_weights(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

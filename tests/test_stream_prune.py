@@ -163,13 +163,15 @@ def test_plan_with_output_biases_from_its_sidecar_file(tmp_path, case):
     assert_same_checkpoint(out, tmp_path / "ref")
 
 
-def test_tied_source_that_also_stores_lm_head(tmp_path):
-    """Some tied checkpoints carry lm_head.weight anyway; from_pretrained ignores it, so must pruning."""
+def test_tied_source_that_also_stores_lm_head_and_has_no_generation_config(tmp_path):
+    """Some tied checkpoints carry lm_head.weight anyway; from_pretrained ignores it, so must pruning.
+    Without generation_config.json, both paths derive the generation config from config.json."""
     from safetensors.torch import load_file, save_file
 
     model = build("llama-gqa")  # tied
     plan = make_plan(model, "uniform")
     source = write_source(tmp_path / "src", model)
+    os.remove(os.path.join(source, "generation_config.json"))
     in_memory(plan, source, tmp_path / "ref")
     path = os.path.join(source, sp.WEIGHTS_NAME)
     state = load_file(path)
@@ -223,7 +225,7 @@ def test_command_line_prints_the_counts_and_records_the_command(tmp_path, capsys
 
 
 BAD = ["other-model", "other-model-type", "missing-shard", "files-disagree-with-config", "output-taken",
-       "output-inside-source", "missing-plan", "no-weights", "not-cached"]
+       "output-inside-source", "missing-plan", "no-weights", "not-cached", "mixed-dtypes"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -254,6 +256,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, capsys):
                 os.remove(os.path.join(source, f))
     elif case == "not-cached":
         name = "nobody/nothing-here"
+    elif case == "mixed-dtypes":  # which dtype would the pruned model have? --dtype says
+        from safetensors.torch import load_file, save_file
+
+        shard = os.path.join(source, json.load(open(os.path.join(source, sp.INDEX_NAME)))["weight_map"]["model.norm.weight"])
+        state = load_file(shard)
+        save_file({k: v.half() for k, v in state.items()}, shard, metadata={"format": "pt"})
     plan_path = tmp_path / "plan.json"
     plan.to_json(str(plan_path))
     if case == "missing-plan":
@@ -268,7 +276,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, capsys):
     expected = {"other-model": "different model", "other-model-type": "plan is for", "missing-shard": "missing",
                 "files-disagree-with-config": "do not match their config", "output-taken": "not empty",
                 "output-inside-source": "source model folder", "missing-plan": "no such file",
-                "no-weights": "no safetensors weights", "not-cached": "local Hugging Face cache"}[case]
+                "no-weights": "no safetensors weights", "not-cached": "local Hugging Face cache",
+                "mixed-dtypes": "mix dtypes ['F16', 'F32']; choose one with --dtype"}[case]
     assert expected in err, err
 
 
@@ -301,3 +310,19 @@ def test_synthetic_checkpoint_script_and_its_plan(tmp_path):
     assert 0.79 < plan.params_after / plan.params_before <= 0.8 and not plan.is_uniform()
     in_memory(plan, source, tmp_path / "ref", max_shard_size="100KB")
     assert_same_checkpoint(prune_checkpoint(plan, source, str(tmp_path / "out"), max_shard_size="100KB"), tmp_path / "ref")
+
+
+def test_a_dms_llama_checkpoint_is_pruned_again_from_its_files(tmp_path):
+    """The per-layer format as the source (a pruned checkpoint pruned further), its remote-code classes
+    registered locally, as a second search would do."""
+    model = build("qwen2")
+    first = prune_model(model, make_plan(model, "sublayers"))
+    source = str(tmp_path / "src")
+    save_pruned(first, tiny_tokenizer(), source, make_plan(model, "sublayers"))
+    plan = PrunePlan.dense(first.config, source_model=source)
+    plan.layers[2].mlp_channels = plan.layers[2].mlp_channels[:5]
+    plan.hidden_channels = plan.hidden_channels[2:]
+    plan.params_after = count_plan_parameters(plan)
+    assert plan.source_model_type == "dms_llama"
+    in_memory(plan, source, tmp_path / "ref")
+    assert_same_checkpoint(prune_checkpoint(plan, source, str(tmp_path / "out")), tmp_path / "ref")
