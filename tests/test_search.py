@@ -336,3 +336,63 @@ def test_the_library_call_writes_nothing_and_finds_the_commands_plan(setup, monk
     summary = json.load(open(tmp / "cli" / "search_summary.json"))
     assert plan.metadata["heldout_loss"] == pytest.approx(summary["heldout_loss"])
     assert sum(p.numel() for p in prune_model(model, plan).parameters()) == plan.params_after <= int(0.5 * summary["dense_params"])
+
+def _comparable(out, drop=("prune_from_files", "prune-from-files")):
+    """The run folder's files as text/bytes, minus what legitimately differs between two runs (times,
+    the output path, the --prune-from-files setting)."""
+    found = {}
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name in ("metrics.jsonl", "search_config.json", "search_summary.json", "tensorboard"):
+            continue
+        data = open(path, "rb").read()
+        if name == "dms_plan.json":
+            plan = json.loads(data)
+            plan["metadata"]["search"] = {k: v for k, v in plan["metadata"]["search"].items()
+                                          if k not in ("prune_from_files", "output_dir")}
+            plan["metadata"].pop("search_time_s")
+            data = plan
+        elif name == "README.md":
+            data = [line.replace(str(out), "OUT") for line in data.decode().splitlines()
+                    if not any(d in line for d in drop)]
+        found[name] = data
+    return found
+
+
+def test_pruning_from_the_files_writes_the_same_checkpoint(tmp_path):
+    """A sharded source is pruned from its files by default (frozen weights); the run folder is the one
+    the in-memory path writes, and the pruned model read back gives the same parity and held-out loss."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama-gqa").save_pretrained(model_dir, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(model_dir)
+    assert os.path.isfile(model_dir / "model.safetensors.index.json")
+    corpus = write_corpus(tmp_path / "calib.jsonl")
+    outs = {mode: tmp_path / mode / "out" for mode in ("never", "auto")}
+    for mode, out in outs.items():
+        assert main(_args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4",
+                          "--prune-from-files", mode)) == 0
+    summaries = {mode: json.load(open(out / "search_summary.json")) for mode, out in outs.items()}
+    assert [summaries[m]["pruned_from_files"] for m in ("never", "auto")] == [False, True]
+    for key in ("params", "parity_max_abs_diff", "heldout_loss"):
+        assert summaries["never"][key] == summaries["auto"][key], key
+    assert summaries["auto"]["parity_max_abs_diff"] < 1e-4
+    never, auto = _comparable(outs["never"]), _comparable(outs["auto"])
+    assert sorted(never) == sorted(auto) and any(n.endswith(".safetensors") for n in never)
+    for name in never:
+        assert never[name] == auto[name], name
+    plan = json.load(open(outs["auto"] / "dms_plan.json"))
+    assert plan["metadata"]["masked_vs_pruned_max_abs_logit_diff"] == summaries["auto"]["parity_max_abs_diff"]
+
+
+def test_prune_from_files_settings(setup, capsys):
+    model_dir, corpus, tmp = setup  # a single-file checkpoint: auto prunes in memory, always from the files
+    assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.6")) == 0
+    assert json.load(open(tmp / "a" / "search_summary.json"))["pruned_from_files"] is False
+    assert main(_args(model_dir, corpus, tmp / "b", "--target-ratio", "0.6", "--prune-from-files", "always")) == 0
+    assert json.load(open(tmp / "b" / "search_summary.json"))["pruned_from_files"] is True
+    capsys.readouterr()
+    assert main(_args(model_dir, corpus, tmp / "c", "--target-ratio", "0.6", "--prune-from-files", "always",
+                      "--train-weights", "lora")) == 2
+    assert "needs --train-weights none" in capsys.readouterr().err and not os.path.exists(tmp / "c")

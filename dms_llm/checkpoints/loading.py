@@ -203,7 +203,7 @@ def load_model_and_tokenizer(
     `device`: where to move the model; None leaves it on the CPU (Accelerate places it later).
     The tokenizer gets `pad_token = eos_token` when it has no pad token. The model is in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)
     if device is not None:
@@ -260,10 +260,23 @@ def load_model_and_tokenizer(
             raise _unreachable(label, source) from e
         raise OSError(f"cannot load the weights of {label!r} ({source}): {str(e).splitlines()[0][:500]}") from e
 
+    tokenizer = load_tokenizer(source, label, trust_remote_code=trust_remote_code, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(source: str, label: str | None = None, trust_remote_code: bool = False, **kwargs):
+    """The tokenizer of `source` (a folder or Hub id) as `load_model_and_tokenizer` loads it: with
+    `pad_token = eos_token` when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    label = source if label is None else label
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        if not is_local and _is_connection_error(e):
+        if not os.path.isdir(source) and _is_connection_error(e):
             raise _unreachable(label, source) from e
         raise OSError(
             f"cannot load the tokenizer of {label!r} ({source}): {str(e).splitlines()[0][:500]}. "
@@ -275,10 +288,25 @@ def load_model_and_tokenizer(
             tokenizer.pad_token = tokenizer.eos_token
         else:
             logger.warning("tokenizer of %s has neither a pad nor an eos token; batches cannot be padded", label)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tokenizer
+    return tokenizer
+
+
+def local_model_folder(name: str | None) -> str:
+    """The local folder holding the files of model `name` (alias, folder or Hub id), without loading it:
+    a folder as is; a Hub id from the local Hugging Face cache (never downloaded; the cache location
+    follows HF_HOME / HF_HUB_CACHE)."""
+    source = resolve_model(name)
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError, or a malformed cache entry
+        raise FileNotFoundError(
+            f"model {name!r} ({source}) is not a local folder and is not in the local Hugging Face cache "
+            f"({type(e).__name__}); download it first (`hf download {source}`) or pass its folder"
+        ) from e
 
 
 def count_parameters(model) -> int:

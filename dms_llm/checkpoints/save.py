@@ -28,6 +28,8 @@ from ..plan import PrunePlan, count_plan_parameters
 from .card import render_model_card
 
 PLAN_FILE = "dms_plan.json"
+# Shard size of save_pruned (and of a search's checkpoint, whichever way it is written).
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 _IMPORTS_DMS_LLM = re.compile(r"^\s*(from|import)\s+dms_llm\b", re.M)
 
@@ -70,6 +72,11 @@ def _check_destination(out: str, sources: list[str], overwrite: bool) -> None:
         raise FileExistsError(f"refusing to overwrite {out}: it contains the current working directory")
 
 
+def check_output_folder(out_dir: str, plan: PrunePlan, source_dir: str | None = None, overwrite: bool = False) -> None:
+    """The checks `save_pruned` makes on its destination, for callers that want them before any work."""
+    _check_destination(os.path.abspath(out_dir), _source_dirs(plan, source_dir), overwrite)
+
+
 def _source_dirs(plan: PrunePlan, source_dir: str | None) -> list[str]:
     found = [source_dir] if source_dir else []
     for candidate in (plan.source_model, plan.source_config.get("_name_or_path")):
@@ -93,14 +100,29 @@ def _check_model_matches_plan(model, plan: PrunePlan) -> None:
         )
 
 
-def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_size) -> None:
+def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_size, write_weights=None) -> None:
     custom = model.config.model_type == "dms_llama"
     if custom:
         # Makes save_pretrained write auto_map and copy the modeling files (works for a remote-code
         # class too, which is why the classes are taken from the model rather than imported).
         type(model.config).register_for_auto_class("AutoConfig")
         type(model).register_for_auto_class("AutoModelForCausalLM")
-    model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    if write_weights is None:
+        model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    else:
+        # Everything save_pretrained writes but the weights (config with dtype and architectures,
+        # generation config, modeling files), from a model that may live on the meta device; then the caller's
+        # weight files.
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # its "Writing model shards: 0it" would only confuse
+        try:
+            model.save_pretrained(folder, state_dict={}, safe_serialization=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        write_weights(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     plan.to_json(os.path.join(folder, PLAN_FILE))
@@ -131,7 +153,8 @@ def save_pruned(
     overwrite: bool = False,
     model_card_info: dict | None = None,
     source_dir: str | None = None,
-    max_shard_size: str | int = "5GB",
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    write_weights=None,
 ) -> str:
     """Save a pruned model (from `prune_model(source, plan)`) as a complete checkpoint folder.
 
@@ -139,6 +162,11 @@ def save_pruned(
     when it is a local folder), and into a non-empty `out_dir` unless `overwrite`. `model_card_info`
     may hold: title, description, base_model, license, tags, datasets, repo_id, command, settings
     (dict), results (see `update_model_card`). Returns the absolute path of the saved folder.
+
+    `write_weights(folder)`, when given, writes the weight files (safetensors and their index) instead of
+    `model.save_pretrained`; the model then only provides config, class and generation config, and may be
+    on the meta device (`dms_llm.checkpoints.stream_prune` writes the weights from the source files, tensor
+    by tensor).
     """
     out = os.path.abspath(out_dir)
     _check_destination(out, _source_dirs(plan, source_dir), overwrite)
@@ -154,7 +182,7 @@ def save_pruned(
     info = dict(model_card_info or {})
 
     def fill(staging):
-        _write_checkpoint(model, tokenizer, staging, plan, max_shard_size)
+        _write_checkpoint(model, tokenizer, staging, plan, max_shard_size, write_weights)
         card = render_model_card(plan, model.config.model_type, info, source_dir)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(card)

@@ -97,7 +97,7 @@ def start_run_folder(out: str, fresh: bool, config: dict, config_file: str, stal
 
 
 def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict, source_dir: str | None,
-                         carry=(), add=None) -> None:
+                         carry=(), add=None, write_weights=None) -> None:
     """Save a checkpoint into `out`, a run folder that already holds the run's logs and resume state.
 
     The checkpoint is written into a staging folder beside `out`; the files and folders named in `carry`
@@ -107,7 +107,8 @@ def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict
     from ..checkpoints.save import save_pruned
 
     def fill(staging):
-        save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir)
+        save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir,
+                    write_weights=write_weights)
         for name in carry:
             src, dst = os.path.join(out, name), os.path.join(staging, os.path.basename(name))
             if os.path.isdir(src):

@@ -61,6 +61,9 @@ class SearchConfig(RunOptions):
     heldout_samples: int | None = option(None, "calibration blocks held out of the search to score it "
                                                "(default: 32 with --restarts, else none)")
     overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
+    prune_from_files: str = option("auto", "write the pruned checkpoint from the source's safetensors files, tensor by "
+                                           "tensor, instead of pruning a copy in memory: auto (when the source is sharded "
+                                           "and the weights are frozen), always, never")
 
     def __post_init__(self):
         if (self.target_params is None) == (self.target_ratio is None):
@@ -79,6 +82,10 @@ class SearchConfig(RunOptions):
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.output_dir is None:
             raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
+        if self.prune_from_files not in ("auto", "always", "never"):
+            raise ConfigError(f"--prune-from-files must be auto, always or never, got {self.prune_from_files!r}")
+        if self.prune_from_files == "always" and self.train_weights != "none":
+            raise ConfigError("--prune-from-files always needs --train-weights none: trained weights differ from the files")
         self.prune = self.method().structures
 
     def method(self) -> DMSConfig:
@@ -215,6 +222,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     with state.main_process_first():  # the first process converts/caches, the others reuse
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     method = cfg.method()
+    files = _prune_from_files(cfg, source)
     try:
         target, dense = resolve_budget(model, method, cfg.target_params, cfg.target_ratio)
     except ValueError as e:
@@ -232,31 +240,96 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     if evaluate:
         dense_eval = evaluate_once([os.path.join(out, "dense_eval.json"), _dense_cache(cfg, source, dtype)],
                                    lambda: _evaluate_dense(model, tokenizer, cfg), state)
+    probe = {}
     try:
         plan = search_plan(model, blocks, target_params=target, config=method, run=cfg.run_settings(), run_dir=out,
                            resume=cfg.resume, heldout=heldout, source_model=cfg.model or "smollm2-135m",
-                           verbose=state.is_main_process)
+                           verbose=state.is_main_process, check=files is None, probe_out=probe)
     except Stopped as e:
         if state.is_main_process:
             print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
         return {"summary": {"finished": False, "step": e.step}}
-    pruned = prune_model(model, plan)
     meta = plan.metadata
     plan.metadata = {"search": dataclasses.asdict(cfg), **meta}
+    card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
+    carry = ("metrics.jsonl", "search_config.json", "tensorboard")
+    if files is None:
+        pruned = prune_model(model, plan)
+    else:
+        del model  # the search's copy of the weights goes first: the two models are never in memory together
+        pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state)
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
                "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
                "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
-               "parity_max_abs_diff": meta["masked_vs_pruned_max_abs_logit_diff"], "output_dir": out,
-               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"]}
-    if "heldout_loss" in meta:
-        summary["heldout_loss"] = meta["heldout_loss"]
+               "parity_max_abs_diff": plan.metadata["masked_vs_pruned_max_abs_logit_diff"], "output_dir": out,
+               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
+               "pruned_from_files": files is not None}
+    if "heldout_loss" in plan.metadata:
+        summary["heldout_loss"] = plan.metadata["heldout_loss"]
     if state.is_main_process:
-        card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
-        save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None,
-                             carry=("metrics.jsonl", "search_config.json", "tensorboard"),
-                             add=lambda folder: _write_json(os.path.join(folder, "search_summary.json"), summary))
+        if files is None:
+            save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None, carry=carry,
+                                 add=lambda folder: _write_json(os.path.join(folder, "search_summary.json"), summary))
+        else:
+            _write_json(os.path.join(out, "search_summary.json"), summary)
     state.wait_for_everyone()
     return {"summary": summary, "pruned": pruned, "tokenizer": tokenizer, "dense_eval": dense_eval}
+
+
+def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
+    """The folder whose safetensors files the pruned checkpoint is written from (--prune-from-files), or
+    None to prune a copy in memory. Only frozen weights are the files' weights."""
+    if cfg.prune_from_files == "never" or cfg.train_weights != "none":
+        return None
+    from ..checkpoints.loading import local_model_folder
+    from ..checkpoints.stream_prune import INDEX_NAME, WEIGHTS_NAME
+
+    try:
+        folder = local_model_folder(source)
+    except (OSError, ValueError):
+        folder = None
+    sharded = folder is not None and os.path.isfile(os.path.join(folder, INDEX_NAME))
+    if cfg.prune_from_files == "auto":
+        return folder if sharded else None
+    if not (sharded or (folder is not None and os.path.isfile(os.path.join(folder, WEIGHTS_NAME)))):
+        raise ConfigError(f"--prune-from-files always: {cfg.model or source} has no safetensors files to prune from")
+    return folder
+
+
+def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state):
+    """Write the checkpoint from the source files (memory: one shard) into the run folder, read the pruned
+    model back and score it (parity with the masked model, held-out loss), recording both in its plan."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoints.save import DEFAULT_MAX_SHARD_SIZE
+    from ..checkpoints.stream_prune import prune_checkpoint
+    from ..plan import PrunePlan
+    from ..training.dms import score
+    from .runs import save_into_run_folder
+
+    gc.collect()
+    say = (lambda *a: print(*a, flush=True)) if state.is_main_process else (lambda *a: None)
+    say(f"writing the pruned checkpoint from the files of {files}")
+    if state.is_main_process:
+        def save(model_, tok, out_dir, plan_, info, source_dir, write_weights):
+            save_into_run_folder(model_, tok, out_dir, plan_, info, source_dir, carry=carry, write_weights=write_weights)
+
+        prune_checkpoint(plan, files, out, dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, model_card_info=card,
+                         tokenizer=tokenizer, save=save)
+    state.wait_for_everyone()
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
+    score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
+    if state.is_main_process:  # measured on the model read back from the written checkpoint: add it to its plan
+        from ..checkpoints.save import PLAN_FILE
+
+        saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
+        saved.metadata.update({k: plan.metadata[k] for k in ("masked_vs_pruned_max_abs_logit_diff", "heldout_loss")
+                               if k in plan.metadata})
+        saved.to_json(os.path.join(out, PLAN_FILE))
+    state.wait_for_everyone()
+    return pruned
 
 
 def _write_json(path: str, obj) -> None:

@@ -63,20 +63,32 @@ def perplexity(llm, windows) -> float:
     return math.exp(total / count)
 
 
-def prompt_tokens_per_second(llm, ids: list[int]) -> float:
+class Timer:
+    """Wall and CPU seconds of this process. With one llama.cpp thread, CPU time is what the model
+    costs even when other jobs share the machine; wall time is what a user waits on an idle one."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def prompt_processing(llm, ids: list[int]) -> Timer:
     """Prompt processing: one batch of `ids` from an empty context."""
     llm.reset()
-    start = time.perf_counter()
-    llm.eval(list(ids))
-    return len(ids) / (time.perf_counter() - start)
+    with Timer() as timer:
+        llm.eval(list(ids))
+    return timer
 
 
-def generation_tokens_per_second(llm, first: int, steps: int) -> float:
+def generation(llm, first: int, steps: int) -> Timer:
     """Generation: `steps` single-token evaluations after one token (the tokens fed are fixed, so every
     model does the same work whatever it would have sampled)."""
     llm.reset()
     llm.eval([first])
-    start = time.perf_counter()
-    for i in range(steps):
-        llm.eval([(first + i + 1) % llm.n_vocab()])
-    return steps / (time.perf_counter() - start)
+    with Timer() as timer:
+        for i in range(steps):
+            llm.eval([(first + i + 1) % llm.n_vocab()])
+    return timer

@@ -63,13 +63,19 @@ def resolve_budget(model, config: DMSConfig, target_params: float | None = None,
 def search_plan(model, blocks: torch.Tensor, target_params: float | None = None, target_ratio: float | None = None,
                 config: DMSConfig | None = None, run: RunSettings | None = None, run_dir: str | None = None,
                 resume: bool = False, heldout: torch.Tensor | None = None, source_model: str | None = None,
-                verbose: bool = True) -> PrunePlan:
+                verbose: bool = True, check: bool = True, probe_out: dict | None = None) -> PrunePlan:
     """Search which heads, channels, hidden channels and sublayers to keep under a parameter budget.
 
     `blocks`: [num_samples, seq_len] calibration tokens (`dms_llm.load_calibration`). Exactly one of
     `target_params` / `target_ratio`. `heldout`: further blocks, never searched on, to score the result
     (`plan.metadata["heldout_loss"]`). Raises `dms_llm.training.engine.Stopped` when `run.stop_after`
     or Ctrl-C ends the search early (after checkpointing into `run_dir`).
+
+    `check` prunes a copy in memory to prove that the binarised masked model and the pruned one agree on
+    the first block (`plan.metadata["masked_vs_pruned_max_abs_logit_diff"]`) and scores `heldout` on it.
+    A caller that prunes elsewhere (from the checkpoint files, to spare the memory of that copy) passes
+    `check=False` and a dict `probe_out`, which receives the masked model's logits on that block
+    (`probe`, `logits`) for `check_pruned`.
     """
     from accelerate.utils import set_seed
 
@@ -91,23 +97,50 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
         fit = _fit(engine, masks, counter, target, dense, config)
         plan = masks.to_plan(model.config, source_model=source_model)
         hashes = _plan_hash_per_rank(plan, engine.acc)
-        pruned, parity = _extract(model, hooked, peft_model, hooks, masks, plan, blocks[:1].to(engine.acc.device))
+        probe = blocks[:1].to(engine.acc.device)
+        masked_logits = _masked_logits(hooked, masks, probe)
+        hooks.remove()
+        if peft_model is not None and peft_model.merge_and_unload() is not model:
+            raise RuntimeError("peft merged LoRA into a new model object; the caller's model would not hold the weights")
     finally:
         hooks.remove()
     plan.metadata.update({"method": config.to_dict(), "target_params": target, "budget_fit": fit,
-                          "search_time_s": search_time, "masked_vs_pruned_max_abs_logit_diff": parity,
-                          "num_processes": engine.acc.num_processes,
+                          "search_time_s": search_time, "num_processes": engine.acc.num_processes,
                           "plan_sha256_per_rank": hashes})
+    if not check:
+        engine.acc.free_memory()  # the caller may need the memory of the search's references back
+        if probe_out is not None:
+            probe_out.update(probe=probe, logits=masked_logits)
+        return plan
+    pruned = prune_model(model, plan)
+    score(pruned, plan, probe, masked_logits, heldout, run.batch_size, say=engine.say)
+    return plan
+
+
+def check_pruned(pruned, probe: torch.Tensor, masked_logits: torch.Tensor, plan: PrunePlan) -> float:
+    """The max abs difference between the pruned model's logits and the binarised masked model's on
+    `probe`; the pruned model's size must be the plan's."""
+    with torch.no_grad():
+        logits = pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float()
+    numel = sum(p.numel() for p in pruned.parameters())
+    if numel != plan.params_after:
+        raise RuntimeError(f"pruned model has {numel:,} parameters, the plan says {plan.params_after:,}")
+    return float((logits - masked_logits.to(logits.device)).abs().max())
+
+
+def score(pruned, plan: PrunePlan, probe, masked_logits, heldout=None, batch_size: int = 8, say=print) -> None:
+    """Record in the plan the parity of the pruned model with the masked one, and its held-out loss."""
+    parity = check_pruned(pruned, probe, masked_logits, plan)
+    plan.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
     if heldout is not None and len(heldout):
         from ..evaluation import window_nll
 
-        nll, tokens = window_nll(pruned, heldout, batch_size=run.batch_size, progress=False)
+        nll, tokens = window_nll(pruned, heldout, batch_size=batch_size, progress=False)
         plan.metadata["heldout_loss"] = nll / tokens
-        engine.say(f"held-out calibration loss of the pruned model: {nll / tokens:.4f} ({len(heldout)} blocks)")
-    gap = (target - plan.params_after) / target
-    engine.say(f"pruned: {plan.params_after:,} parameters ({plan.params_after / dense:.2%} of dense, {gap:.3%} under target); "
-               f"masked vs pruned logits max diff {parity:.2e}")
-    return plan
+        say(f"held-out calibration loss of the pruned model: {nll / tokens:.4f} ({len(heldout)} blocks)")
+    before, target = plan.params_before, plan.metadata["target_params"]
+    say(f"pruned: {plan.params_after:,} parameters ({plan.params_after / before:.2%} of dense, "
+        f"{(target - plan.params_after) / target:.3%} under target); masked vs pruned logits max diff {parity:.2e}")
 
 
 class SearchLoop:
@@ -209,23 +242,9 @@ def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSCon
     return fit
 
 
-def _extract(model, hooked, peft_model, hooks, masks, plan, probe):
-    """Remove the hooks, merge LoRA, prune physically; checks the pruned model against the binarised
-    masked one on `probe` and its size against the plan. Returns (pruned model, max abs logit diff)."""
+def _masked_logits(hooked, masks, probe: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), masks.hard():
-        masked_logits = hooked(input_ids=probe, use_cache=False).logits.float()
-    hooks.remove()
-    if peft_model is not None:
-        if peft_model.merge_and_unload() is not model:
-            raise RuntimeError("peft merged LoRA into a new model object; the caller's model would not hold the weights")
-    pruned = prune_model(model, plan)
-    with torch.no_grad():
-        logits = pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float()
-    parity = float((logits - masked_logits).abs().max())
-    numel = sum(p.numel() for p in pruned.parameters())
-    if numel != plan.params_after:
-        raise RuntimeError(f"pruned model has {numel:,} parameters, the plan says {plan.params_after:,}")
-    return pruned, parity
+        return hooked(input_ids=probe, use_cache=False).logits.float()
 
 
 def _plan_hash_per_rank(plan: PrunePlan, accelerator) -> list[str]:
