@@ -14,10 +14,20 @@ from torch import nn
 from .method import DMSConfig
 
 
-def kept_count(ratio: float | torch.Tensor, n: int, min_kept: int) -> int:
+def kept_count(ratio: float | torch.Tensor, n: int, min_kept: int, multiple: int = 1) -> int:
     """The single hard rule, used by the search, the parameter count, extraction and every baseline:
-    k = clamp(round(e * N), min_kept, N), rounding half to even (N = 0 keeps 0)."""
-    return min(n, max(min_kept, round(float(ratio) * n)))
+    k = clamp(round(e * N), min_kept, N), rounding half to even (N = 0 keeps 0).
+
+    With `multiple` > 1 (aligned widths), k is the nearest of the multiples of `multiple` up to N, or N
+    itself (ties go to the smaller), and a structure that must keep something keeps at least one multiple.
+    """
+    if multiple <= 1:
+        return min(n, max(min_kept, round(float(ratio) * n)))
+    wanted = float(ratio) * n
+    lower = min(n, int(wanted // multiple) * multiple)
+    upper = min(n, lower + multiple)
+    k = upper if wanted - lower > upper - wanted else lower
+    return min(n, max(k, min(multiple, n) if min_kept else 0))
 
 
 def normalized_ranks(importance: torch.Tensor) -> torch.Tensor:
@@ -46,6 +56,8 @@ class DifferentiableTopK(nn.Module):
         self.kind = kind
         self.temperature = method.temperature_for(kind, n)
         self.min_kept = method.min_kept[kind]
+        # Channel counts (MLP widths, the hidden size) come in multiples of `method.align`.
+        self.multiple = method.align if kind == "channel" else 1
         self.ema_decay = method.ema_decay
         self.ratio = nn.Parameter(torch.ones(()))
         self.register_buffer("importance", torch.zeros(n))
@@ -64,7 +76,7 @@ class DifferentiableTopK(nn.Module):
         self.ratio.clamp_(self.min_ratio, 1.0)
 
     def kept(self) -> int:
-        return kept_count(self.ratio.detach(), self.n, self.min_kept)
+        return kept_count(self.ratio.detach(), self.n, self.min_kept, self.multiple)
 
     # ----- masks -----------------------------------------------------------------------------
     def ranks(self) -> torch.Tensor:

@@ -48,7 +48,7 @@ def _argv(setup, out, work, methods, **extra):
     argv = ["--model", setup["model"], "--budgets", "0.7", "--methods", methods, "--calib-dataset", setup["corpus"],
             "--calib-samples", "8", "--seq-len", "16", "--ppl", "wikitext2", "--protocols", "llm-pruner",
             "--data-dir", setup["data"], "--dms-config", setup["recipe"], "--speed-reps", "1", "--speed-seq-len", "16",
-            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4"]
+            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4", "--align", "1"]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])
     return argv

@@ -7,6 +7,7 @@ must split text exactly as transformers does.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -94,6 +95,8 @@ def exported(request, smollm2_dir, tmp_path_factory):
         ckpt = smollm2_dir
     elif name == "dms":
         ckpt = _dms_checkpoint(tmp / "ckpt", float(ratio))
+        config = json.load(open(os.path.join(ckpt, "config.json")))  # the search aligns widths to 32 by default
+        assert config["hidden_size"] % 32 == 0 and all(w % 32 == 0 for w in config["layer_intermediate_sizes"])
     elif name == "traps":
         ckpt = _trap_checkpoint(tmp / "ckpt", smollm2_dir)
     else:

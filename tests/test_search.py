@@ -26,7 +26,7 @@ def setup(tmp_path):
 
 def _args(model_dir, corpus, out, *extra, steps=6):
     return ["--model", model_dir, "--dataset", corpus, "--output-dir", str(out), "--seq-len", "32",
-            "--num-samples", "16", "--steps", str(steps), "--checkpoint-every", "2", "--no-eval", *extra]
+            "--num-samples", "16", "--steps", str(steps), "--checkpoint-every", "2", "--no-eval", "--align", "1", *extra]
 
 
 def _read_metrics(out):
@@ -326,13 +326,13 @@ def test_the_library_call_writes_nothing_and_finds_the_commands_plan(setup, monk
     elsewhere = tmp / "cwd"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    plan = search_plan(model, blocks[:16], target_ratio=0.5, config=DMSConfig(steps=6), heldout=blocks[16:],
+    plan = search_plan(model, blocks[:16], target_ratio=0.5, config=DMSConfig(steps=6, align=1), heldout=blocks[16:],
                        run=RunSettings(checkpoint_every=2), source_model=model_dir)
     assert os.listdir(elsewhere) == [] and sorted(os.listdir(tmp)) == ["calib.jsonl", "cli", "cwd", "model"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # frozen weights: unchanged
     saved = json.load(open(tmp / "cli" / "dms_plan.json"))
     assert plan.to_dict()["layers"] == saved["layers"] and plan.hidden_channels == saved["hidden_channels"]
-    assert plan.metadata["method"] == DMSConfig(steps=6).to_dict() == saved["metadata"]["method"]
+    assert plan.metadata["method"] == DMSConfig(steps=6, align=1).to_dict() == saved["metadata"]["method"]
     summary = json.load(open(tmp / "cli" / "search_summary.json"))
     assert plan.metadata["heldout_loss"] == pytest.approx(summary["heldout_loss"])
     assert sum(p.numel() for p in prune_model(model, plan).parameters()) == plan.params_after <= int(0.5 * summary["dense_params"])
@@ -396,3 +396,21 @@ def test_prune_from_files_settings(setup, capsys):
     assert main(_args(model_dir, corpus, tmp / "c", "--target-ratio", "0.6", "--prune-from-files", "always",
                       "--train-weights", "lora")) == 2
     assert "needs --train-weights none" in capsys.readouterr().err and not os.path.exists(tmp / "c")
+
+
+def test_aligned_search_saves_aligned_widths(setup, capsys):
+    model_dir, corpus, tmp = setup
+    out = tmp / "aligned"
+    common = ("--target-ratio", "0.6", "--align", "8")
+    assert main(_args(model_dir, corpus, out, *common, "--stop-after", "3")) == 3
+    capsys.readouterr()
+    # a checkpoint made with one alignment cannot be continued with another
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--align", "16", "--resume")) == 2
+    assert "align" in capsys.readouterr().err
+    assert main(_args(model_dir, corpus, out, *common, "--resume")) == 0
+    plan = json.load(open(out / "dms_plan.json"))
+    widths = [len(layer["mlp_channels"]) for layer in plan["layers"]] + [len(plan["hidden_channels"])]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert plan["metadata"]["method"]["align"] == 8
+    summary = json.load(open(out / "search_summary.json"))
+    assert summary["params"] <= summary["target_params"]

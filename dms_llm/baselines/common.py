@@ -173,8 +173,10 @@ def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
 
 
 def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel_scores: dict[int, torch.Tensor],
-                 target: int, source_model: str | None, metadata: dict, layers: list[int] | None = None) -> PrunePlan:
-    """The same kept fraction in every pruned layer (`layers`, default all), top-k by score within a layer.
+                 target: int, source_model: str | None, metadata: dict, layers: list[int] | None = None,
+                 align: int = 1) -> PrunePlan:
+    """The same kept fraction in every pruned layer (`layers`, default all), top-k by score within a layer;
+    MLP widths in multiples of `align` (the search's rule, `dtopk.kept_count`).
 
     KV groups come a few per layer (SmolLM2: 3), so heads and channels cannot always lose the same
     fraction: for each possible head fraction, the channel fraction that fills the budget is found by
@@ -188,7 +190,7 @@ def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel
 
     def sizes(fh: float, fc: float):
         kv = [kept_count(fh, s.num_kv_heads[i], 1) if i in pruned else s.num_kv_heads[i] for i in range(s.num_layers)]
-        ch = [kept_count(fc, s.intermediate[i], 1) if i in pruned else s.intermediate[i] for i in range(s.num_layers)]
+        ch = [kept_count(fc, s.intermediate[i], 1, align) if i in pruned else s.intermediate[i] for i in range(s.num_layers)]
         return kv, ch
 
     def fraction(kept: list[int], dense) -> float:
@@ -216,7 +218,7 @@ def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel
     _, kv, ch, h, c = best
     heads = {i: top_indices(head_scores[i], kv[i]) for i in pruned if s.num_kv_heads[i]}
     chans = {i: top_indices(channel_scores[i], ch[i]) for i in pruned if s.intermediate[i]}
-    metadata = {**metadata, "keep_fraction_heads": h, "keep_fraction_channels": c, "pruned_layers": pruned}
+    metadata = {**metadata, "keep_fraction_heads": h, "keep_fraction_channels": c, "pruned_layers": pruned, "align": align}
     plan = build_plan(model, heads, chans, source_model, metadata)
     return check_budget(plan, count(kv, ch), target)
 

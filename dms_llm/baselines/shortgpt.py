@@ -50,7 +50,9 @@ def block_influence(model, blocks: torch.Tensor, batch_size: int = 8) -> list[fl
     return (1 - total / count).tolist()
 
 
-def shortgpt_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None):
+def shortgpt_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None,
+                  align: int = 1):
+    """`align` is accepted for the common signature: whole layers go, every width stays as it was."""
     target = check_target(model, target_params)
     s = ModelParts(model).shapes
     bi = block_influence(model, calib_blocks, batch_size)

@@ -109,6 +109,8 @@ class Benchmark:
                 ident.update(restarts=a.dms_restarts)
             if self.dms_recipe is None:  # the search then calibrates like the baselines
                 ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len])
+        if a.align != 1 and method != "dense":  # left out at 1: rows made before alignment stay valid
+            ident.update(align=a.align)
         if a.train_dtype != "auto" and (method in DMS_METHODS or recovery):  # left out at auto: earlier rows stay valid
             ident.update(train_dtype=a.train_dtype)
         if recovery:
@@ -158,7 +160,8 @@ class Benchmark:
             blocks = self.calibration()
             print(f"[benchmark] {method} at {budget:g}: computing the plan", flush=True)
             start = time.perf_counter()
-            plan = METHODS[method](self.dense(), blocks, self.target(budget), source_model=self.args.model)
+            plan = METHODS[method](self.dense(), blocks, self.target(budget), source_model=self.args.model,
+                                   align=self.args.align)
             seconds = time.perf_counter() - start
             path = os.path.join(work, "plans", row["name"] + ".json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -189,7 +192,7 @@ class Benchmark:
         out = os.path.join(a.work, "dms", row["name"])
         values = dict(self.dms_recipe or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
         values.update(model=a.model, target_ratio=row["budget"], target_params=None, output_dir=out, no_eval=True,
-                      push_to_hub=None, seed=a.seed, stop_after=None, dtype=a.train_dtype)
+                      push_to_hub=None, seed=a.seed, stop_after=None, dtype=a.train_dtype, align=a.align)
         if a.data_dir:
             values["data_dir"] = a.data_dir
         if row["method"] == "dms-lora":

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..benchmark.report import markdown, write_outputs
 from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of
+from ..method import DMSConfig
 from .options import HelpFormatter, data_dir_default, exit_code
 
 
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list from {','.join(ALL_METHODS)} (default: all but dms-restarts)")
     p.add_argument("--calib-dataset", default="default", help="calibration text of the baselines (data.load_calibration)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration blocks of the baselines")
+    p.add_argument("--align", type=int, default=DMSConfig.align,
+                   help="every method keeps MLP (and DMS hidden) widths in multiples of N; 1: exact (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
     p.add_argument("--ppl", default="wikitext2", help="perplexity datasets (comma list, or 'none')")
     p.add_argument("--protocols", default="llm-pruner", help="perplexity protocols: llm-pruner, sparsegpt")

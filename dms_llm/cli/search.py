@@ -29,7 +29,7 @@ from .runs import RunOptions
 # perplexities did wherever those differed by 20% or more (docs/RESULTS.md, section 4).
 DEFAULT_HELDOUT_SAMPLES = 32
 # Settings that shape the mask state: a checkpoint made with others cannot be continued.
-STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last")
+STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last", "align")
 M = DMSConfig  # the library's defaults are the command's
 
 
@@ -43,6 +43,7 @@ class SearchConfig(RunOptions):
     depth: str = option(M.depth, "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
     spare_first: int = option(M.spare_first, "keep the first N decoder layers whole (not searched)")
     spare_last: int = option(M.spare_last, "keep the last N decoder layers whole (not searched)")
+    align: int = option(M.align, "kept MLP channels and hidden channels in multiples of N (fast engine kernels; 1: exact)")
     dataset: str = option("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
     num_samples: int = option(256, "calibration blocks")
     steps: int = option(M.steps, "search steps; the last 20%% refine channel widths only")
@@ -91,6 +92,7 @@ class SearchConfig(RunOptions):
     def method(self) -> DMSConfig:
         try:
             return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
+                             align=self.align,
                              steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
                              train_weights=self.train_weights, weight_lr=self.weight_lr, lora_r=self.lora_r,
                              lora_alpha=self.lora_alpha, distill=self.distill, distill_weight=self.distill_weight,
