@@ -43,7 +43,7 @@ class DMSConfig:
     ratio_lr: float = 1e-2  # Adam, constant, no weight decay, on the kept ratios
     budget_weight: float = 2.0  # lambda_res
     schedule_fraction: float = 0.8  # the target descends over this fraction of the steps; then refine
-    align_to_budget: bool = True  # at the end, rescale the kept ratios so the hard count meets the budget
+    fit_budget: bool = True  # at the end, rescale the kept ratios so the hard count meets the budget
     # the model's weights during the search
     train_weights: str = "none"  # none (frozen), lora, full
     weight_lr: float = 1e-4

@@ -180,6 +180,51 @@ def test_two_processes_agree_on_the_plan(setup):
     assert len(_read_metrics(out)) == 4  # one writer: each step logged once
 
 
+def _torchrun(args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "dms_llm", "search.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
+    """FSDP (the weights sharded over two gloo processes) against DDP (replicated) with the same seed and
+    global batch: the same losses and counts at every step, the same plan; and an FSDP search stopped and
+    resumed equals the uninterrupted one."""
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5")
+    runs = {"ddp": (), "fsdp": ("--fsdp",)}
+    for name, extra in runs.items():
+        proc = _torchrun(_args(model_dir, corpus, tmp / name, *common, *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--stop-after", "3")).returncode != 0
+    assert (tmp / "resumed" / "search_state").is_dir() and not (tmp / "resumed" / "dms_plan.json").exists()
+    proc = _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    metrics = {name: _read_metrics(tmp / name) for name in ("ddp", "fsdp", "resumed")}
+    keys = ("step", "task_loss", "params", "budget_loss")
+    assert [[m[k] for k in keys] for m in metrics["fsdp"]] == [[m[k] for k in keys] for m in metrics["ddp"]]
+    assert [[m[k] for k in keys] for m in metrics["resumed"]] == [[m[k] for k in keys] for m in metrics["fsdp"]]
+    plans = {name: json.load(open(tmp / name / "dms_plan.json")) for name in metrics}
+    for name in ("fsdp", "resumed"):
+        assert plans[name]["layers"] == plans["ddp"]["layers"]
+        assert plans[name]["hidden_channels"] == plans["ddp"]["hidden_channels"]
+    summaries = {name: json.load(open(tmp / name / "search_summary.json")) for name in metrics}
+    assert summaries["fsdp"]["params"] == summaries["ddp"]["params"] == summaries["resumed"]["params"]
+    assert summaries["fsdp"]["num_processes"] == 2 and summaries["fsdp"]["pruned_from_files"]
+    assert summaries["fsdp"]["parity_max_abs_diff"] < 1e-5  # the checkpoint written from the files
+
+
+def test_fsdp_needs_processes_and_frozen_weights(setup, capsys):
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.5", "--fsdp", "--train-weights", "lora")) == 2
+    assert "--fsdp shards frozen weights" in capsys.readouterr().err
+    assert main(_args(model_dir, corpus, tmp / "b", "--target-ratio", "0.5", "--fsdp")) == 2
+    assert "two or more" in capsys.readouterr().err
+    assert not (tmp / "a").exists() and not (tmp / "b").exists()
+
+
 def test_spared_layers_come_out_whole(setup):
     from transformers import AutoModelForCausalLM
 

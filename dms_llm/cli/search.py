@@ -62,6 +62,8 @@ class SearchConfig(RunOptions):
     heldout_samples: int | None = option(None, "calibration blocks held out of the search to score it "
                                                "(default: 32 with --restarts, else none)")
     overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
+    fsdp: bool = option(False, "shard the frozen weights across the processes (FSDP2, a unit per decoder layer) instead "
+                               "of replicating them; needs 2+ processes, --train-weights none, a safetensors source")
     prune_from_files: str = option("auto", "write the pruned checkpoint from the source's safetensors files, tensor by "
                                            "tensor, instead of pruning a copy in memory: auto (when the source is sharded "
                                            "and the weights are frozen), always, never")
@@ -87,7 +89,13 @@ class SearchConfig(RunOptions):
             raise ConfigError(f"--prune-from-files must be auto, always or never, got {self.prune_from_files!r}")
         if self.prune_from_files == "always" and self.train_weights != "none":
             raise ConfigError("--prune-from-files always needs --train-weights none: trained weights differ from the files")
+        if self.fsdp and (self.train_weights != "none" or self.prune_from_files == "never"):
+            raise ConfigError("--fsdp shards frozen weights and prunes from the source files: it needs --train-weights none "
+                              "and --prune-from-files auto or always")
         self.prune = self.method().structures
+
+    def run_settings(self):
+        return dataclasses.replace(super().run_settings(), fsdp=self.fsdp)
 
     def method(self) -> DMSConfig:
         try:
@@ -156,6 +164,9 @@ def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
     from .runs import evaluate_once, push, report
 
     state = process_state()
+    if cfg.fsdp and state.num_processes < 2:
+        raise ConfigError("--fsdp shards the weights across processes: launch two or more "
+                          "(accelerate launch --num_processes N, or torchrun --nproc_per_node N)")
     out = os.path.abspath(cfg.output_dir)
     source = resolve_model(cfg.model)
     _check_output(cfg, out, source)
@@ -259,11 +270,12 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         pruned = prune_model(model, plan)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
-        pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state)
+        pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
+                                       every_rank=not cfg.fsdp)
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
                "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
                "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
-               "parity_max_abs_diff": plan.metadata["masked_vs_pruned_max_abs_logit_diff"], "output_dir": out,
+               "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
                "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
                "pruned_from_files": files is not None}
     if "heldout_loss" in plan.metadata:
@@ -283,6 +295,8 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
     None to prune a copy in memory. Only frozen weights are the files' weights."""
     if cfg.prune_from_files == "never" or cfg.train_weights != "none":
         return None
+    if cfg.fsdp:  # the sharded weights are never gathered into one model: the files are the only whole copy
+        return _prune_from_files(dataclasses.replace(cfg, fsdp=False, prune_from_files="always"), source)
     from ..checkpoints.loading import local_model_folder
     from ..checkpoints.stream_prune import INDEX_NAME, WEIGHTS_NAME
 
@@ -298,9 +312,11 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
     return folder
 
 
-def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state):
+def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state,
+                          every_rank: bool = True):
     """Write the checkpoint from the source files (memory: one shard) into the run folder, read the pruned
-    model back and score it (parity with the masked model, held-out loss), recording both in its plan."""
+    model back and score it (parity with the masked model, held-out loss), recording both in its plan.
+    Without `every_rank` (a sharded search: no rank holds a model) only the main process reads it back."""
     import gc
 
     from transformers import AutoModelForCausalLM
@@ -321,8 +337,10 @@ def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe
         prune_checkpoint(plan, files, out, dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, model_card_info=card,
                          tokenizer=tokenizer, save=save)
     state.wait_for_everyone()
-    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
-    score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
+    pruned = None
+    if every_rank or state.is_main_process:
+        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
+        score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
     if state.is_main_process:  # measured on the model read back from the written checkpoint: add it to its plan
         from ..checkpoints.save import PLAN_FILE
 

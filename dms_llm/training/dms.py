@@ -76,6 +76,10 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
     A caller that prunes elsewhere (from the checkpoint files, to spare the memory of that copy) passes
     `check=False` and a dict `probe_out`, which receives the masked model's logits on that block
     (`probe`, `logits`) for `check_pruned`.
+
+    With `run.fsdp` (two or more processes, frozen weights) the model's weights are sharded in place
+    across the processes (FSDP2, one unit per decoder layer), so it stays sharded afterwards: prune from
+    the checkpoint files (`check=False`).
     """
     from accelerate.utils import set_seed
 
@@ -87,6 +91,8 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
     masks = ModelMasks.for_method(model.config, config)
     counter = ParameterCounter(model)
     hooked, peft_model, weight_params, teacher = _prepare_weights(config, run, model, masks)
+    if run.fsdp:
+        _shard(model, config, engine, check)
     hooks = MaskHooks(hooked, masks).install()
     try:
         loop = SearchLoop(engine, SearchModule(hooked, masks), masks, counter, blocks, config, target, teacher, weight_params)
@@ -174,6 +180,7 @@ class SearchLoop:
         teacher = self.teacher if c.distill else None
         totals = engine.accumulate(self.module, self.blocks, teacher, c.distill_weight, c.distill_temperature,
                                    last_micro_loss=budget_term)
+        engine.average_gradients(self.masks.ratio_parameters())
         scaler = getattr(engine.acc, "scaler", None)
         grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         self.masks.update_importance(grad_scale=grad_scale, all_reduce=engine.mean_over_ranks)
@@ -224,11 +231,26 @@ def _prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
     return hooked, peft_model, weight_params, teacher
 
 
+def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
+    """FSDP2 over the frozen weights: each decoder layer is one unit, the embeddings and head the root's."""
+    if engine.acc.num_processes < 2:
+        raise ValueError("fsdp shards the weights across processes: launch two or more (accelerate launch / torchrun)")
+    if config.train_weights != "none":
+        raise ValueError("fsdp shards frozen weights only: use train_weights none (distillation is fine)")
+    if check:
+        raise ValueError("with fsdp the model stays sharded: prune from the checkpoint files (check=False)")
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in ModelParts(model).layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
 def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSConfig) -> dict:
     """Align the hard architecture with the budget, saying when that cut more than a rounding remainder."""
-    if not config.align_to_budget:
+    if not config.fit_budget:
         params = counter.hard(masks)
-        return {"scale": 1.0, "params": params, "params_before": params, "rescaled": "none (align_to_budget off)"}
+        return {"scale": 1.0, "params": params, "params_before": params, "rescaled": "none (fit_budget off)"}
     fit = fit_to_budget(masks, counter, target)
     overshoot = (fit["params_before"] - target) / dense
     if overshoot > FIT_WARN_FRACTION:

@@ -45,6 +45,9 @@ class RunSettings:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 50  # steps between checkpoints (with a run folder)
     stop_after: int | None = None  # checkpoint and stop after this many steps
+    # Shard the (frozen) model's weights across the processes with FSDP2 (`fully_shard`, one unit per
+    # decoder layer) instead of replicating them; what trains (the kept ratios) stays replicated.
+    fsdp: bool = False
 
 
 class Stopped(Exception):
@@ -92,6 +95,22 @@ def has_checkpoint(state_dir: str) -> bool:
     return os.path.isfile(os.path.join(state_dir, "custom_checkpoint_0.pkl"))
 
 
+class _TrainableState:
+    """What training changes in a module that Accelerate does not hold (FSDP): its trainable parameters
+    and buffers, checkpointed through Accelerate's custom-object protocol."""
+
+    def __init__(self, module, keys: set[str]):
+        self.module, self.keys = module, keys
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items() if k in self.keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != self.keys:
+            raise RuntimeError(f"{len(set(state) ^ self.keys)} tensors differ, e.g. {sorted(set(state) ^ self.keys)[0]}")
+        self.module.load_state_dict(state, strict=False)
+
+
 class _Progress:
     """The step counter, checkpointed with the run (Accelerate's custom-object protocol)."""
 
@@ -131,8 +150,26 @@ class Engine:
             self.acc.print(*args)
 
     def prepare(self, module, optimizer):
-        self.module, optimizer = self.acc.prepare(module, optimizer)
+        if self.s.fsdp:
+            # The sharded weights are frozen; the trainable rest is replicated and averaged by
+            # `average_gradients` (a DDP wrapper cannot hold sharded parameters). The checkpoint holds
+            # that trainable rest, as with DDP.
+            self.module, optimizer = module, self.acc.prepare(optimizer)
+            self.acc.register_for_checkpointing(_TrainableState(module, self._trainable_keys(module)))
+        else:
+            self.module, optimizer = self.acc.prepare(module, optimizer)
         return self.module, optimizer
+
+    def average_gradients(self, params) -> None:
+        """Mean of the gradients over the processes, where no DDP wrapper does it (FSDP)."""
+        if not self.s.fsdp or self.acc.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.acc.num_processes)
 
     # ----- data and gradients ---------------------------------------------------------------------
     def batch_indices(self, step: int, micro: int, num_blocks: int) -> list[int]:
@@ -216,12 +253,17 @@ class Engine:
             return False
         from safetensors import safe_open
 
-        with safe_open(os.path.join(self.state_dir, "model.safetensors"), "pt") as f:
-            saved = set(f.keys())
-        expected = self._trainable_keys(self.module)
+        weights = os.path.join(self.state_dir, "model.safetensors")
+        if os.path.isfile(weights) == self.s.fsdp:
+            raise RuntimeError(f"the checkpoint in {self.state_dir} was made {'without' if self.s.fsdp else 'with'} "
+                               f"--fsdp; resume it the way it was made")
         try:
-            if saved != expected:
-                raise RuntimeError(f"{len(saved ^ expected)} tensors differ, e.g. {sorted(saved ^ expected)[0]}")
+            if not self.s.fsdp:
+                with safe_open(weights, "pt") as f:
+                    saved = set(f.keys())
+                expected = self._trainable_keys(self.module)
+                if saved != expected:
+                    raise RuntimeError(f"{len(saved ^ expected)} tensors differ, e.g. {sorted(saved ^ expected)[0]}")
             self.acc.load_state(self.state_dir, strict=False)
         except RuntimeError as e:
             raise RuntimeError(f"the checkpoint in {self.state_dir} does not fit this run ({str(e).splitlines()[0][:200]}): "
