@@ -79,21 +79,29 @@ def quality(cache: Cache, work: str, name: str, folder: str, data_dir: str | Non
     from dms_llm.evaluation.perplexity import tokenize_text
     from dms_llm.export import llamacpp
 
-    key = f"quality/{name}/{_checkpoint_key(folder)}/{windows_n}"
+    key = f"quality2/{name}/{_checkpoint_key(folder)}/{windows_n}"
     if cache.get(key):
         return cache.get(key)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text, _ = load_ppl_text("wikitext2", data_dir=data_dir, source="local")
     windows, _ = make_windows(tokenize_text(tokenizer, text), 128, windows_n)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = tokenizer("The history of the city begins with").input_ids
     with torch.no_grad():
         total, count = window_nll(model, windows, progress=True, desc=f"{name} transformers")
+        first_logits = model(windows[:1]).logits[0].numpy()
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)[0].tolist()  # fmt: skip
     result = {"ppl_transformers": float(torch.tensor(total / count).exp())}
     del model
     for outtype, f32_cache in (("f32", True), ("q8_0", False)):
         llm = llamacpp.load(gguf_file(work, name, folder, outtype), n_ctx=128, f32_cache=f32_cache)
         try:
             result[f"ppl_llamacpp_{outtype}"] = llamacpp.perplexity(llm, windows)
+            if outtype == "f32":  # parity on the first window and greedy decoding, f32 file and cache
+                got = llamacpp.logits(llm, windows[0].tolist())
+                result["logits_max_abs_diff_f32"] = float(abs(got - first_logits).max())
+                result["greedy_32_equal_f32"] = llamacpp.greedy(llm, prompt, 32) == greedy
         finally:
             llm.close()
     result["ppl_f32_rel_diff"] = result["ppl_llamacpp_f32"] / result["ppl_transformers"] - 1
@@ -140,12 +148,14 @@ def speed(cache: Cache, work: str, models: dict, outtype: str, threads: int, rep
 
 
 def table(rows: list[dict]) -> str:
-    head = ["model", "params", "dense/params", "GGUF arch", "ppl transformers", "ppl llama.cpp f32", "ppl q8_0"]
+    head = ["model", "params", "dense/params", "GGUF arch", "ppl transformers", "ppl llama.cpp f32", "ppl q8_0",
+            "max logit diff f32", "greedy 32 equal"]
     speed_cols = sorted({k for r in rows for k in r if k.startswith(("pp ", "tg "))})
     lines = ["| " + " | ".join(head + speed_cols) + " |", "|" + "---|" * (len(head) + len(speed_cols))]
     for r in rows:
         cells = [r["model"], f"{r['params'] / 1e6:.1f}M", f"{r['param_ratio']:.2f}x", r["arch"],
-                 f"{r['ppl_transformers']:.2f}", f"{r['ppl_llamacpp_f32']:.2f}", f"{r['ppl_llamacpp_q8_0']:.2f}"]  # fmt: skip
+                 f"{r['ppl_transformers']:.2f}", f"{r['ppl_llamacpp_f32']:.2f}", f"{r['ppl_llamacpp_q8_0']:.2f}",
+                 f"{r['logits_max_abs_diff_f32']:.4f}", "yes" if r["greedy_32_equal_f32"] else "no"]  # fmt: skip
         cells += [r.get(c, "") for c in speed_cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
