@@ -15,36 +15,15 @@ Needs the `llamacpp` extra. Timings need an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 
-GOALS = {"pp": 0.9, "tg": 0.8}
-
-
-def _checkpoint_key(folder: str) -> str:
-    """Changes whenever the checkpoint's files change (names, sizes, mtimes)."""
-    h = hashlib.sha1()
-    for name in sorted(os.listdir(folder)):
-        st = os.stat(os.path.join(folder, name))
-        h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:12]
-
-
-def parameters(folder: str) -> int:
-    from dms_llm.export.checkpoint import Checkpoint
-
-    ckpt = Checkpoint(folder)
-    total = 0
-    for name in ckpt.names():
-        n = 1
-        for d in ckpt.shape(name):
-            n *= d
-        total += n
-    return total
+# The GGUF export, the cache key of a checkpoint and the interleaved timing live in the package
+# (dms_llm/export/llamacpp.py), shared with `dms-llm benchmark --llamacpp`.
+from dms_llm.export.llamacpp import GOALS, checkpoint_parameters as parameters
+from dms_llm.export.llamacpp import checkpoint_key as _checkpoint_key
 
 
 class Cache:
@@ -63,12 +42,9 @@ class Cache:
 
 
 def gguf_file(work: str, name: str, folder: str, outtype: str) -> str:
-    from dms_llm.export import export_gguf
+    from dms_llm.export.llamacpp import gguf_file as export
 
-    path = os.path.join(work, f"{name}-{_checkpoint_key(folder)}-{outtype}.gguf")
-    if not os.path.isfile(path):
-        export_gguf(folder, path, outtype, progress=False)
-    return path
+    return export(work, name, folder, outtype)
 
 
 def quality(cache: Cache, work: str, name: str, folder: str, data_dir: str | None, windows_n: int) -> dict:
@@ -111,38 +87,14 @@ def quality(cache: Cache, work: str, name: str, folder: str, data_dir: str | Non
 
 def speed(cache: Cache, work: str, models: dict, outtype: str, threads: int, reps: int, pp: int, tg: int) -> dict:
     """{name: {"pp": tokens/s, "tg": tokens/s}} (medians), all models interleaved within each repetition."""
-    from dms_llm.export import llamacpp
+    from dms_llm.export.llamacpp import interleaved_speed
 
     key = f"speed2/{outtype}/t{threads}/pp{pp}/tg{tg}/r{reps}/" + ",".join(f"{n}:{_checkpoint_key(f)}" for n, f in models.items())
     if cache.get(key):
         return cache.get(key)
-    llms = {n: llamacpp.load(gguf_file(work, n, f, outtype), n_ctx=pp + tg + 8, threads=threads, logits_all=False,
-                             f32_cache=False) for n, f in models.items()}  # fmt: skip
-    prompt = list(range(10, 10 + pp))
-    # tokens per wall second and per CPU second, per repetition
-    samples = {n: {f"{k}_{clock}": [] for k in ("pp", "tg") for clock in ("wall", "cpu")} for n in models}
-    load = [os.getloadavg()[0]]
-    try:
-        for n, llm in llms.items():  # warm-up: first calls allocate buffers
-            llamacpp.prompt_processing(llm, prompt)
-            llamacpp.generation(llm, 11, 8)
-        for rep in range(reps):
-            for n, llm in llms.items():
-                for kind, timer, tokens in (("pp", llamacpp.prompt_processing(llm, prompt), pp),
-                                            ("tg", llamacpp.generation(llm, 11, tg), tg)):  # fmt: skip
-                    samples[n][f"{kind}_wall"].append(tokens / timer.wall)
-                    samples[n][f"{kind}_cpu"].append(tokens / timer.cpu)
-            load.append(os.getloadavg()[0])
-            print(f"  {outtype} {threads} thread(s): repetition {rep + 1}/{reps}", file=sys.stderr)
-    finally:
-        for llm in llms.values():
-            llm.close()
-    result = {n: {k: statistics.median(v) for k, v in s.items()} | {"samples": s} for n, s in samples.items()}
-    # With one thread and a busy machine, CPU time is the fair clock; otherwise wall time.
-    clock = "cpu" if threads == 1 and max(load) > 1.5 else "wall"
-    for n in models:
-        result[n]["pp"], result[n]["tg"] = result[n][f"pp_{clock}"], result[n][f"tg_{clock}"]
-    result["clock"], result["load_average_max"] = clock, max(load)
+    files = {n: gguf_file(work, n, f, outtype) for n, f in models.items()}
+    result = interleaved_speed(files, threads=threads, reps=reps, pp=pp, tg=tg,
+                               log=lambda msg: print(f"  {outtype} {threads} thread(s): {msg}", file=sys.stderr))
     cache.put(key, result)
     return result
 

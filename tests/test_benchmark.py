@@ -48,7 +48,8 @@ def _argv(setup, out, work, methods, **extra):
     argv = ["--model", setup["model"], "--budgets", "0.7", "--methods", methods, "--calib-dataset", setup["corpus"],
             "--calib-samples", "8", "--seq-len", "16", "--ppl", "wikitext2", "--protocols", "llm-pruner",
             "--data-dir", setup["data"], "--dms-config", setup["recipe"], "--speed-reps", "1", "--speed-seq-len", "16",
-            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4", "--align", "1"]
+            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4", "--align", "1",
+            "--dms-seeds", "0"]  # one dms row: the rows of several seeds are tested on their own below
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])
     return argv
@@ -69,7 +70,10 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     assert rows["dense"]["prefill_speedup"] == 1.0 and rows["dense"]["time_s"] == 0
     for name, r in rows.items():
         assert set(r) == {"method", "budget", "recovery", "params", "ppl", "zero_shot", "zero_shot_avg",
-                          "prefill_speedup", "decode_speedup", "time_s", "machines"}
+                          "prefill_speedup", "decode_speedup", "time_s", "machines",
+                          # what every row records since issue 17: seed, dtypes, calibration tokens, evaluation times
+                          "seed", "zero_shot_avg_stderr", "eval_time_s", "dtype", "train_dtype", "calib_tokens",
+                          "recovery_tokens"}
         assert r["recovery"] is False
         ppl = r["ppl"]["wikitext2"]["llm-pruner"]
         assert ppl > 1 and ppl == ppl

@@ -29,11 +29,101 @@ def machine() -> str:
     except OSError:
         pass
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{cpu}; {os.cpu_count()} logical CPUs; {device}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (f"{cpu}; {os.cpu_count()} logical CPUs; {device}; {platform.system()} {platform.release()}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
 
 def _cell(v, fmt="{:.2f}"):
     return "–" if v is None else fmt.format(v)
+
+
+# ----- DMS over its seeds: the median per cell, and the spread ---------------------------------------
+
+_SCALARS = ("params", "zero_shot_avg", "zero_shot_avg_stderr", "prefill_speedup", "decode_speedup", "llamacpp_pp_speedup",
+            "llamacpp_tg_speedup", "llamacpp_pp", "llamacpp_tg", "time_s", "calib_tokens")
+
+
+def _leaves(row: dict) -> dict:
+    """{path: value} of every numeric cell of a report row (paths are tuples: ("ppl", label, column), ...)."""
+    out = {(k,): row[k] for k in _SCALARS if k in row}
+    for label, by in row.get("ppl", {}).items():
+        for column, v in by.items():
+            out[("ppl", label, column)] = v
+    for task, m in row.get("zero_shot", {}).items():
+        for k in ("value", "stderr"):
+            if k in m:
+                out[("zero_shot", task, k)] = m[k]
+    return out
+
+
+def _put(target: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        target = target.setdefault(key, {})
+    target[path[-1]] = value
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def seed_summary(rows: list[dict], method: str = "dms") -> list[dict]:
+    """The rows of `method` (one per seed) grouped by (budget, recovery). For each group: the seeds, and a
+    row-like `median`, `min` and `max` holding, cell by cell, the median (the middle value of an odd count,
+    the mean of the two middle values of an even one), the smallest and the largest value over the seeds;
+    `max_over_min` holds max/min of every perplexity cell (the spread). A cell is summarised once every seed
+    has it (else None), so a benchmark still running shows no median of fewer seeds."""
+    groups: dict = {}
+    for r in rows:
+        if r["method"] == method:
+            groups.setdefault((r["budget"], r["recovery"]), []).append(r)
+    out = []
+    for (budget, recovery), group in groups.items():
+        leaves = [_leaves(r) for r in group]
+        paths = list(dict.fromkeys(p for lv in leaves for p in lv))
+        seeds = [r.get("seed") for r in group]
+        agg = {"method": method, "budget": budget, "recovery": recovery, "seeds": seeds, "max_over_min": {}}
+        for part in ("median", "min", "max"):
+            agg[part] = {"method": method, "budget": budget, "recovery": recovery, "seed": None, "seeds": seeds,
+                         "ppl": {}, "zero_shot": {}, **{k: None for k in _SCALARS if any(k in r for r in group)}}
+        for path in paths:
+            values = [lv.get(path) for lv in leaves]
+            if any(v is None for v in values):
+                for part in ("median", "min", "max"):
+                    _put(agg[part], path, None)
+                continue
+            _put(agg["median"], path, _median(values))
+            _put(agg["min"], path, min(values))
+            _put(agg["max"], path, max(values))
+            if path[0] == "ppl" and min(values) > 0:
+                _put(agg["max_over_min"], path[1:], max(values) / min(values))
+        out.append(agg)
+    return out
+
+
+def display_rows(report: dict) -> list[tuple[dict, dict | None]]:
+    """The table's rows in order: (row, None) for a single row; (median row, summary) in place of the rows
+    of a method with two or more seeds at one budget and recovery."""
+    summaries = {(s["method"], s["budget"], s["recovery"]): s for s in report.get("seed_summary", []) if len(s["seeds"]) > 1}
+    out, seen = [], set()
+    for r in report["rows"]:
+        key = (r["method"], r["budget"], r["recovery"])
+        if key in summaries:
+            if key not in seen:
+                seen.add(key)
+                out.append((summaries[key]["median"], summaries[key]))
+        else:
+            out.append((r, None))
+    return out
+
+
+def _get(row: dict, path: tuple):
+    for key in path:
+        if not isinstance(row, dict):
+            return None
+        row = row.get(key)
+    return row
 
 
 def markdown(report: dict) -> str:
@@ -41,29 +131,91 @@ def markdown(report: dict) -> str:
     dense = next((r["params"] for r in rows if r["method"] == "dense"), None)
     ppl_cols = list(dict.fromkeys((d, p) for r in rows for d, by in r["ppl"].items() for p in by))
     tasks = list(dict.fromkeys(t for r in rows for t in r["zero_shot"]))
-    head = ["method", "budget", "recovery", "params (M)", "% dense"] + [f"{d} ppl ({p})" for d, p in ppl_cols]
-    head += tasks + (["zero-shot avg"] if tasks else []) + ["prefill ×", "decode ×", "prune time (s)"]
+    llamacpp = any("llamacpp_pp_speedup" in r for r in rows)
+    head = ["method", "budget", "recovery", "seed", "params (M)", "% dense"] + [f"{d} ppl ({p})" for d, p in ppl_cols]
+    head += tasks + (["zero-shot avg ± SE"] if tasks else []) + ["prefill ×", "decode ×"]
+    head += (["llama.cpp pp ×", "llama.cpp tg ×"] if llamacpp else []) + ["prune time (s)"]
     machines = report.get("machines") or {}
     where = [f"Machine: {report['machine']}"] if len({m for ms in machines.values() for m in ms} | {report["machine"]}) == 1 else [
         "Machines (by what they measured): " + "; ".join(f"{part}: {' / '.join(ms)}" for part, ms in machines.items())]
-    lines = [f"# Benchmark: {report['model']}", ""] + where + ["", "```bash", report["command"], "```", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        c = [r["method"], "–" if r["method"] == "dense" else f"{r['budget']:g}", "yes" if r["recovery"] else "no",
-             _cell(r["params"] / 1e6 if r["params"] else None), _cell(100 * r["params"] / dense if dense and r["params"] else None, "{:.1f}")]
-        c += [_cell(r["ppl"].get(d, {}).get(p)) for d, p in ppl_cols]
-        c += [_cell(100 * r["zero_shot"][t]["value"] if r["zero_shot"].get(t, {}).get("value") is not None else None) for t in tasks]
+
+    def line(r: dict, summary: dict | None) -> str:
+        def cell(path, fmt="{:.2f}", scale=1.0):
+            v = _get(r, path)
+            text = _cell(None if v is None else scale * v, fmt)
+            if summary is not None and v is not None:
+                lo, hi = _get(summary["min"], path), _get(summary["max"], path)
+                if lo is not None and hi is not None and lo != hi:
+                    text += f" ({fmt.format(scale * lo)}–{fmt.format(scale * hi)})"
+            return text
+
+        if summary is not None:
+            name, seed = f"{r['method']} (median of {len(summary['seeds'])} seeds)", ",".join(str(s) for s in summary["seeds"])
+        else:
+            name = r["method"]
+            seed = "–" if r.get("seed") is None else str(r["seed"])
+            if r.get("chosen_seed") is not None:
+                seed += f" (kept {r['chosen_seed']})"
+        params = r["params"]
+        c = [name, "–" if r["method"] == "dense" else f"{r['budget']:g}", "yes" if r["recovery"] else "no", seed,
+             cell(("params",), scale=1e-6) if params else "–", _cell(100 * params / dense if dense and params else None, "{:.1f}")]
+        c += [cell(("ppl", d, p)) for d, p in ppl_cols]
+        c += [cell(("zero_shot", t, "value"), scale=100) for t in tasks]
         if tasks:
-            c.append(_cell(100 * r["zero_shot_avg"] if r["zero_shot_avg"] is not None else None))
-        c += [_cell(r["prefill_speedup"]), _cell(r["decode_speedup"]), _cell(r["time_s"], "{:.1f}")]
-        lines.append("| " + " | ".join(c) + " |")
-    lines += ["", "Perplexity: dms_llm.evaluation (non-overlapping windows; llm-pruner = 128 tokens)"
-              + (f", first {report['settings']['max_windows']} windows only" if report["settings"].get("max_windows") else "")
-              + ((". Zero-shot: lm-eval 0-shot accuracy in %" + (f" on the first {report['settings']['limit']} documents per task"
-                                                                   if report["settings"].get("limit") else "")) if tasks else "")
-              + ". Speed: tokens/s relative to dense (interleaved runs, medians; prefill batch 1, decode batch 1 with KV cache)."
-              + " Prune time: wall time of the plan (baselines, calibration pass included) or of the DMS search loop;"
-              + " with recovery, plus the fine-tuning."]
+            avg = cell(("zero_shot_avg",), scale=100)
+            se = r.get("zero_shot_avg_stderr")
+            if r.get("zero_shot_avg") is not None and se is not None:
+                parts = avg.split(" ", 1)  # "median (min–max)" -> "median ± SE (min–max)"
+                avg = f"{parts[0]} ± {100 * se:.2f}" + (f" {parts[1]}" if len(parts) > 1 else "")
+            c.append(avg)
+        c += [cell(("prefill_speedup",)), cell(("decode_speedup",))]
+        if llamacpp:
+            c += [cell(("llamacpp_pp_speedup",)), cell(("llamacpp_tg_speedup",))]
+        c.append(cell(("time_s",), "{:.1f}"))
+        return "| " + " | ".join(c) + " |"
+
+    table_head = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"# Benchmark: {report['model']}", ""] + where + ["", "```bash", report["command"], "```", ""] + table_head
+    lines += [line(r, summary) for r, summary in display_rows(report)]
+    settings = report["settings"]
+    notes = ["Perplexity: dms_llm.evaluation (non-overlapping windows; llm-pruner = 128 tokens, sparsegpt = 2048)"]
+    cells = settings.get("ppl_cells")
+    if cells:
+        notes[-1] += "; columns: " + "; ".join(cells)
+    elif settings.get("max_windows"):
+        notes[-1] += f", first {settings['max_windows']} windows only"
+    if tasks:
+        notes.append("Zero-shot: lm-eval 0-shot accuracy in %" + (f" on the first {settings['limit']} documents per task"
+                                                                 if settings.get("limit") else "")
+                     + "; the average's standard error is sqrt(sum of the tasks' squared standard errors) / number of "
+                       "tasks (lm-eval's per-task standard errors, the tasks taken as independent)")
+    notes.append("Speed: tokens/s relative to dense (interleaved runs, medians; prefill batch 1, decode batch 1 with KV cache)")
+    if llamacpp:
+        lc = settings.get("llamacpp") or {}
+        notes.append(f"llama.cpp: {lc.get('outtype', 'q8_0')} GGUF files, {lc.get('threads', 1)} thread(s); prompt processing "
+                     f"of {lc.get('pp')} tokens and generation of {lc.get('tg')} tokens in tokens/s relative to dense (the two "
+                     f"models interleaved, {lc.get('reps')} repetitions, medians)")
+    notes.append("Prune time: wall time of the plan (baselines, calibration pass included) or of the DMS search loop;"
+                 " with recovery, plus the fine-tuning")
+    multi = [s for s in report.get("seed_summary", []) if len(s["seeds"]) > 1]
+    if multi:
+        notes.append("DMS rows with several seeds: each cell is the median over the seeds, with (smallest–largest) "
+                     "beside it when they differ; every seed's own row is below and in the JSON")
+    lines += ["", ". ".join(notes) + "."]
+    if multi:
+        spread_cols = list(dict.fromkeys((d, p) for s in multi for d, by in s["max_over_min"].items() for p in by))
+        lines += ["", "## DMS over its seeds", "",
+                  "| budget | recovery | seeds | " + " | ".join(f"{d} ({p}) max/min" for d, p in spread_cols)
+                  + " | search time (s): median (min–max) |", "|" + "---|" * (4 + len(spread_cols))]
+        for s in multi:
+            t = [_get(s[part], ("time_s",)) for part in ("median", "min", "max")]
+            c = [f"{s['budget']:g}", "yes" if s["recovery"] else "no", ",".join(str(x) for x in s["seeds"])]
+            c += [_cell(_get(s["max_over_min"], (d, p)), "{:.3f}") for d, p in spread_cols]
+            c.append("–" if None in t else f"{t[0]:.1f} ({t[1]:.1f}–{t[2]:.1f})")
+            lines.append("| " + " | ".join(c) + " |")
+        lines += ["", "With recovery, the time is the search's plus the fine-tuning's. Each seed:", ""] + table_head
+        lines += [line(r, None) for r in rows if any(r["method"] == s["method"] and r["budget"] == s["budget"]
+                                                        and r["recovery"] == s["recovery"] for s in multi)]
     return "\n".join(lines) + "\n"
 
 
@@ -73,7 +225,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report["rows"]
+    rows = [r for r, _ in display_rows(report)]  # DMS with several seeds: the median row
     dense = next((r for r in rows if r["method"] == "dense"), None)
     dense_params = dense["params"] if dense else max(r["params"] or 0 for r in rows)
     first = next(((d, p) for r in rows for d, by in r["ppl"].items() for p in by), None)
@@ -128,6 +280,12 @@ def write_outputs(bench, rows: list[dict], argv) -> dict:
                                                        "recovery_steps", "recovery_config", "speed_reps", "dtype", "train_dtype",
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
+    report["settings"].update(dms_seeds=list(getattr(a, "dms_seeds", None) or [a.seed]), align=a.align,
+                              ppl_cells=[cell.describe() for cell in bench.ppl_cells])
+    if getattr(a, "llamacpp", False):
+        report["settings"]["llamacpp"] = {"outtype": a.llamacpp_outtype, "threads": a.llamacpp_threads, "reps": a.llamacpp_reps,
+                                          "pp": a.llamacpp_pp, "tg": a.llamacpp_tg}
+    report["seed_summary"] = seed_summary(report["rows"])
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, a.label)
     write_json_atomic(base + ".json", report, indent=1)

@@ -29,13 +29,54 @@ import os
 from pathlib import Path
 
 from ..benchmark.report import markdown, write_outputs
-from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of
+from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of, parse_ppl_extra, ppl_cells
 from ..method import DMSConfig
 from .options import HelpFormatter, data_dir_default, exit_code
 
 
+def _apply_config(p: argparse.ArgumentParser, argv) -> str | None:
+    """--config FILE: a flat YAML of this command's options (`ppl-extra: [...]` for a repeatable one,
+    `llamacpp: true` for a switch); they become the defaults, so the command line overrides them (and adds
+    to the repeatable ones). An unknown key is an error."""
+    import yaml
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        p.error(f"--config {path} not found")
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        p.error(f"--config {path}: expected a mapping of option names to values")
+    actions = {a.dest: a for a in p._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("help", "config"):
+            p.error(f"--config {path}: unknown key {key!r}; valid keys are this command's options (see --help)")
+        if isinstance(action, argparse._AppendAction):
+            value = [str(v) for v in (value if isinstance(value, list) else [value])]
+        elif isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                p.error(f"--config {path}: {key} is a switch: true or false, got {value!r}")
+        elif isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif value is not None and action.type is None:
+            value = str(value)
+        defaults[dest] = value
+    p.set_defaults(**defaults)
+    return path
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dms-llm benchmark", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="YAML file of these options (keys as the long option names, e.g. recipes/benchmark/smollm2-135m.yaml); "
+                        "the command line overrides it")
     p.add_argument("--model", default="smollm2-135m", help="alias, Hub id or local folder (default: smollm2-135m)")
     p.add_argument("--budgets", default="0.8", help="comma list of kept-parameter fractions, e.g. 0.8,0.5")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -48,9 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppl", default="wikitext2", help="perplexity datasets (comma list, or 'none')")
     p.add_argument("--protocols", default="llm-pruner", help="perplexity protocols: llm-pruner, sparsegpt")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity on the first N windows only")
+    p.add_argument("--ppl-extra", action="append", default=[], metavar="DATASETS:PROTOCOL[:WINDOWS[:BUDGETS]]",
+                   help="more perplexity cells, for some budgets only if BUDGETS is given (the dense row gets them all); "
+                        "WINDOWS a number or 'all' (default), e.g. wikitext2,ptb:sparsegpt:all:0.8 = whole-split 2048-token "
+                        "perplexity of the 80%% rows; repeatable")
     p.add_argument("--tasks", default="", help="zero-shot tasks (comma list; empty: none)")
     p.add_argument("--limit", type=float, default=None, help="zero-shot: the first N documents of each task")
     p.add_argument("--dms-config", default=None, help="DMS search recipe (YAML) for the dms, dms-restarts and dms-lora rows")
+    p.add_argument("--dms-seeds", default=None,
+                   help="the dms rows: one search per seed (comma list); the table shows their median per cell with the "
+                        "smallest and largest value (default: --seed, --seed+1, --seed+2)")
     p.add_argument("--dms-restarts", type=int, default=3,
                    help="searches behind a dms-restarts row; the lowest held-out calibration loss is kept (default 3)")
     p.add_argument("--adopt", action="append", default=[], metavar="METHOD@BUDGET=DIR",
@@ -65,6 +113,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speed-reps", type=int, default=5, help="timed runs per model for prefill/decode speed (0: skip)")
     p.add_argument("--speed-seq-len", type=int, default=128, help="prefill length of the speed test")
     p.add_argument("--speed-new-tokens", type=int, default=32, help="decode steps of the speed test (after 32 prompt tokens)")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="llama.cpp speed columns: each row's checkpoint and the dense model exported to GGUF "
+                        "(--llamacpp-outtype) and timed in llama.cpp, interleaved (needs the llamacpp extra)")
+    p.add_argument("--llamacpp-outtype", default="q8_0", help="GGUF type of the llama.cpp timing (default: %(default)s)")
+    p.add_argument("--llamacpp-threads", type=int, default=1, help="llama.cpp threads (default: %(default)s)")
+    p.add_argument("--llamacpp-reps", type=int, default=5, help="interleaved repetitions per row (default: %(default)s)")
+    p.add_argument("--llamacpp-pp", type=int, default=512, help="prompt-processing tokens (default: %(default)s)")
+    p.add_argument("--llamacpp-tg", type=int, default=128, help="generated tokens (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights dtype of the evaluations and the baselines' calibration")
@@ -78,7 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="cache folder (default: runs/benchmark/<model>, under the current folder)")
     p.add_argument("--report-only", action="store_true",
                    help="write the table, JSON and plot from the cached rows; compute nothing (missing cells stay empty)")
+    config = _apply_config(p, argv)
     args = p.parse_args(argv)
+    args.config = config
     args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     if not args.budgets or any(not 0 < b < 1 for b in args.budgets):
         p.error(f"--budgets must be fractions in (0, 1), got {args.budgets}")
@@ -101,6 +159,35 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--recovery-steps must be >= 0, --calib-samples and --seq-len >= 1")
     if args.dms_restarts < 2:
         p.error(f"--dms-restarts must be at least 2 (a dms row is one search), got {args.dms_restarts}")
+    try:
+        from ..evaluation.perplexity import check_ppl_datasets, check_protocols
+
+        extra = [cell for spec in args.ppl_extra for cell in parse_ppl_extra(spec)]
+        from ..evaluation.zero_shot import check_tasks
+
+        # 'all' expands, aliases (dms_boolq) become the task's key
+        args.ppl, args.protocols, args.tasks = check_ppl_datasets(args.ppl), check_protocols(args.protocols), check_tasks(args.tasks)
+    except ValueError as e:
+        p.error(str(e))
+    args.ppl_cells = ppl_cells(args.ppl, args.protocols, args.max_windows, extra)
+    try:
+        args.dms_seeds = ([int(x) for x in args.dms_seeds.split(",") if x.strip()] if args.dms_seeds is not None
+                          else [args.seed, args.seed + 1, args.seed + 2])
+    except ValueError:
+        p.error(f"--dms-seeds must be a comma list of integers, got {args.dms_seeds!r}")
+    if not args.dms_seeds or len(set(args.dms_seeds)) != len(args.dms_seeds):
+        p.error(f"--dms-seeds must name at least one seed, each once; got {args.dms_seeds}")
+    if args.llamacpp:
+        import importlib.util
+
+        from ..export.gguf import OUTTYPES
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            p.error("--llamacpp needs llama-cpp-python: pip install '.[llamacpp]' (builds llama.cpp, 15-30 min)")
+        if args.llamacpp_outtype not in OUTTYPES:
+            p.error(f"--llamacpp-outtype: choose from {sorted(OUTTYPES)}")
+        if min(args.llamacpp_threads, args.llamacpp_reps, args.llamacpp_pp, args.llamacpp_tg) < 1:
+            p.error("--llamacpp-threads, -reps, -pp and -tg must be at least 1")
     args.adopted = {}
     for spec in args.adopt:
         try:
@@ -118,7 +205,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             if searches != args.dms_restarts:
                 p.error(f"--adopt {spec!r}: a dms-restarts row needs a search.py --restarts {args.dms_restarts} run; "
                         f"{folder} holds {searches or 'no restarts.json, so one search'}")
-        args.adopted[(method, budget)] = os.path.abspath(folder)
+        seed = args.seed
+        if method == "dms":  # a dms folder fills the row of the seed it was searched with
+            settings = os.path.join(folder, "search_config.json")
+            if os.path.isfile(settings):
+                import json
+
+                with open(settings) as f:
+                    seed = json.load(f).get("seed", args.seed)
+            if seed not in args.dms_seeds:
+                p.error(f"--adopt {spec!r}: {folder} was searched with seed {seed}, not one of --dms-seeds {args.dms_seeds}")
+        args.adopted[(method, budget, seed)] = os.path.abspath(folder)
     args.label = Path(args.model.rstrip("/")).name if os.path.isdir(args.model) else args.model.replace("/", "--")
     args.work = os.path.abspath(args.work or os.path.join("runs", "benchmark", args.label))
     args.data_dir = data_dir_default(args.data_dir)
@@ -150,17 +247,19 @@ def run_benchmark(args, argv) -> int:
     bench = Benchmark(args)
     done = []
     for method, budget, recovery in plan_rows(args):
-        if args.report_only:
-            row = bench.load_row(method, budget, recovery)
-            if row["params"] is None:
-                print(f"[benchmark] --report-only: {row['name']} was never built; left out", flush=True)
-            else:
-                done.append(row)
-            continue
-        row = bench.ensure_built(method, budget, recovery)
-        bench.evaluate(row)
-        done.append(row)
-        write_outputs(bench, done, argv)
+        for seed in bench.seeds(method):  # dms: a row per --dms-seeds seed
+            if args.report_only:
+                row = bench.load_row(method, budget, recovery, seed)
+                if row["params"] is None:
+                    print(f"[benchmark] --report-only: {row['name']} was never built; left out", flush=True)
+                else:
+                    bench.describe(row)
+                    done.append(row)
+                continue
+            row = bench.ensure_built(method, budget, recovery, seed)
+            bench.evaluate(row)
+            done.append(row)
+            write_outputs(bench, done, argv)
     report = write_outputs(bench, done, argv)
     print(markdown(report))
     return 0

@@ -92,3 +92,85 @@ def generation(llm, first: int, steps: int) -> Timer:
         for i in range(steps):
             llm.eval([(first + i + 1) % llm.n_vocab()])
     return timer
+
+
+# ----- the speed benchmark (eval/bench_llamacpp.py and `dms-llm benchmark --llamacpp`) -------------------
+
+# What the engine issue asks of a pruned model in llama.cpp: tokens/s >= GOAL x (dense params / pruned params).
+GOALS = {"pp": 0.9, "tg": 0.8}
+
+
+def checkpoint_key(folder: str) -> str:
+    """Changes whenever the checkpoint's files change (names, sizes, mtimes)."""
+    import hashlib
+    import os
+
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(folder)):
+        st = os.stat(os.path.join(folder, name))
+        h.update(f"{name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def checkpoint_parameters(folder: str) -> int:
+    """Parameters in a checkpoint's files (every tensor, as the GGUF export sees them)."""
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    total = 0
+    for name in ckpt.names():
+        n = 1
+        for d in ckpt.shape(name):
+            n *= d
+        total += n
+    return total
+
+
+def gguf_file(work: str, name: str, folder: str, outtype: str) -> str:
+    """WORK/NAME-KEY-OUTTYPE.gguf exported from `folder` (once: the key changes with the checkpoint's files)."""
+    import os
+
+    from .gguf import export_gguf
+
+    path = os.path.join(work, f"{name}-{checkpoint_key(folder)}-{outtype}.gguf")
+    if not os.path.isfile(path):
+        os.makedirs(work, exist_ok=True)
+        export_gguf(folder, path, outtype, progress=False)
+    return path
+
+
+def interleaved_speed(files: dict, threads: int = 1, reps: int = 7, pp: int = 512, tg: int = 128, log=None) -> dict:
+    """Prompt processing (`pp` tokens from an empty context) and generation (`tg` single-token steps) in
+    tokens/s for every GGUF file of `files` ({name: path}), all models interleaved within each repetition
+    after one warm-up each; medians. Returns {name: {"pp", "tg", "pp_wall", "pp_cpu", "tg_wall", "tg_cpu",
+    "samples"}, "clock", "load_average_max"}: `pp`/`tg` are per CPU second with one thread on a busy
+    machine (load average above 1.5 at any repetition), else per wall second."""
+    import os
+    import statistics
+
+    llms = {n: load(path, n_ctx=pp + tg + 8, threads=threads, logits_all=False, f32_cache=False) for n, path in files.items()}
+    prompt = list(range(10, 10 + pp))
+    samples = {n: {f"{k}_{clock}": [] for k in ("pp", "tg") for clock in ("wall", "cpu")} for n in files}
+    loads = [os.getloadavg()[0]]
+    try:
+        for llm in llms.values():  # warm-up: first calls allocate buffers
+            prompt_processing(llm, prompt)
+            generation(llm, 11, 8)
+        for rep in range(reps):
+            for n, llm in llms.items():
+                for kind, timer, tokens in (("pp", prompt_processing(llm, prompt), pp), ("tg", generation(llm, 11, tg), tg)):
+                    samples[n][f"{kind}_wall"].append(tokens / timer.wall)
+                    samples[n][f"{kind}_cpu"].append(tokens / timer.cpu)
+            loads.append(os.getloadavg()[0])
+            if log:
+                log(f"repetition {rep + 1}/{reps}")
+    finally:
+        for llm in llms.values():
+            llm.close()
+    result = {n: {k: statistics.median(v) for k, v in s.items()} | {"samples": s} for n, s in samples.items()}
+    # With one thread and a busy machine, CPU time is the fair clock; otherwise wall time.
+    clock = "cpu" if threads == 1 and max(loads) > 1.5 else "wall"
+    for n in files:
+        result[n]["pp"], result[n]["tg"] = result[n][f"pp_{clock}"], result[n][f"tg_{clock}"]
+    result["clock"], result["load_average_max"] = clock, max(loads)
+    return result
