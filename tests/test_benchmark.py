@@ -285,3 +285,212 @@ def test_skip_leaves_exactly_the_named_rows_out():
     args = bench.parse_args(["--model", "m", "--budgets", "0.8,0.5", "--methods", "dense,flap,dms-lora",
                              "--skip", "dms-lora@0.5", "--skip", "flap@0.8"])
     assert bench.plan_rows(args) == [("dense", 1.0, 0), ("dms-lora", 0.8, 0), ("flap", 0.5, 0)]
+
+
+# ----- issue 17: seeds, perplexity cells per budget, standard errors, --config, llama.cpp ------------------
+
+
+def _report(out, setup):
+    return json.loads((out / f"{Path(setup['model']).name}.json").read_text())
+
+
+def test_dms_seeds_make_one_row_each_and_a_median(setup, monkeypatch):
+    """--dms-seeds: one search and one row per seed (with its `seed`), each its own cached row; the table
+    shows their median with the spread; a seed's finished search folder can be adopted; a rerun computes
+    nothing."""
+    from dms_llm.cli import search
+
+    adopted = setup["tmp"] / "dms-seed1"
+    assert search.main(["--config", setup["recipe"], "--model", setup["model"], "--output-dir", str(adopted),
+                        "--target-ratio", "0.7", "--seed", "1", "--no-eval", "--align", "1"]) == 0
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-seeds", setup["tmp"] / "work-seeds"
+    argv = _argv(setup, out, work, "dense,flap,dms", speed_reps=0, tasks="boolq", limit=4) + [
+        "--dms-seeds", "0,1,2", "--adopt", f"dms@0.7={adopted}"]
+    with pytest.raises(SystemExit):  # a folder searched with a seed that is not one of --dms-seeds
+        bench.parse_args(argv[:-4] + ["--dms-seeds", "0,2", "--adopt", f"dms@0.7={adopted}"])
+    assert bench.main(argv) == 0
+    report = _report(out, setup)
+    dms = [r for r in report["rows"] if r["method"] == "dms"]
+    assert [r["seed"] for r in dms] == [0, 1, 2] and all(r["budget"] == 0.7 for r in dms)
+    assert [r["seed"] for r in report["rows"] if r["method"] != "dms"] == [0, 0]  # dense and flap: --seed
+    saved = {json.loads(p.read_text())["seed"]: json.loads(p.read_text()) for p in (work / "rows").glob("dms-*.json")}
+    assert sorted(saved) == [0, 1, 2] and saved[1]["info"]["adopted"] == str(adopted)
+    assert saved[1]["time_s"] == json.loads((adopted / "search_summary.json").read_text())["search_time_s"]
+    for seed in (0, 2):  # searched here, each with its seed (and the recipe's calibration: 8 blocks x 16 tokens)
+        settings = json.loads((work / saved[seed]["artifact"] / "search_config.json").read_text())
+        assert settings["seed"] == seed and saved[seed]["calib_tokens"] == 8 * 16
+    assert not any("seed" in name for name in [saved[0]["name"]]) and "-seed2-" in saved[2]["name"]
+    (summary,) = report["seed_summary"]
+    assert summary["seeds"] == [0, 1, 2] and (summary["budget"], summary["recovery"]) == (0.7, False)
+    ppl = sorted(r["ppl"]["wikitext2"]["llm-pruner"] for r in dms)
+    assert summary["median"]["ppl"]["wikitext2"]["llm-pruner"] == ppl[1]
+    assert summary["min"]["ppl"]["wikitext2"]["llm-pruner"] == ppl[0] and summary["max"]["ppl"]["wikitext2"]["llm-pruner"] == ppl[2]
+    assert summary["max_over_min"]["wikitext2"]["llm-pruner"] == pytest.approx(ppl[2] / ppl[0])
+    assert summary["median"]["time_s"] == sorted(r["time_s"] for r in dms)[1]
+    md = (out / f"{Path(setup['model']).name}.md").read_text()
+    assert "| dms (median of 3 seeds) | 0.7 | no | 0,1,2 |" in md and "## DMS over its seeds" in md
+    assert md.count("| dms | 0.7 | no |") == 3  # every seed's own row, below the table
+
+    # a rerun computes nothing
+    import dms_llm.baselines as baselines
+    import dms_llm.evaluation as evaluation
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a cached result")
+
+    for name in list(baselines.METHODS):
+        monkeypatch.setitem(baselines.METHODS, name, boom)
+    monkeypatch.setattr(evaluation, "evaluate_model", boom)
+    monkeypatch.setattr(rows_module, "run_command", boom)
+    assert bench.main(argv) == 0
+    assert _report(out, setup)["rows"] == report["rows"]
+
+
+def test_seed_summary_and_the_table_from_hand_made_rows():
+    """The median per cell (middle value; mean of the two middle ones for an even count), the smallest and
+    largest, max/min of perplexity, and the table's `median (min–max)` cells, on values set by hand."""
+    from dms_llm.benchmark.report import markdown, seed_summary
+
+    def row(seed, wt, ptb, zs, se, time_s, recovery=False):
+        return {"method": "dms", "budget": 0.8, "recovery": recovery, "seed": seed, "params": 100_000_000 + seed * 1_000_000,
+                "ppl": {"wikitext2": {"llm-pruner": wt}, "ptb": {"llm-pruner": ptb}},
+                "zero_shot": {"boolq": {"value": zs, "stderr": se}}, "zero_shot_avg": zs, "zero_shot_avg_stderr": se,
+                "prefill_speedup": None, "decode_speedup": None, "time_s": time_s, "machines": {}}
+
+    rows = [row(0, 150.0, 240.0, 0.40, 0.02, 800.0), row(1, 130.0, 260.0, 0.50, 0.03, 900.0),
+            row(2, 140.0, 200.0, 0.45, 0.01, 700.0), row(0, 90.0, 120.0, 0.5, 0.02, 1800.0, True),
+            row(1, 100.0, 130.0, 0.4, 0.02, 1700.0, True)]
+    one_shot, recovered = seed_summary(rows)
+    assert one_shot["seeds"] == [0, 1, 2] and recovered["seeds"] == [0, 1]
+    med, lo, hi = one_shot["median"], one_shot["min"], one_shot["max"]
+    assert med["ppl"] == {"wikitext2": {"llm-pruner": 140.0}, "ptb": {"llm-pruner": 240.0}}  # per cell, not one seed's row
+    assert lo["ppl"]["ptb"]["llm-pruner"] == 200.0 and hi["ppl"]["wikitext2"]["llm-pruner"] == 150.0
+    assert one_shot["max_over_min"] == {"wikitext2": {"llm-pruner": pytest.approx(150 / 130)},
+                                        "ptb": {"llm-pruner": pytest.approx(260 / 200)}}
+    assert med["zero_shot_avg"] == 0.45 and med["zero_shot_avg_stderr"] == 0.02 and med["time_s"] == 800.0
+    assert med["params"] == 101_000_000 and med["zero_shot"]["boolq"] == {"value": 0.45, "stderr": 0.02}
+    assert recovered["median"]["ppl"]["wikitext2"]["llm-pruner"] == 95.0  # two seeds: the mean of both
+    rows.append(row(3, 120.0, None, 0.3, 0.02, 600.0))  # a seed still missing a cell: no median of the others
+    partial = seed_summary(rows)[0]
+    assert partial["median"]["ppl"]["ptb"]["llm-pruner"] is None and partial["median"]["ppl"]["wikitext2"]["llm-pruner"] == 135.0
+    report = {"model": "m", "machine": "x", "machines": {}, "command": "dms-llm benchmark", "settings": {"limit": 4},
+              "rows": rows[:5], "seed_summary": seed_summary(rows[:5])}
+    md = markdown(report)
+    line = next(x for x in md.splitlines() if x.startswith("| dms (median of 3 seeds) | 0.8 | no | 0,1,2 | 101.00 (100.00–102.00) |"))
+    assert "| 140.00 (130.00–150.00) | 240.00 (200.00–260.00) |" in line
+    assert "| 45.00 (40.00–50.00) | 45.00 ± 2.00 (40.00–50.00) |" in line and line.endswith("| 800.0 (700.0–900.0) |")
+    spread = next(x for x in md.splitlines() if x.startswith("| 0.8 | no | 0,1,2 |"))
+    assert spread == "| 0.8 | no | 0,1,2 | 1.154 | 1.300 | 800.0 (700.0–900.0) |"
+
+
+def test_zero_shot_average_and_its_standard_error():
+    from dms_llm.benchmark.cells import zero_shot_average
+
+    tasks = [{"value": 0.5, "stderr": 0.03}, {"value": 0.7, "stderr": 0.04}, {"value": 0.3, "stderr": 0.0}]
+    avg, se = zero_shot_average(tasks)
+    assert avg == pytest.approx(0.5) and se == pytest.approx(0.05 / 3)  # sqrt(0.03^2 + 0.04^2 + 0) / 3
+    assert zero_shot_average(tasks[:2] + [None]) == (None, None)  # a task not measured yet: no average
+    assert zero_shot_average(tasks[:2] + [{"value": 0.3, "stderr": None}]) == (pytest.approx(0.5), None)
+
+
+def test_long_windows_only_for_the_rows_of_one_budget(setup):
+    """--ppl-extra wikitext2:sparsegpt:all:0.7: the whole split in 2048-token windows (the tiny model's context
+    caps them at 128) for dense and the 0.7 rows, never for the 0.5 rows; the per-task standard errors and
+    the average's are in the report."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-cells", setup["tmp"] / "work-cells"
+    argv = _argv(setup, out, work, "dense,magnitude", speed_reps=0, budgets="0.7,0.5", max_windows=3, tasks="boolq",
+                 limit=4) + ["--ppl-extra", "wikitext2:sparsegpt:all:0.7", "--ppl-extra", "wikitext2:llm-pruner::0.5"]
+    assert bench.main(argv) == 0
+    rows = {(r["method"], r["budget"]): r for r in _report(out, setup)["rows"]}
+    dense, b07, b05 = rows[("dense", 1.0)], rows[("magnitude", 0.7)], rows[("magnitude", 0.5)]
+    assert set(dense["ppl"]["wikitext2"]) == {"llm-pruner", "sparsegpt", "llm-pruner@all"}
+    assert set(b07["ppl"]["wikitext2"]) == {"llm-pruner", "sparsegpt"}
+    assert set(b05["ppl"]["wikitext2"]) == {"llm-pruner", "llm-pruner@all"}  # no 2048-token cell at 0.5
+    saved = {json.loads(p.read_text())["budget"]: json.loads(p.read_text()) for p in (work / "rows").glob("magnitude-*.json")}
+    main, whole = saved[0.7]["ppl"]["wikitext2|llm-pruner|mw=3"], saved[0.7]["ppl"]["wikitext2|sparsegpt|mw=None"]
+    assert main["n_windows"] == 3 and whole["n_windows"] > 3 and main["time_s"] >= 0
+    assert "wikitext2|sparsegpt|mw=None" not in saved[0.5]["ppl"]
+    for r in (dense, b07, b05):
+        se = r["zero_shot"]["boolq"]["stderr"]
+        assert se == r["zero_shot"]["boolq"]["acc_stderr"] and r["zero_shot_avg_stderr"] == pytest.approx(se)
+        assert r["calib_tokens"] == (0 if r["method"] == "dense" else 8 * 16) and r["dtype"] == "float32"
+        assert set(r["eval_time_s"]) >= {"ppl/wikitext2/llm-pruner", "zero_shot/boolq"}
+    md = (out / f"{Path(setup['model']).name}.md").read_text()
+    assert "wikitext2 (sparsegpt) = 2048-token windows, the whole split, the 0.7 rows and dense" in md
+    assert "zero-shot avg ± SE" in md and f"± {100 * b07['zero_shot_avg_stderr']:.2f}" in md
+    # asking for the 2048-token cell for every budget later adds only the 0.5 row's cell
+    import dms_llm.evaluation as evaluation
+
+    calls = []
+    real = evaluation.evaluate_model
+    argv2 = argv[: argv.index("--ppl-extra")] + ["--ppl-extra", "wikitext2:sparsegpt", "--ppl-extra", "wikitext2:llm-pruner::0.5"]
+    try:
+        evaluation.evaluate_model = lambda *a, **k: calls.append((k["ppl"], k["protocols"], k["max_windows"])) or real(*a, **k)
+        assert bench.main(argv2) == 0
+    finally:
+        evaluation.evaluate_model = real
+    assert calls == [(["wikitext2"], ["sparsegpt"], None)]
+
+
+def test_ppl_cells_parse_and_name_their_columns():
+    from dms_llm.benchmark.cells import parse_ppl_extra, ppl_cells
+
+    (wt, ptb) = parse_ppl_extra("wikitext2,ptb:sparsegpt:all:0.8")
+    assert (wt.dataset, wt.protocol, wt.max_windows, wt.budgets) == ("wikitext2", "sparsegpt", None, (0.8,))
+    assert ptb.applies("dense", 1.0) and ptb.applies("flap", 0.8) and not ptb.applies("flap", 0.5)
+    assert parse_ppl_extra("ptb:llm-pruner:40")[0].max_windows == 40 and parse_ppl_extra("ptb:llm-pruner")[0].budgets is None
+    for bad in ("wikitext2", "nope:sparsegpt", "ptb:nope", "ptb:sparsegpt:0", "ptb:sparsegpt:x", "ptb:sparsegpt:all:y",
+                "a:b:c:d:e", "ptb:llm-pruner,sparsegpt", "ptb:sparsegpt:all:,"):
+        with pytest.raises(ValueError):
+            parse_ppl_extra(bad)
+    cells = ppl_cells(["wikitext2"], ["llm-pruner"], 320, parse_ppl_extra("wikitext2,ptb:sparsegpt:all:0.8")
+                      + parse_ppl_extra("wikitext2:llm-pruner:all") + parse_ppl_extra("wikitext2:llm-pruner:320"))
+    assert [(c.dataset, c.column, c.max_windows) for c in cells] == [
+        ("wikitext2", "llm-pruner", 320), ("wikitext2", "sparsegpt", None), ("ptb", "sparsegpt", None),
+        ("wikitext2", "llm-pruner@all", None)]  # the last spec repeats the main cell: dropped
+    # a spec repeating an extra cell for other budgets widens that cell's budgets (it is not dropped)
+    merged = ppl_cells(["wikitext2"], ["llm-pruner"], 320, parse_ppl_extra("ptb:sparsegpt:all:0.8")
+                       + parse_ppl_extra("ptb:sparsegpt::0.5,0.8") + parse_ppl_extra("wikitext2:sparsegpt:all:0.5")
+                       + parse_ppl_extra("wikitext2:sparsegpt"))
+    assert [(c.dataset, c.column, c.budgets) for c in merged[1:]] == [("ptb", "sparsegpt", (0.8, 0.5)),
+                                                                      ("wikitext2", "sparsegpt", None)]
+
+
+def test_config_file_and_the_issue_17_preset(setup, tmp_path):
+    """--config FILE sets any option (the command line overrides it); the shipped preset asks for exactly
+    the issue-17 table."""
+    bench = _load_benchmark()
+    config = tmp_path / "bench.yaml"
+    config.write_text("budgets: 0.8,0.5\nmethods: [dense, flap, dms]\nlimit: 500\ndms-seeds: 3,4,5\n"
+                      "ppl-extra: ['ptb:sparsegpt:all:0.8']\nmax-windows: 320\nseed: 2\n")
+    args = bench.parse_args(["--config", str(config), "--budgets", "0.7", "--ppl-extra", "wikitext2:sparsegpt"])
+    assert args.budgets == [0.7] and args.methods == ["dense", "flap", "dms"] and args.limit == 500 and args.seed == 2
+    assert args.dms_seeds == [3, 4, 5] and args.config == str(config) and args.max_windows == 320
+    assert [(c.dataset, c.protocol, c.budgets) for c in args.ppl_cells[-2:]] == [("ptb", "sparsegpt", (0.8,)),
+                                                                             ("wikitext2", "sparsegpt", None)]
+    assert bench.parse_args(["--seed", "5"]).dms_seeds == [5, 6, 7]  # default: three seeds from --seed
+    for text in ("nope: 1\n", "report-only: maybe\n", "- a list\n"):
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--config", str(config)])
+
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    preset = ["--config", str(repo / "recipes" / "benchmark" / "smollm2-135m.yaml"), "--dms-config",
+              str(repo / "recipes" / "smollm2-135m-default.yaml"), "--recovery-config",
+              str(repo / "recipes" / "finetune" / "smollm2-135m-recover.yaml")]
+    if importlib.util.find_spec("llama_cpp") is None:
+        preset.append("--no-llamacpp")  # the preset asks for llama.cpp columns; without the extra they are refused
+    a = bench.parse_args(preset)
+    assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
+    assert a.methods == ["dense", "magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt", "dms", "dms-restarts", "dms-lora"]
+    assert a.tasks == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] and a.limit == 500
+    assert [(c.dataset, c.protocol, c.max_windows, c.budgets) for c in a.ppl_cells] == [
+        ("wikitext2", "llm-pruner", 320, None), ("ptb", "llm-pruner", 320, None),
+        ("wikitext2", "sparsegpt", None, (0.8,)), ("ptb", "sparsegpt", None, (0.8,))]
+    assert a.align == 32 and a.dtype == "float32" and a.llamacpp_outtype == "q8_0"
+    rows = [(m, b, r) for m, b, r in bench.plan_rows(a) for _ in bench.Benchmark(a).seeds(m)]
+    assert len(rows) == 1 + 2 * 2 * (5 + 3 + 1 + 1)  # dense; per budget, one-shot and recovered: 5 baselines, 3 DMS seeds, restarts, LoRA

@@ -145,7 +145,7 @@ def markdown(report: dict) -> str:
             text = _cell(None if v is None else scale * v, fmt)
             if summary is not None and v is not None:
                 lo, hi = _get(summary["min"], path), _get(summary["max"], path)
-                if lo is not None and hi is not None and lo != hi:
+                if lo is not None and hi is not None and fmt.format(scale * lo) != fmt.format(scale * hi):
                     text += f" ({fmt.format(scale * lo)}–{fmt.format(scale * hi)})"
             return text
 

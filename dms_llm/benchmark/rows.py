@@ -10,9 +10,10 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
 
 from ..files import read_json, write_json_atomic, write_text_atomic
+from .cells import ppl_cells
+from .measure import RowMeasurements
 from .report import note_machine
 
 BASELINES = ("magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt")
@@ -21,72 +22,6 @@ ALL_METHODS = ("dense",) + BASELINES + DMS_METHODS
 # dms-restarts costs --dms-restarts searches per budget, so it runs only when asked for.
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "dms-restarts")
 ROW_FORMAT = "dms_benchmark_row/1"
-
-
-@dataclass(frozen=True)
-class PPLCell:
-    """One perplexity measurement asked of the rows: a dataset under a protocol, on the first `max_windows`
-    windows (None: the whole split), for the pruned rows at `budgets` only (None: every row). The dense row,
-    the reference, gets every cell."""
-
-    dataset: str
-    protocol: str
-    max_windows: int | None = None
-    budgets: tuple[float, ...] | None = None
-    column: str = ""  # the report's key under the dataset's label (the protocol, unless two cells share it)
-
-    def applies(self, method: str, budget: float) -> bool:
-        return self.budgets is None or method == "dense" or any(abs(budget - b) < 1e-9 for b in self.budgets)
-
-    def describe(self) -> str:
-        windows = "the whole split" if self.max_windows is None else f"the first {self.max_windows} windows"
-        rows = "" if self.budgets is None else " (budget " + ", ".join(f"{b:g}" for b in self.budgets) + " rows and dense)"
-        return f"{self.dataset} {self.protocol} ({self.column}): {windows}{rows}"
-
-
-def parse_ppl_extra(spec: str) -> list[PPLCell]:
-    """`DATASETS:PROTOCOL[:WINDOWS[:BUDGETS]]`, e.g. `wikitext2,ptb:sparsegpt:all:0.8`: WINDOWS a number or
-    `all` (the whole split, the default), BUDGETS a comma list (default: every budget)."""
-    from ..evaluation.perplexity import check_ppl_datasets, check_protocols
-
-    parts = spec.split(":")
-    if not 2 <= len(parts) <= 4:
-        raise ValueError(f"--ppl-extra {spec!r}: expected DATASETS:PROTOCOL[:WINDOWS[:BUDGETS]], "
-                         "e.g. wikitext2,ptb:sparsegpt:all:0.8")
-    datasets, protocols = check_ppl_datasets(parts[0]), check_protocols(parts[1])
-    if not datasets or len(protocols) != 1:
-        raise ValueError(f"--ppl-extra {spec!r}: name at least one dataset and exactly one protocol")
-    windows = parts[2].strip() if len(parts) > 2 else "all"
-    if windows in ("", "all"):
-        max_windows = None
-    else:
-        try:
-            max_windows = int(windows)
-        except ValueError:
-            max_windows = 0
-        if max_windows < 1:
-            raise ValueError(f"--ppl-extra {spec!r}: WINDOWS must be a positive number or 'all', got {windows!r}")
-    budgets = None
-    if len(parts) > 3 and parts[3].strip() not in ("", "all"):
-        try:
-            budgets = tuple(float(b) for b in parts[3].split(",") if b.strip())
-        except ValueError:
-            raise ValueError(f"--ppl-extra {spec!r}: BUDGETS must be a comma list of fractions") from None
-    return [PPLCell(d, protocols[0], max_windows, budgets) for d in datasets]
-
-
-def ppl_cells(ppl, protocols, max_windows, extra) -> list[PPLCell]:
-    """The perplexity cells of a benchmark: every --ppl dataset under every --protocols protocol on
-    --max-windows windows for every row, then the --ppl-extra cells. A column is named by its protocol;
-    an extra cell whose dataset and protocol a main cell already has is named `PROTOCOL@WINDOWS`."""
-    cells = [PPLCell(d, p, max_windows, None, p) for d in ppl for p in protocols]
-    for cell in extra:
-        same = [c for c in cells if (c.dataset, c.protocol) == (cell.dataset, cell.protocol)]
-        if any(c.max_windows == cell.max_windows for c in same):
-            continue  # already measured for every row
-        column = cell.protocol if not same else f"{cell.protocol}@{cell.max_windows or 'all'}"
-        cells.append(PPLCell(cell.dataset, cell.protocol, cell.max_windows, cell.budgets, column))
-    return cells
 
 
 def run_command(name: str, values: dict, config_path: str) -> None:
@@ -116,7 +51,7 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-class Benchmark:
+class Benchmark(RowMeasurements):
     def __init__(self, args):
         self.args = args
         self._dense = None
@@ -419,163 +354,3 @@ class Benchmark:
 
         model, _ = load_model_and_tokenizer(path, dtype=self.args.dtype, device=self.args.device)
         return model
-
-    # ----- evaluation ---------------------------------------------------------------------------
-    def ppl_key(self, dataset: str, protocol: str, max_windows="main") -> str:
-        return f"{dataset}|{protocol}|mw={self.args.max_windows if max_windows == 'main' else max_windows}"
-
-    def task_key(self, task: str) -> str:
-        return f"{task}|limit={self.args.limit}"
-
-    def speed_key(self) -> str:
-        a = self.args
-        return f"reps={a.speed_reps}|prefill={a.speed_seq_len}|decode=32+{a.speed_new_tokens}"
-
-    def llamacpp_key(self) -> str:
-        a = self.args
-        return f"{a.llamacpp_outtype}|threads={a.llamacpp_threads}|pp={a.llamacpp_pp}|tg={a.llamacpp_tg}|reps={a.llamacpp_reps}"
-
-    def missing(self, row: dict) -> tuple[list, list, bool, bool]:
-        """(perplexity cells, tasks, torch speed, llama.cpp speed) this row still lacks."""
-        a = self.args
-        ppl = [c for c in self.ppl_cells if c.applies(row["method"], row["budget"])
-               and self.ppl_key(c.dataset, c.protocol, c.max_windows) not in row["ppl"]]
-        tasks = [t for t in a.tasks if self.task_key(t) not in row["zero_shot"]]
-        speed = a.speed_reps > 0 and row["method"] != "dense" and self.speed_key() not in row["speed"]
-        llamacpp = bool(getattr(a, "llamacpp", False)) and row["method"] != "dense" and self.llamacpp_key() not in row.setdefault("llamacpp", {})
-        return ppl, tasks, speed, llamacpp
-
-    def evaluate(self, row: dict) -> None:
-        ppl, tasks, speed, llamacpp = self.missing(row)
-        if (speed or llamacpp) and row["recovery"]:
-            # Fine-tuning keeps every shape, and speed depends on shapes only: reuse the pruned row's timings.
-            base = self.load_row(row["method"], row["budget"], 0, row.get("seed"))
-            for part, key, wanted in (("speed", self.speed_key(), speed), ("llamacpp", self.llamacpp_key() if llamacpp else None, llamacpp)):
-                timing = (base.get(part) or {}).get(key) if wanted else None
-                if timing:
-                    row.setdefault(part, {})[key] = {**timing, "measured_on": base["name"]}
-                    self.save_row(row)
-            speed = speed and self.speed_key() not in row["speed"]
-            llamacpp = llamacpp and self.llamacpp_key() not in row["llamacpp"]
-        if not (ppl or tasks or speed or llamacpp):
-            return
-        a = self.args
-        model = self.materialize(row) if (ppl or tasks or speed) else None
-        if ppl or tasks:
-            from ..evaluation import evaluate_model
-
-            def record(max_windows):
-                def on_part_done(results: dict) -> None:
-                    times = results.get("time_s", {})
-                    for label, by_protocol in results.get("ppl_details", {}).items():
-                        for protocol, detail in by_protocol.items():
-                            row["ppl"][self.ppl_key(detail["dataset"], protocol, max_windows)] = {
-                                "label": label, "value": detail["ppl"], "n_windows": detail.get("n_windows"),
-                                "time_s": times.get("ppl", {}).get(label, {}).get(protocol)}
-                    for task, metrics in results.get("zero_shot", {}).items():
-                        row["zero_shot"][self.task_key(task)] = {**metrics, "time_s": times.get("zero_shot", {}).get(task)}
-                    if results.get("ppl_details"):
-                        note_machine(row, "ppl")
-                    if results.get("zero_shot"):
-                        note_machine(row, "zero_shot")
-                    self.save_row(row)
-
-                return on_part_done
-
-            # one evaluate_model call per (windows, protocol) of the missing cells, then the zero-shot tasks
-            groups: dict = {}
-            for cell in ppl:
-                groups.setdefault((cell.max_windows, cell.protocol), []).append(cell.dataset)
-            calls = [(datasets, [protocol], windows, []) for (windows, protocol), datasets in groups.items()]
-            if tasks:
-                calls.append(([], [], a.max_windows, tasks))
-            print(f"[benchmark] evaluating {row['name']}: ppl {[c.dataset + '/' + c.column for c in ppl] or '-'} "
-                  f"tasks {tasks or '-'}", flush=True)
-            for datasets, protocols, windows, task_list in calls:
-                evaluate_model(model, self.tokenizer(), ppl=datasets, protocols=protocols, tasks=task_list,
-                               data_dir=a.data_dir, limit=a.limit, batch_size=a.batch_size, max_windows=windows,
-                               seed=a.seed, model_name=row["name"], progress=False, on_part_done=record(windows))
-        if speed:
-            from ..evaluation.speed import relative_speed
-
-            print(f"[benchmark] timing {row['name']} against dense", flush=True)
-            res = relative_speed({"dense": self.dense(), "pruned": model}, reference="dense", reps=a.speed_reps,
-                                 seq_len=a.speed_seq_len, new_tokens=a.speed_new_tokens)
-            row["speed"][self.speed_key()] = {**res["models"]["pruned"], "dense": res["models"]["dense"], "settings": res["settings"]}
-            note_machine(row, "speed")
-            self.save_row(row)
-        if llamacpp:
-            self.time_llamacpp(row)
-
-    def time_llamacpp(self, row: dict) -> None:
-        """The row's checkpoint and the dense one as GGUF files (--llamacpp-outtype) in llama.cpp: prompt
-        processing and generation tokens/s, the two models interleaved (dms_llm.export.llamacpp)."""
-        from ..export import llamacpp
-
-        a = self.args
-        work = os.path.join(a.work, "gguf")
-        print(f"[benchmark] llama.cpp: timing {row['name']} against dense ({a.llamacpp_outtype}, "
-              f"{a.llamacpp_threads} thread(s))", flush=True)
-        files = {"dense": llamacpp.gguf_file(work, "dense", self.checkpoint_of({"method": "dense"}), a.llamacpp_outtype),
-                 "pruned": llamacpp.gguf_file(work, row["name"], self.checkpoint_of(row), a.llamacpp_outtype)}
-        res = llamacpp.interleaved_speed(files, threads=a.llamacpp_threads, reps=a.llamacpp_reps, pp=a.llamacpp_pp,
-                                         tg=a.llamacpp_tg)
-        pruned, dense = res["pruned"], res["dense"]
-        row["llamacpp"][self.llamacpp_key()] = {
-            "pp": pruned["pp"], "tg": pruned["tg"], "dense_pp": dense["pp"], "dense_tg": dense["tg"],
-            "pp_speedup": pruned["pp"] / dense["pp"], "tg_speedup": pruned["tg"] / dense["tg"], "clock": res["clock"],
-            "load_average_max": res["load_average_max"], "gguf": os.path.relpath(files["pruned"], a.work),
-            "samples": {"pruned": pruned["samples"], "dense": dense["samples"]}}
-        note_machine(row, "llamacpp")
-        self.save_row(row)
-
-    # ----- the report ---------------------------------------------------------------------------
-    def report_row(self, row: dict) -> dict:
-        a = self.args
-        ppl: dict = {}
-        eval_time: dict = {}
-        for cell in self.ppl_cells:
-            if not cell.applies(row["method"], row["budget"]):
-                continue
-            hit = row["ppl"].get(self.ppl_key(cell.dataset, cell.protocol, cell.max_windows))
-            if hit:
-                ppl.setdefault(hit["label"], {})[cell.column] = hit["value"]
-                if hit.get("time_s") is not None:
-                    eval_time[f"ppl/{hit['label']}/{cell.column}"] = hit["time_s"]
-        zs = {}
-        for t in a.tasks:
-            m = row["zero_shot"].get(self.task_key(t))
-            if m:
-                zs[t] = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not k.startswith("n") and k != "time_s"}
-                zs[t]["stderr"] = m.get(f"{m.get('reported_metric')}_stderr")
-                if m.get("time_s") is not None:
-                    eval_time[f"zero_shot/{t}"] = m["time_s"]
-        avg, avg_se = zero_shot_average([zs.get(t) for t in a.tasks])
-        sp = row["speed"].get(self.speed_key()) or {}
-        dense_speed = 1.0 if row["method"] == "dense" else None
-        out = {"method": row["method"], "budget": row["budget"], "recovery": row["recovery"], "seed": row.get("seed"),
-               "params": row["params"], "ppl": ppl, "zero_shot": zs, "zero_shot_avg": avg, "zero_shot_avg_stderr": avg_se,
-               "prefill_speedup": sp.get("prefill_speedup", dense_speed), "decode_speedup": sp.get("decode_speedup", dense_speed),
-               "time_s": row["time_s"], "eval_time_s": eval_time, "machines": row.get("machines", {}),
-               "dtype": row.get("dtype", a.dtype), "train_dtype": row.get("train_dtype"),
-               "calib_tokens": row.get("calib_tokens"), "recovery_tokens": row.get("recovery_tokens")}
-        if getattr(a, "llamacpp", False):
-            lc = (row.get("llamacpp") or {}).get(self.llamacpp_key()) or {}
-            one = 1.0 if row["method"] == "dense" else None
-            out.update(llamacpp_pp_speedup=lc.get("pp_speedup", one), llamacpp_tg_speedup=lc.get("tg_speedup", one),
-                       llamacpp_pp=lc.get("pp"), llamacpp_tg=lc.get("tg"))
-        if (row.get("info") or {}).get("chosen_seed") is not None:
-            out["chosen_seed"] = row["info"]["chosen_seed"]
-        return out
-
-
-def zero_shot_average(tasks: list) -> tuple[float | None, float | None]:
-    """The mean of the tasks' reported accuracies and its standard error sqrt(sum SE_i^2) / n, the tasks
-    taken as independent (each SE_i is lm-eval's standard error of that task's mean accuracy). None
-    unless every task has a value (and, for the SE, a standard error)."""
-    if not tasks or any(t is None or t.get("value") is None for t in tasks):
-        return None, None
-    avg = sum(t["value"] for t in tasks) / len(tasks)
-    ses = [t.get("stderr") for t in tasks]
-    se = None if any(x is None for x in ses) else sum(x * x for x in ses) ** 0.5 / len(tasks)
-    return avg, se

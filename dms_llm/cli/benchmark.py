@@ -29,7 +29,8 @@ import os
 from pathlib import Path
 
 from ..benchmark.report import markdown, write_outputs
-from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of, parse_ppl_extra, ppl_cells
+from ..benchmark.cells import parse_ppl_extra, ppl_cells
+from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of
 from ..method import DMSConfig
 from .options import HelpFormatter, data_dir_default, exit_code
 
@@ -60,7 +61,7 @@ def _apply_config(p: argparse.ArgumentParser, argv) -> str | None:
             p.error(f"--config {path}: unknown key {key!r}; valid keys are this command's options (see --help)")
         if isinstance(action, argparse._AppendAction):
             value = [str(v) for v in (value if isinstance(value, list) else [value])]
-        elif isinstance(action, argparse._StoreTrueAction):
+        elif isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if not isinstance(value, bool):
                 p.error(f"--config {path}: {key} is a switch: true or false, got {value!r}")
         elif isinstance(value, list):
@@ -113,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--speed-reps", type=int, default=5, help="timed runs per model for prefill/decode speed (0: skip)")
     p.add_argument("--speed-seq-len", type=int, default=128, help="prefill length of the speed test")
     p.add_argument("--speed-new-tokens", type=int, default=32, help="decode steps of the speed test (after 32 prompt tokens)")
-    p.add_argument("--llamacpp", action="store_true",
+    p.add_argument("--llamacpp", action=argparse.BooleanOptionalAction, default=False,
                    help="llama.cpp speed columns: each row's checkpoint and the dense model exported to GGUF "
                         "(--llamacpp-outtype) and timed in llama.cpp, interleaved (needs the llamacpp extra)")
     p.add_argument("--llamacpp-outtype", default="q8_0", help="GGUF type of the llama.cpp timing (default: %(default)s)")
