@@ -143,41 +143,49 @@ def fit_to_budget(masks, counter: ParameterCounter, target: int) -> dict:
     """Rescale the kept ratios so the hard architecture uses the budget: the largest factor with
     count <= target.
 
-    Above the target, channel widths are scaled down first (fine-grained, so the result lands close to
-    the target); heads and depth are included only when channels alone cannot reach it. Below the
-    target (the hard rounding of heads and depth can leave a search there), the MLP widths are scaled up
-    into the slack; the hidden width is left alone because one hidden channel costs a whole column of
-    every layer, too coarse to fill with.
+    Above the target, the MLP widths are scaled down first (fine-grained, so the result lands close to
+    the target), then all channel counts with the hidden width, and heads and depth only when channels
+    alone cannot reach it. Below the target (the hard rounding of heads, depth or an aligned hidden width
+    can leave a search there, and so can a scale-down that crossed a coarse step), the MLP widths are
+    scaled up into the slack; the hidden width is left alone because one hidden channel costs a whole
+    column of every layer, too coarse to fill with.
     """
     structures = [t for _, t in masks.named_structures()]
+    mlp = list(masks.channels.values())
     before = counter.hard(masks)
-    saved = {id(t): t.ratio.detach().clone() for t in structures}
+    saved = {}
+
+    def snapshot():
+        saved.update({id(t): t.ratio.detach().clone() for t in structures})
 
     def count_at(alpha, group):
         with torch.no_grad():
-            for t in group:
-                t.ratio.copy_(saved[id(t)] * alpha)
+            for t in structures:
+                t.ratio.copy_(saved[id(t)] * (alpha if t in group else 1.0))
                 t.clamp_()
         return counter.hard(masks)
 
     def fitting(group, lo, hi):  # the count is monotone in alpha
         return largest_fitting(lambda alpha: count_at(alpha, group) <= target, lo, hi)
 
-    if before <= target:
-        mlp = list(masks.channels.values())
-        if not mlp or before == target:
-            return {"scale": 1.0, "params": before, "params_before": before, "rescaled": "none"}
+    snapshot()
+    scale, rescaled, params = 1.0, "none", before
+    if before > target:
+        groups = (("mlp channels", mlp), ("channels", [t for t in structures if t.kind == "channel"]), ("all", structures))
+        for name, group in groups:
+            if group and count_at(0.0, group) <= target:
+                scale, rescaled = fitting(group, 0.0, 1.0), name
+                params = count_at(scale, group)
+                break
+        else:
+            count_at(1.0, [])
+            raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")
+        snapshot()
+    if mlp and params < target:
         ceiling = max(1.0 / float(saved[id(t)]) for t in mlp)  # beyond it every MLP is whole
-        alpha = fitting(mlp, 1.0, ceiling)
-        params = count_at(alpha, mlp)
-        return {"scale": alpha, "params": params, "params_before": before,
-                "rescaled": "mlp channels up" if params > before else "none"}
-
-    for name, group in (("channels", [t for t in structures if t.kind == "channel"]), ("all", structures)):
-        for t in structures:
-            t.ratio.data.copy_(saved[id(t)])
-        if not group or count_at(0.0, group) > target:
-            continue
-        alpha = fitting(group, 0.0, 1.0)
-        return {"scale": alpha, "params": count_at(alpha, group), "params_before": before, "rescaled": name}
-    raise ValueError(f"no rescaling of the kept ratios reaches {target} parameters")
+        up = fitting(mlp, 1.0, ceiling)
+        grown = count_at(up, mlp)
+        if grown > params:
+            scale, params = scale * up, grown
+            rescaled = "mlp channels up" if rescaled == "none" else f"{rescaled}, then mlp channels up"
+    return {"scale": scale, "params": params, "params_before": before, "rescaled": rescaled}

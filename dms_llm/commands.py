@@ -18,7 +18,7 @@ import sys
 SUBCOMMANDS = {
     "search": ("dms_llm.cli.search", "search an architecture under a parameter budget, prune, save and evaluate it"),
     "finetune": ("dms_llm.cli.finetune", "recovery fine-tuning (LoRA or full, with distillation) of a pruned checkpoint"),
-    "export": ("dms_llm.export", "write a checkpoint in an inference engine's format (GGUF for llama.cpp)"),
+    "export": ("dms_llm.cli.export", "write a checkpoint in an inference engine's format (GGUF for llama.cpp)"),
     "prune": ("dms_llm.cli.prune", "apply a plan to a checkpoint's files, tensor by tensor (memory: one shard, not the model)"),
     "eval": ("dms_llm.cli.run_eval", "perplexity and zero-shot accuracy of a dense or pruned model"),
     "benchmark": ("dms_llm.cli.benchmark", "baselines and DMS side by side at equal budgets: plans, evaluation, speed, plot"),

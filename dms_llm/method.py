@@ -44,6 +44,9 @@ class DMSConfig:
     budget_weight: float = 2.0  # lambda_res
     schedule_fraction: float = 0.8  # the target descends over this fraction of the steps; then refine
     fit_budget: bool = True  # at the end, rescale the kept ratios so the hard count meets the budget
+    # Taylor importances start as the mean over this many calibration blocks (the unmasked model's),
+    # instead of from zero: the first masks then rank elements on more tokens than one step sees
+    warmup_blocks: int = 0
     # the model's weights during the search
     train_weights: str = "none"  # none (frozen), lora, full
     weight_lr: float = 1e-4
@@ -73,6 +76,8 @@ class DMSConfig:
             raise ValueError(f"train_weights must be one of {', '.join(WEIGHT_MODES)}, got {self.train_weights!r}")
         if self.spare_first < 0 or self.spare_last < 0:
             raise ValueError(f"spare_first and spare_last must be >= 0, got {self.spare_first} and {self.spare_last}")
+        if self.warmup_blocks < 0:
+            raise ValueError(f"warmup_blocks must be >= 0, got {self.warmup_blocks}")
         if self.steps < 1 or not 0 < self.schedule_fraction <= 1 or not 0 <= self.ema_decay < 1:
             raise ValueError("steps must be >= 1, schedule_fraction in (0, 1], ema_decay in [0, 1)")
         if not isinstance(self.align, int) or self.align < 1:

@@ -402,7 +402,7 @@ def test_fit_scales_down_to_the_target_and_leaves_an_exact_fit_alone():
     counter = ParameterCounter(model)
     before = counter.hard(masks)
     fit = fit_to_budget(masks, counter, before - 500)
-    assert fit["params"] <= before - 500 < fit["params_before"] == before and fit["rescaled"] == "channels"
+    assert fit["params"] <= before - 500 < fit["params_before"] == before and fit["rescaled"] == "mlp channels"
     exact = fit_to_budget(masks, counter, fit["params"])
     assert exact["rescaled"] == "none" and exact["params"] == fit["params"]
 
@@ -449,3 +449,26 @@ def test_aligned_masks_prune_to_aligned_widths_and_fit_the_budget():
     widths = [len(lp.mlp_channels) for lp in plan.layers] + [len(plan.hidden_channels)]
     assert all(w % 8 == 0 or w in (40, 48) for w in widths), widths
     assert plan.params_after == fit["params"]
+
+
+def test_fit_with_coarse_aligned_widths_lands_near_the_target():
+    """Aligned widths move in steps: the scale-down takes the MLP widths first and then gives back to
+    them whatever a coarse step left unused, so the result sits within one MLP step of the target
+    (layers whose kept ratios differ cross their steps one at a time)."""
+    from dms_llm.budget import fit_to_budget
+
+    model = tiny_model("llama-gqa", intermediate_size=64, num_hidden_layers=4)
+    masks = _structure_masks(model, "heads,channels,hidden,layers", method=DMSConfig(align=8))
+    for _, topk in masks.named_structures():
+        topk.ratio.data.fill_(1.0)
+    for topk, ratio in zip(masks.channels.values(), (0.97, 0.83, 0.9, 0.76)):  # widths a search left apart
+        topk.ratio.data.fill_(ratio)
+    counter = ParameterCounter(model)
+    target = int(0.85 * counter.hard(masks))
+    fit = fit_to_budget(masks, counter, target)
+    assert fit["params"] == counter.hard(masks) <= target
+    assert fit["rescaled"].startswith("mlp channels")
+    one_mlp_step = 3 * 8 * masks.hidden.kept()  # 8 more channels in one layer
+    whole = all(t.kept() == t.n for t in masks.channels.values())
+    assert whole or target - fit["params"] < one_mlp_step, (target - fit["params"], one_mlp_step)
+    assert masks.hidden.kept() == masks.hidden.n  # the coarse hidden width was not touched

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 from test_modeling import _save, sliced_model
 
-from dms_llm.export import main as export_main
+from dms_llm.cli.export import main as export_main
 from dms_llm.export.gguf import GGUFExportError, _interleave_rotary_halves, export_gguf
 from dms_llm.export.gguf_vocab import vocab_from_tokenizer
 

@@ -459,3 +459,42 @@ def test_aligned_search_saves_aligned_widths(setup, capsys):
     assert plan["metadata"]["method"]["align"] == 8
     summary = json.load(open(out / "search_summary.json"))
     assert summary["params"] <= summary["target_params"]
+
+
+def test_warm_up_starts_the_importances_at_the_mean_taylor_score(setup):
+    """After the warm-up the importances are the mean over the first blocks of (sum over tokens of
+    m dL/dm)^2 of the unmasked model, recomputed here by hand; the search then resumes exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dms_llm import DMSConfig, MaskHooks, ModelMasks, RunSettings, load_calibration
+    from dms_llm.training.dms import Engine, SearchModule, warm_up_importance
+
+    model_dir, corpus, tmp = setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False)
+    blocks = load_calibration(corpus, AutoTokenizer.from_pretrained(model_dir), 32, 16, seed=0)
+    masks = ModelMasks.for_method(model.config, DMSConfig(align=1))
+    engine = Engine(RunSettings(), verbose=False)
+    module, _ = engine.prepare(SearchModule(model, masks), torch.optim.SGD(masks.ratio_parameters(), lr=0.0))
+    with MaskHooks(model, masks):
+        warm_up_importance(engine, module, masks, blocks, 5, batch_size=1)
+        expected = {name: torch.zeros(t.n) for name, t in masks.named_structures()}
+        fresh = ModelMasks.for_method(model.config, DMSConfig(align=1))
+    with MaskHooks(model, fresh):
+        for i in range(5):
+            loss = torch.nn.functional.cross_entropy(model(blocks[i : i + 1]).logits[0, :-1], blocks[i, 1:])
+            loss.backward()
+            for name, acc in fresh._taylor.items():
+                expected[name] += acc.pow(2) / 5
+            fresh.discard_importance()
+    for name, topk in masks.named_structures():
+        torch.testing.assert_close(topk.importance, expected[name], rtol=1e-4, atol=1e-12)
+    assert any(topk.importance.std() > 0 for _, topk in masks.named_structures())
+    assert all(p.grad is None for p in masks.ratio_parameters())
+
+    common = ("--target-ratio", "0.5", "--warmup-blocks", "6")
+    assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
+    a, b = (_read_metrics(tmp / d) for d in "ab")
+    assert [m["task_loss"] for m in a] == [m["task_loss"] for m in b]
+    assert json.load(open(tmp / "a" / "dms_plan.json"))["layers"] == json.load(open(tmp / "b" / "dms_plan.json"))["layers"]

@@ -48,6 +48,8 @@ class SearchConfig(RunOptions):
     num_samples: int = option(256, "calibration blocks")
     steps: int = option(M.steps, "search steps; the last 20%% refine channel widths only")
     ratio_lr: float = option(M.ratio_lr, "learning rate of the kept ratios (constant, Adam, no weight decay)")
+    warmup_blocks: int = option(M.warmup_blocks, "start the importances as the mean Taylor score over this many "
+                                                 "calibration blocks (0: from zero, as the paper)")
     weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
     budget_weight: float = option(M.budget_weight, "lambda_res, weight of the budget loss")
     train_weights: str = option(M.train_weights, "model weights during the search: none (frozen), lora, full")
@@ -102,6 +104,7 @@ class SearchConfig(RunOptions):
             return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
                              align=self.align,
                              steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
+                             warmup_blocks=self.warmup_blocks,
                              train_weights=self.train_weights, weight_lr=self.weight_lr, lora_r=self.lora_r,
                              lora_alpha=self.lora_alpha, distill=self.distill, distill_weight=self.distill_weight,
                              distill_temperature=self.distill_temperature)

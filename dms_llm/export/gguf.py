@@ -210,7 +210,7 @@ class GGUFPlan:
     def _per_layer(self, values: list[int]):
         return values[0] if self.arch == "llama" else values
 
-    def write_keys(self, writer: GGUFWriter, name: str, tokenizer) -> None:
+    def write_keys(self, writer: GGUFWriter, name: str, vocab) -> None:
         config, shapes = self.config, self.shapes
         writer.add_type("model")
         writer.add_name(name)
@@ -232,7 +232,7 @@ class GGUFPlan:
         writer.add_file_type(OUTTYPES[self.outtype][1])
         if self.outtype == "q8_0":
             writer.add_quantization_version(GGML_QUANT_VERSION)
-        vocab_from_tokenizer(tokenizer, shapes.vocab_size).write_to(writer)
+        vocab.write_to(writer)
 
 
 def _encode(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -261,14 +261,13 @@ def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrit
         raise GGUFExportError(f"the folder of --output {output} does not exist")
     checkpoint = Checkpoint(checkpoint_dir)
     plan = GGUFPlan(checkpoint, outtype)
-    tokenizer = checkpoint.tokenizer()
-    vocab_from_tokenizer(tokenizer, plan.shapes.vocab_size)  # fail on the tokenizer before writing
+    vocab = vocab_from_tokenizer(checkpoint.tokenizer(), plan.shapes.vocab_size)  # before anything is written
 
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".tmp", dir=os.path.dirname(output))
     os.close(fd)
     writer = GGUFWriter(path=None, arch=plan.arch)
     try:
-        plan.write_keys(writer, os.path.basename(os.path.normpath(checkpoint_dir)), tokenizer)
+        plan.write_keys(writer, os.path.basename(os.path.normpath(checkpoint_dir)), vocab)
         for t in plan.tensors:
             dtype, shape, nbytes = _nbytes_and_shape(t.shape, t.qtype)
             raw = None if t.qtype in _NUMPY_TYPES else t.qtype

@@ -30,7 +30,7 @@ from ..masks import ModelMasks
 from ..method import DMSConfig
 from ..plan import PrunePlan
 from ..prune import prune_model
-from .engine import Engine, RunSettings, set_activation_checkpointing
+from .engine import Engine, RunSettings, has_checkpoint, set_activation_checkpointing
 
 # The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
 # size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
@@ -97,6 +97,8 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
     try:
         loop = SearchLoop(engine, SearchModule(hooked, masks), masks, counter, blocks, config, target, teacher, weight_params)
         start = time.time()
+        if config.warmup_blocks and not (resume and engine.state_dir and has_checkpoint(engine.state_dir)):
+            warm_up_importance(engine, loop.module, masks, blocks, config.warmup_blocks, run.batch_size)
         engine.run(loop.step, config.steps, blocks.shape[1], resume, "DMS search", postfix=lambda m: {
             "loss": f"{m['task_loss']:.3f}", "params": f"{m['params'] / 1e6:.2f}M/{target / 1e6:.2f}M", "phase": m["phase"]})
         search_time = time.time() - start
@@ -229,6 +231,28 @@ def _prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
                 return hooked(input_ids=ids, use_cache=False).logits
 
     return hooked, peft_model, weight_params, teacher
+
+
+def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.Tensor, n: int, batch_size: int) -> None:
+    """Importances = the mean Taylor score of the unmasked model over the first `n` blocks (split over
+    the processes), so the search's first masks rank elements on n blocks rather than one."""
+    from .engine import next_token_loss
+
+    acc, sums = engine.acc, {}
+    mine = list(range(acc.process_index * batch_size, min(n, len(blocks)), acc.num_processes * batch_size))
+    for start in mine:
+        ids = blocks[start : start + batch_size].to(acc.device)
+        with acc.autocast():
+            acc.backward(next_token_loss(module(ids), ids))
+        for name, taylor in masks._taylor.items():
+            sums[name] = sums.get(name, 0) + taylor.pow(2)
+        masks.discard_importance()
+    engine.module.zero_grad(set_to_none=True)  # the warm-up only measures: no gradient is kept
+    count = engine.mean_over_ranks(torch.tensor(float(len(mine)), device=acc.device)) * acc.num_processes
+    for name, topk in masks.named_structures():
+        total = engine.mean_over_ranks(sums.get(name, torch.zeros(topk.n, device=acc.device))) * acc.num_processes
+        topk.importance.copy_(total / count)
+    engine.say(f"importances warmed up on {int(count)} blocks")
 
 
 def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
