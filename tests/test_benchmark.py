@@ -494,3 +494,23 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     assert a.align == 32 and a.dtype == "float32" and a.llamacpp_outtype == "q8_0"
     rows = [(m, b, r) for m, b, r in bench.plan_rows(a) for _ in bench.Benchmark(a).seeds(m)]
     assert len(rows) == 1 + 2 * 2 * (5 + 3 + 1 + 1)  # dense; per budget, one-shot and recovered: 5 baselines, 3 DMS seeds, restarts, LoRA
+
+
+def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):
+    """A --dms-config recipe's warmup-blocks reaches the search; its align is the benchmark's for every method
+    (no --align), and a --align that disagrees with it is refused before any work."""
+    bench = _load_benchmark()
+    recipe = setup["tmp"] / "dms-warmup.yaml"
+    recipe.write_text(Path(setup["recipe"]).read_text() + "warmup-blocks: 2\nalign: 2\n")
+    out, work = setup["tmp"] / "results-warmup", setup["tmp"] / "work-warmup"
+    argv = _argv(setup, out, work, "dms,magnitude", speed_reps=0, dms_config=recipe)
+    argv = argv[: argv.index("--align")] + argv[argv.index("--align") + 2:]
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv + ["--align", "4"])
+    assert bench.parse_args(argv + ["--align", "2"]).align == 2 and bench.parse_args(_argv(setup, out, work, "dms")).align == 1
+    assert bench.main(argv) == 0
+    saved = {p.name.split("-")[0]: json.loads(p.read_text()) for p in (work / "rows").glob("*.json")}
+    settings = json.loads((work / saved["dms"]["artifact"] / "search_config.json").read_text())
+    assert settings["warmup_blocks"] == 2 and settings["align"] == 2
+    assert saved["dms"]["identity"]["align"] == saved["magnitude"]["identity"]["align"] == 2
+    assert saved["dms"]["identity"]["recipe"]["warmup_blocks"] == 2  # a new warmup is a new search

@@ -84,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list from {','.join(ALL_METHODS)} (default: all but dms-restarts)")
     p.add_argument("--calib-dataset", default="default", help="calibration text of the baselines (data.load_calibration)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration blocks of the baselines")
-    p.add_argument("--align", type=int, default=DMSConfig.align,
-                   help="every method keeps MLP (and DMS hidden) widths in multiples of N; 1: exact (default: %(default)s)")
+    p.add_argument("--align", type=int, default=None,
+                   help="every method keeps MLP (and DMS hidden) widths in multiples of N; 1: exact (default: the "
+                        f"--dms-config recipe's align, else {DMSConfig.align}); a recipe that sets another is an error")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
     p.add_argument("--ppl", default="wikitext2", help="perplexity datasets (comma list, or 'none')")
     p.add_argument("--protocols", default="llm-pruner", help="perplexity protocols: llm-pruner, sparsegpt")
@@ -152,6 +153,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, path in (("--dms-config", args.dms_config), ("--recovery-config", args.recovery_config)):
         if path and not os.path.isfile(path):
             p.error(f"{flag} {path} not found")
+    recipe_align = None
+    if args.dms_config:  # one alignment for every method: the DMS recipe's, unless --align says the same
+        from .options import ConfigError
+        from .search import load_recipe
+
+        try:
+            recipe_align = load_recipe(args.dms_config).get("align")
+        except ConfigError as e:
+            p.error(f"--dms-config: {e}")
+    if args.align is None:
+        args.align = DMSConfig.align if recipe_align is None else int(recipe_align)
+    elif recipe_align is not None and int(recipe_align) != args.align:
+        p.error(f"--align {args.align}, but the --dms-config recipe {args.dms_config} sets align: {recipe_align}; the "
+                "benchmark aligns every method alike: drop --align or make them agree")
+    if args.align < 1:
+        p.error(f"--align must be at least 1, got {args.align}")
     if args.device == "auto":
         import torch
 
