@@ -514,3 +514,45 @@ def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):
     assert settings["warmup_blocks"] == 2 and settings["align"] == 2
     assert saved["dms"]["identity"]["align"] == saved["magnitude"]["identity"]["align"] == 2
     assert saved["dms"]["identity"]["recipe"]["warmup_blocks"] == 2  # a new warmup is a new search
+
+
+def test_llamacpp_columns_from_gguf_files_of_every_row(setup, tmp_path, monkeypatch):
+    """--llamacpp: each row's checkpoint and the dense one exported to GGUF and timed in llama.cpp; the
+    speed-up is the ratio of the medians of the recorded samples; a recovered row reuses its pruned row's
+    timing (same shapes); a rerun times nothing."""
+    pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+    import statistics
+
+    from conftest import tiny_model
+    from test_export_gguf import byte_level_tokenizer
+
+    import dms_llm.export.llamacpp as llamacpp
+
+    model_dir = str(tmp_path / "bpe-model")  # llama.cpp needs a BPE tokenizer
+    model = tiny_model("llama-gqa", num_hidden_layers=2, vocab_size=320)
+    model.config.pad_token_id = None
+    model.save_pretrained(model_dir)
+    byte_level_tokenizer().save_pretrained(model_dir)
+    bench = _load_benchmark()
+    out, work = tmp_path / "results", tmp_path / "work"
+    argv = _argv({**setup, "model": model_dir}, out, work, "dense,magnitude", speed_reps=0, recovery_steps=2) + [
+        "--llamacpp", "--llamacpp-outtype", "f32", "--llamacpp-reps", "2", "--llamacpp-pp", "16", "--llamacpp-tg", "4"]
+    assert bench.main(argv) == 0
+    rows = {(r["method"], r["recovery"]): r for r in _report(out, {"model": model_dir})["rows"]}
+    assert rows[("dense", False)]["llamacpp_pp_speedup"] == 1.0 and rows[("dense", False)]["llamacpp_tg_speedup"] == 1.0
+    saved = {p.name: json.loads(p.read_text()) for p in (work / "rows").glob("magnitude-*.json")}
+    pruned = next(r for n, r in saved.items() if "-rec" not in n)
+    recovered = next(r for n, r in saved.items() if "-rec2-" in n)
+    (timing,) = pruned["llamacpp"].values()
+    clock = timing["clock"]
+    for kind in ("pp", "tg"):
+        mine = statistics.median(timing["samples"]["pruned"][f"{kind}_{clock}"])
+        dense = statistics.median(timing["samples"]["dense"][f"{kind}_{clock}"])
+        assert rows[("magnitude", False)][f"llamacpp_{kind}_speedup"] == pytest.approx(mine / dense)
+    assert (work / timing["gguf"]).is_file() and len(list((work / "gguf").glob("*.gguf"))) == 2  # dense, pruned: not the recovered
+    (reused,) = recovered["llamacpp"].values()
+    assert reused["measured_on"] == pruned["name"] and reused["pp_speedup"] == timing["pp_speedup"]
+    md = (out / "bpe-model.md").read_text()
+    assert "llama.cpp pp ×" in md and "f32 GGUF files, 1 thread(s)" in md
+    monkeypatch.setattr(llamacpp, "interleaved_speed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed again")))
+    assert bench.main(argv) == 0

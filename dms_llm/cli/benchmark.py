@@ -201,7 +201,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         from ..export.gguf import OUTTYPES
 
         if importlib.util.find_spec("llama_cpp") is None:
-            p.error("--llamacpp needs llama-cpp-python: pip install '.[llamacpp]' (builds llama.cpp, 15-30 min)")
+            p.error("--llamacpp needs llama-cpp-python: pip install '.[llamacpp]' (builds llama.cpp, 15-30 min), "
+                    "or --no-llamacpp")
         if args.llamacpp_outtype not in OUTTYPES:
             p.error(f"--llamacpp-outtype: choose from {sorted(OUTTYPES)}")
         if min(args.llamacpp_threads, args.llamacpp_reps, args.llamacpp_pp, args.llamacpp_tg) < 1:
