@@ -3,13 +3,22 @@
     python eval/bench_overhead.py                      # SmolLM2-135M, batch 1 x 256, fp32 and bf16
     python eval/bench_overhead.py --seq-len 512 --reps 5 --dtypes bfloat16
     python eval/bench_overhead.py --shape eval/configs/llama-7b.json --dtypes bfloat16 --seq-len 2048   # GPU, 7B shape
+    python eval/bench_overhead.py --shape llama-2-7b --layers 2 --dtypes bfloat16 --seq-len 512 --variants train,frozen
 
 Runs are interleaved (plain, masked, search, plain, ...) so machine noise hits all alike; the median of
 each is reported with the ratios to plain. The masked model has all four structures searched, soft
-masks with non-uniform importances (the search's real path, not the all-ones cold start). "search" is
-one complete search step with frozen weights (masked forward+backward, budget loss, importance update,
-optimiser step), the unit the search's throughput is made of; "plain" is a training step of the
-unmasked model (forward+backward with weight gradients).
+masks with non-uniform importances (the search's real path, not the all-ones cold start).
+`--variants` picks what is timed:
+  train   "plain" is a training step of the unmasked model (forward+backward with weight gradients),
+          "masked" the same with the masks (+ the importance update); ratio = masked / plain
+  frozen  the same pair without weight gradients, as the frozen search computes them: the backward
+          runs through every layer to the embedding output (plain) or to the masks (masked);
+          frozen_ratio = masked_frozen / plain_frozen
+  search  one complete search step with frozen weights (masked forward+backward, budget loss,
+          importance update, optimiser step), the unit the search's throughput is made of;
+          search_throughput_ratio = plain / search
+`--shape` takes a config.json or a named shape of eval/configs (llama-2-7b, llama-3-8b, llama-2-70b,
+llama-7b); `--layers N` builds that shape with N decoder layers (random weights: timing needs shapes only).
 """
 
 from __future__ import annotations
@@ -46,14 +55,38 @@ def time_step(model, ids, masks=None) -> float:
     return elapsed
 
 
-def load(model_name, shape, dtype, device):
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shape_path(shape: str) -> str:
+    """A config.json path, or a named shape of eval/configs (llama-2-7b, llama-3-8b, llama-2-70b, ...)."""
+    if os.path.exists(shape):
+        return shape
+    named = os.path.join(CONFIG_DIR, f"{shape}.json")
+    if os.path.exists(named):
+        return named
+    known = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    raise SystemExit(f"error: no config file {shape!r} and no named shape of that name (known: {', '.join(known)})")
+
+
+def shape_config(shape: str, layers: int | None = None):
+    """The config of a shape, optionally with `layers` decoder layers instead of its own number."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(shape_path(shape))
+    if layers is not None:
+        config.num_hidden_layers = layers
+    return config
+
+
+def load(model_name, shape, dtype, device, layers=None):
     """The named model, or a randomly initialised one of a config.json's shape (timing needs shapes only)."""
     import torch
 
     if shape:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(shape)
+        config = shape_config(shape, layers)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
     from dms_llm.loading import load_model_and_tokenizer
@@ -61,13 +94,46 @@ def load(model_name, shape, dtype, device):
     return load_model_and_tokenizer(model_name, dtype=dtype, device=device)[0]
 
 
-def bench(model_name, dtype, batch, seq_len, reps, structures, device="cpu", shape=None):
+VARIANTS = ("train", "frozen", "search")
+
+
+def frozen_step_timer(model, ids, masks=None):
+    """A callable timing forward+backward without weight gradients (the frozen search's backward).
+
+    Plain: the embedding output is made to require a gradient, so the backward runs through every
+    layer (activation gradients only). Masked (`masks` given, hooks installed by the caller): the
+    gradient reaches the masks, which the embedding output is multiplied by."""
+    embed = model.get_input_embeddings()
+
+    def require_grad(module, args, output):
+        return output.requires_grad_()
+
+    def run() -> float:
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+        handle = embed.register_forward_hook(require_grad) if masks is None else None
+        try:
+            return time_step(model, ids, masks)
+        finally:
+            if handle is not None:
+                handle.remove()
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved[n])
+
+    return run
+
+
+def bench(model_name, dtype, batch, seq_len, reps, structures, device="cpu", shape=None, layers=None,
+          variants=("train", "search")):
     import torch
 
     from dms_llm import MaskHooks, ModelMasks
 
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise SystemExit(f"error: unknown variant(s) {unknown or list(variants)}; choose from {','.join(VARIANTS)}")
     device = torch.device(device)
-    model = load(model_name, shape, dtype, device)
+    model = load(model_name, shape, dtype, device, layers)
     model.requires_grad_(True)  # a training step: weights get gradients in both variants
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     masks = ModelMasks(model.config, structures=structures).to(device)
@@ -76,22 +142,43 @@ def bench(model_name, dtype, batch, seq_len, reps, structures, device="cpu", sha
         topk.importance.copy_(torch.rand(topk.n, generator=g))
         topk.ratio.data.fill_(0.8)
     hooks = MaskHooks(model, masks)
-    search = search_step_timer(model, masks, ids)
-    plain, masked, searched = [], [], []
-    time_step(model, ids)  # warm-up every path
-    with hooks:
-        time_step(model, ids, masks)
-        search()
+
+    def masked(timer):
+        def run():
+            with hooks:
+                return timer()
+        return run
+
+    runs = {}
+    if "train" in variants:
+        runs["plain"] = lambda: time_step(model, ids)
+        runs["masked"] = masked(lambda: time_step(model, ids, masks))
+    if "frozen" in variants:
+        runs["plain_frozen"] = frozen_step_timer(model, ids)
+        runs["masked_frozen"] = masked(frozen_step_timer(model, ids, masks))
+    if "search" in variants:
+        runs["search"] = masked(search_step_timer(model, masks, ids))
+    for run in runs.values():  # warm-up every path
+        run()
+    times = {name: [] for name in runs}
     for _ in range(reps):
-        plain.append(time_step(model, ids))
-        with hooks:
-            masked.append(time_step(model, ids, masks))
-            searched.append(search())
-    p, m, s = (statistics.median(x) for x in (plain, masked, searched))
-    return {"dtype": dtype, "batch": batch, "seq_len": seq_len, "reps": reps, "plain_s": round(p, 4),
-            "masked_s": round(m, 4), "ratio": round(m / p, 4), "search_step_s": round(s, 4),
-            "search_throughput_ratio": round(p / s, 4), "hooks": len(hooks.targets), "device": str(device),
-            "shape": shape}
+        for name, run in runs.items():
+            times[name].append(run())
+    med = {name: statistics.median(t) for name, t in times.items()}
+    row = {"dtype": dtype, "batch": batch, "seq_len": seq_len, "reps": reps}
+    if "train" in variants:
+        row.update(plain_s=round(med["plain"], 4), masked_s=round(med["masked"], 4),
+                   ratio=round(med["masked"] / med["plain"], 4))
+    if "frozen" in variants:
+        row.update(plain_frozen_s=round(med["plain_frozen"], 4), masked_frozen_s=round(med["masked_frozen"], 4),
+                   frozen_ratio=round(med["masked_frozen"] / med["plain_frozen"], 4))
+    if "search" in variants:
+        row["search_step_s"] = round(med["search"], 4)
+        if "train" in variants:
+            row["search_throughput_ratio"] = round(med["plain"] / med["search"], 4)
+    row.update(hooks=len(hooks.targets), device=str(device), shape=shape, layers=model.config.num_hidden_layers,
+               times_s={name: [round(t, 4) for t in ts] for name, ts in times.items()})
+    return row
 
 
 def search_step_timer(model, masks, ids):
@@ -125,8 +212,10 @@ def search_step_timer(model, masks, ids):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model (default: embedded SmolLM2-135M)")
-    parser.add_argument("--shape", default=None, help="a config.json: time a randomly initialised model of that shape "
-                                                      "instead of --model (e.g. eval/configs/llama-7b.json on a GPU)")
+    parser.add_argument("--shape", default=None, help="a config.json or a named shape of eval/configs (llama-2-7b, llama-3-8b, "
+                                                      "llama-2-70b): time a randomly initialised model of that shape instead of --model")
+    parser.add_argument("--layers", type=int, default=None, help="with --shape: this many decoder layers instead of the shape's")
+    parser.add_argument("--variants", default="train,search", help="what to time: train, frozen, search (comma list)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--batch", type=int, default=1)
@@ -138,14 +227,23 @@ def main(argv=None) -> int:
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    rows = [bench(args.model, d, args.batch, args.seq_len, args.reps, args.structures, device, args.shape)
-            for d in args.dtypes.split(",")]
+    if args.layers is not None and not args.shape:
+        parser.error("--layers needs --shape")
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    rows = [bench(args.model, d, args.batch, args.seq_len, args.reps, args.structures, device, args.shape, args.layers,
+                  variants) for d in args.dtypes.split(",")]
     name = args.shape or args.model or "smollm2-135m"
+    if args.layers is not None:
+        name += f" ({args.layers} layers)"
     print(f"device={device} threads={torch.get_num_threads()} model={name} structures={args.structures}")
-    print(f"{'dtype':10s} {'batch x len':>12s} {'plain s':>9s} {'masked s':>9s} {'masked/plain':>13s} {'search s':>9s} {'search tok/s / plain':>21s}")
+    columns = [("plain s", "plain_s"), ("masked s", "masked_s"), ("masked/plain", "ratio"),
+               ("plain frozen s", "plain_frozen_s"), ("masked frozen s", "masked_frozen_s"), ("frozen ratio", "frozen_ratio"),
+               ("search s", "search_step_s"), ("search tok/s / plain", "search_throughput_ratio")]
+    columns = [(title, key) for title, key in columns if key in rows[0]]
+    print(f"{'dtype':10s} {'batch x len':>12s}" + "".join(f" {title:>{max(9, len(title))}s}" for title, _ in columns))
     for r in rows:
-        print(f"{r['dtype']:10s} {str(r['batch']) + ' x ' + str(r['seq_len']):>12s} {r['plain_s']:9.3f} {r['masked_s']:9.3f} "
-              f"{r['ratio']:13.3f} {r['search_step_s']:9.3f} {r['search_throughput_ratio']:21.3f}")
+        print(f"{r['dtype']:10s} {str(r['batch']) + ' x ' + str(r['seq_len']):>12s}"
+              + "".join(f" {r[key]:>{max(9, len(title))}.3f}" for title, key in columns))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(rows, f, indent=2)

@@ -1,0 +1,166 @@
+"""eval/bench_memory.py (peak memory and step time per search-step kind, per-layer extrapolation) and the
+shape/variant options of eval/bench_overhead.py, on a tiny Llama shape."""
+
+import json
+import os
+import sys
+
+import pytest
+
+EVAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval")
+sys.path.insert(0, EVAL)
+
+import bench_memory as bm  # noqa: E402
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
+        "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 61,
+        "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+@pytest.fixture
+def tiny_shape(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate refuses a second mixed-precision setting in one process; a measuring process is fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_fit_linear_is_exact_on_a_line():
+    a, b = bm.fit_linear([1, 2], [3.5 - 1.25, 3.5 - 2.5])
+    assert a == pytest.approx(3.5) and b == pytest.approx(-1.25)
+    a, b = bm.fit_linear([1, 2, 4], [10 + 7 * x for x in (1, 2, 4)])
+    assert (a, b) == (pytest.approx(10), pytest.approx(7))
+    with pytest.raises(ValueError):
+        bm.fit_linear([2, 2], [1, 3])
+
+
+def test_extrapolation_fits_two_depths_and_checks_the_third(tiny_shape):
+    def cell(depth, peak, step):
+        c = bm.make_cell(tiny_shape, "frozen", False, 1, 16, depth)
+        return {**c, "peak_bytes": peak, "step_s": step, "layer_weight_bytes": 100, "outside_weight_bytes": 40,
+                "load1_before_step": [0.5]}
+
+    a, b, c, d = 1000.0, 250.0, 2.0, 3.0
+    cells = {bm.cell_key(x): x for x in (cell(L, a + b * L, c + d * L) for L in (1, 2, 4))}
+    cells["broken"] = {**bm.make_cell(tiny_shape, "frozen", False, 1, 16, 3), "error": "killed"}
+    (row,) = bm.extrapolations(cells)
+    assert row["fit_depths"] == [1, 2]
+    assert (row["mem_a"], row["mem_b"], row["time_c"], row["time_d"]) == tuple(pytest.approx(x) for x in (a, b, c, d))
+    (check,) = row["checks"]
+    assert check["depth"] == 4 and check["peak_error"] == pytest.approx(0) and check["time_error"] == pytest.approx(0)
+    assert row["full_depth"] == TINY["num_hidden_layers"]
+    assert row["full_peak_bytes"] == pytest.approx(a + b * 6) and row["full_step_s"] == pytest.approx(c + d * 6)
+    assert row["activation_bytes_per_layer"] == pytest.approx(b - 100)
+    assert row["full_weight_bytes"] == 40 + 100 * 6
+
+
+def test_gpu_plan_adds_margin_and_context_and_shards_weights():
+    assert bm.gpu_bytes(10 * bm.GIB) == pytest.approx(10 * bm.GIB * (1 + bm.ALLOCATOR_MARGIN) + bm.CUDA_CONTEXT_GIB * bm.GIB)
+    assert bm.smallest_gpu(30e9) == 40 and bm.smallest_gpu(500e9) is None
+    row = {"full_peak_bytes": 150e9, "full_weight_bytes": 140e9, "layer_weight_bytes": 1e9}
+    assert bm.fsdp_per_gpu_bytes(row, 4) == pytest.approx(140e9 / 4 + 2e9 + 10e9)
+
+
+def test_step_flops_grow_per_layer_and_with_the_kind(tiny_shape):
+    f = [bm.step_flops(tiny_shape, "frozen", False, 1, 16, L) for L in (1, 2, 3)]
+    assert f[2] - f[1] == pytest.approx(f[1] - f[0]) and f[1] > f[0]
+    assert bm.step_flops(tiny_shape, "lora_distill", False, 1, 16, 2) > f[1]
+    assert bm.step_flops(tiny_shape, "frozen", True, 1, 16, 2) > f[1]
+
+
+def test_shape_facts_match_the_real_models():
+    assert bm.shape_facts("llama-2-7b")["params"] == 6_738_415_616
+    assert bm.shape_facts("llama-3-8b")["params"] == 8_030_261_248
+    assert bm.shape_facts("llama-2-70b")["params"] == 68_976_648_192
+
+
+@pytest.mark.parametrize("kind,ckpt", [("frozen", False), ("lora_distill", True), ("frozen_distill", False)])
+def test_measure_cell_runs_each_step_kind(tiny_shape, kind, ckpt, fresh_accelerate_state):
+    cell = bm.make_cell(tiny_shape, kind, ckpt, 2, 16, 2)
+    r = bm.measure_cell(cell, steps=2)
+    for field in ("peak_bytes", "setup_rss_bytes", "weight_bytes", "outside_weight_bytes", "layer_weight_bytes",
+                  "trainable_params", "optimizer_state_bytes", "step_s", "step_s_all", "load1_before_step", "flops"):
+        assert field in r, field
+    assert r["depth"] == 2 and r["kind"] == kind and len(r["step_s_all"]) == 2 and r["step_s"] > 0
+    assert r["peak_bytes"] >= 0 and r["peak_reset"] is True
+    assert r["weight_bytes"] == r["outside_weight_bytes"] + 2 * r["layer_weight_bytes"]
+    assert r["optimizer_state_bytes"] >= 8 * r["trainable_params"]  # AdamW: two fp32 moments per parameter
+    if kind == "lora_distill":
+        assert r["trainable_params"] > 1000
+    else:
+        assert r["trainable_params"] < 100  # the kept ratios only
+    assert (r["saved_activation_bytes"] is None) == ckpt
+    if not ckpt:
+        assert r["saved_activation_bytes"] > 0
+    json.dumps(r)  # what the worker prints must be JSON
+
+
+def test_run_caches_cells_and_reports(tiny_shape, tmp_path, capsys):
+    results = str(tmp_path / "results.json")
+    args = ["run", "--shapes", tiny_shape, "--kinds", "frozen", "--ckpt", "off", "--seq-lens", "16", "--depths", "1",
+            "--results", results]
+    assert bm.main(args) == 0  # one fresh measuring process
+    data = json.load(open(results))
+    (key,) = data["cells"]
+    cell = data["cells"][key]
+    assert "error" not in cell, cell
+    assert cell["depth"] == 1 and cell["threads"] == 1 and len(cell["time_runs"]) == 1
+    capsys.readouterr()
+    assert bm.main(args) == 0  # cached: nothing to measure
+    assert "0 of 1 cells to measure" in capsys.readouterr().out
+    assert bm.main(["report", "--results", results]) == 0
+    assert "| frozen | off | 1x16 | 1 |" in capsys.readouterr().out
+
+
+def test_merge_timing_keeps_every_run_and_reports_the_fastest():
+    old = {"step_s": 5.0, "time_runs": [{"step_s": 5.0, "load1": [3.0], "at": "t0"}]}
+    new = {"step_s": 4.0, "load1_before_step": [1.0], "measured_at": "t1", "peak_bytes": 7}
+    merged = bm.merge_timing(old, new)
+    assert merged["step_s"] == 4.0 and len(merged["time_runs"]) == 2 and merged["peak_bytes"] == 7
+    slower = bm.merge_timing(merged, {**new, "step_s": 6.0, "measured_at": "t2"})
+    assert slower["step_s"] == 4.0 and slower["step_s_newest"] == 6.0 and len(slower["time_runs"]) == 3
+
+
+def test_bench_overhead_frozen_variant_at_a_reduced_depth(tiny_shape):
+    import bench_overhead
+
+    row = bench_overhead.bench(None, "float32", 1, 16, 2, "heads,channels,hidden,layers", "cpu", tiny_shape, layers=2,
+                               variants=("train", "frozen", "search"))
+    assert row["layers"] == 2
+    for key in ("plain_s", "masked_s", "ratio", "plain_frozen_s", "masked_frozen_s", "frozen_ratio", "search_step_s",
+                "search_throughput_ratio"):
+        assert row[key] > 0, key
+    assert set(row["times_s"]) == {"plain", "masked", "plain_frozen", "masked_frozen", "search"}
+
+
+def test_bench_overhead_frozen_plain_step_backpropagates_through_every_layer(tiny_shape):
+    import torch
+
+    import bench_overhead
+
+    model = bench_overhead.load(None, tiny_shape, "float32", torch.device("cpu"), layers=2)
+    model.requires_grad_(True)
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+    seen = []
+    handle = model.model.layers[0].mlp.down_proj.register_full_backward_hook(lambda m, gi, go: seen.append(True))
+    bench_overhead.frozen_step_timer(model, ids)()
+    handle.remove()
+    assert seen  # the first layer got an input gradient
+    assert all(p.grad is None for p in model.parameters()) and all(p.requires_grad for p in model.parameters())
+
+
+def test_named_shapes_resolve_and_unknown_ones_fail():
+    import bench_overhead
+
+    assert bench_overhead.shape_config("llama-3-8b", layers=2).num_hidden_layers == 2
+    with pytest.raises(SystemExit, match="known: .*llama-2-70b"):
+        bench_overhead.shape_path("llama-9b")
