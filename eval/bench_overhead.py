@@ -181,6 +181,55 @@ def bench(model_name, dtype, batch, seq_len, reps, structures, device="cpu", sha
     return row
 
 
+def profile(model_name, dtype, batch, seq_len, structures, device="cpu", shape=None, layers=None, variant="frozen",
+            top=15) -> dict:
+    """Where the masked step's extra time goes: torch.profiler on one plain and one masked step (after a
+    warm-up of each), per operator self time, sorted by masked - plain."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from dms_llm import MaskHooks, ModelMasks
+
+    device = torch.device(device)
+    model = load(model_name, shape, dtype, device, layers)
+    model.requires_grad_(variant == "train")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    masks = ModelMasks(model.config, structures=structures).to(device)
+    g = torch.Generator().manual_seed(1)
+    for _, topk in masks.named_structures():
+        topk.importance.copy_(torch.rand(topk.n, generator=g))
+        topk.ratio.data.fill_(0.8)
+    hooks = MaskHooks(model, masks)
+    if variant == "train":
+        plain, masked_step = (lambda: time_step(model, ids)), (lambda: time_step(model, ids, masks))
+    else:
+        plain, masked_step = frozen_step_timer(model, ids), frozen_step_timer(model, ids, masks)
+
+    def masked():
+        with hooks:
+            return masked_step()
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables, totals = {}, {}
+    for name, run in (("plain", plain), ("masked", masked)):
+        run()  # warm-up
+        with torch_profile(activities=activities) as prof:
+            totals[name] = run()
+        tables[name] = {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
+    ops = sorted(set(tables["plain"]) | set(tables["masked"]),
+                 key=lambda k: tables["masked"].get(k, (0, 0.0))[1] - tables["plain"].get(k, (0, 0.0))[1], reverse=True)
+    rows = [{"op": k, "plain_calls": tables["plain"].get(k, (0, 0))[0], "masked_calls": tables["masked"].get(k, (0, 0))[0],
+             "plain_s": round(tables["plain"].get(k, (0, 0.0))[1], 4), "masked_s": round(tables["masked"].get(k, (0, 0.0))[1], 4),
+             "extra_s": round(tables["masked"].get(k, (0, 0.0))[1] - tables["plain"].get(k, (0, 0.0))[1], 4)} for k in ops]
+    return {"variant": variant, "dtype": dtype, "batch": batch, "seq_len": seq_len, "shape": shape,
+            "layers": model.config.num_hidden_layers, "plain_step_s": round(totals["plain"], 4),
+            "masked_step_s": round(totals["masked"], 4), "ratio": round(totals["masked"] / totals["plain"], 4),
+            "top_extra": rows[:top], "matmul_s": {name: round(sum(t for k, (_, t) in tables[name].items()
+                                                                  if k in ("aten::mm", "aten::addmm", "aten::bmm")), 4)
+                                                  for name in tables}}
+
+
 def search_step_timer(model, masks, ids):
     """A callable timing one `SearchLoop.train_step` on `ids` (frozen weights, as the default search)."""
     from accelerate import Accelerator
@@ -223,6 +272,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--structures", default="heads,channels,hidden,layers")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
+    parser.add_argument("--profile", default=None, choices=("train", "frozen"),
+                        help="instead of timing: profile one plain and one masked step of this variant (first dtype) "
+                             "and list the operators that take the extra time")
     args = parser.parse_args(argv)
     import torch
 
@@ -230,6 +282,20 @@ def main(argv=None) -> int:
     if args.layers is not None and not args.shape:
         parser.error("--layers needs --shape")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if args.profile:
+        result = profile(args.model, args.dtypes.split(",")[0], args.batch, args.seq_len, args.structures, device,
+                         args.shape, args.layers, args.profile)
+        print(f"{args.profile} step, {result['layers']} layers, {args.batch} x {args.seq_len}: plain {result['plain_step_s']:.3f} s, "
+              f"masked {result['masked_step_s']:.3f} s ({result['ratio']:.3f}x, under the profiler); "
+              f"matrix products {result['matmul_s']['plain']:.3f} s / {result['matmul_s']['masked']:.3f} s")
+        print(f"{'operator':40s} {'calls plain':>11s} {'calls masked':>12s} {'plain s':>9s} {'masked s':>9s} {'extra s':>9s}")
+        for r in result["top_extra"]:
+            print(f"{r['op'][:40]:40s} {r['plain_calls']:11d} {r['masked_calls']:12d} {r['plain_s']:9.3f} {r['masked_s']:9.3f} "
+                  f"{r['extra_s']:9.3f}")
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
     rows = [bench(args.model, d, args.batch, args.seq_len, args.reps, args.structures, device, args.shape, args.layers,
                   variants) for d in args.dtypes.split(",")]
     name = args.shape or args.model or "smollm2-135m"
