@@ -268,24 +268,25 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
     trainable = [p for p in hooked.parameters() if p.requires_grad] + masks.ratio_parameters()
     gc.collect()
     setup_rss = rss_bytes() - base
-    peaks, after, times, loads, saved = [], [], [], [], None
+    peaks, after, times, cpu_times, loads, saved = [], [], [], [], [], None
     resettable = True
     for i in range(steps):
         gc.collect()
         resettable = reset_peak() and resettable
         loads.append(load1())
         counting = SavedTensorBytes(hooked) if i == 0 and not cell["ckpt"] else nullcontext()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with counting:
             loop.train_step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - start_cpu)
         peaks.append(peak_bytes() - base)
         after.append(rss_bytes() - base)
         if i == 0 and not cell["ckpt"]:
             saved = counting.total
     optimizer_bytes = sum(_tensor_bytes(v for v in state.values() if torch.is_tensor(v))
                           for state in loop.optimizer.state.values())
-    timed = times[1:] or times
+    timed, timed_cpu = times[1:] or times, cpu_times[1:] or cpu_times
     return {
         **cell,
         "steps": steps,
@@ -306,6 +307,8 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
         "logits_bytes_bf16": cell["batch"] * cell["seq"] * config.vocab_size * 2,
         "step_s": statistics.median(timed),
         "step_s_all": times,
+        "step_cpu_s": statistics.median(timed_cpu),
+        "step_cpu_s_all": cpu_times,
         "load1_before_step": loads,
         "build_s": build_s,
         "flops": step_flops(cell["shape"], cell["kind"], cell["ckpt"], cell["batch"], cell["seq"], cell["depth"]),
@@ -367,14 +370,24 @@ def run_in_subprocess(kind: str, payload: dict, timeout: float) -> dict:
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
+def _run_time(r: dict) -> float:
+    """A timing run's figure of merit: its CPU time where measured (waits for a busy core left out), else wall."""
+    return r["step_cpu_s"] if r.get("step_cpu_s") is not None else r["step_s"]
+
+
 def merge_timing(old: dict | None, new: dict) -> dict:
-    """Keep every timing run (step time, load, when) and report the fastest; memory from the newest run."""
+    """Keep every timing run (wall and CPU step time, load, when) and report the fastest by CPU time;
+    memory comes from the newest run."""
     runs = (old or {}).get("time_runs", [])
     if old and not runs and "step_s" in old:
-        runs = [{"step_s": old["step_s"], "load1": old.get("load1_before_step"), "at": old.get("measured_at")}]
-    runs = runs + [{"step_s": new["step_s"], "load1": new["load1_before_step"], "at": new["measured_at"]}]
-    best = min(runs, key=lambda r: r["step_s"])
-    return {**new, "time_runs": runs, "step_s": best["step_s"], "step_s_newest": new["step_s"]}
+        runs = [{"step_s": old["step_s"], "step_cpu_s": old.get("step_cpu_s"), "load1": old.get("load1_before_step"),
+                 "at": old.get("measured_at")}]
+    runs = runs + [{"step_s": new["step_s"], "step_cpu_s": new.get("step_cpu_s"), "load1": new["load1_before_step"],
+                    "at": new["measured_at"]}]
+    with_cpu = [r for r in runs if r.get("step_cpu_s") is not None]
+    best = min(with_cpu or runs, key=_run_time)
+    return {**new, "time_runs": runs, "step_s": best["step_s"], "step_cpu_s": best.get("step_cpu_s"),
+            "best_load1": best["load1"], "step_s_newest": new["step_s"]}
 
 
 def run_cells(cells: list[dict], path: str, steps: int, refresh_time: bool, timeout: float, dry_run: bool = False,
@@ -383,7 +396,8 @@ def run_cells(cells: list[dict], path: str, steps: int, refresh_time: bool, time
     todo = []
     for c in sorted(cells, key=cell_cost):
         old = data["cells"].get(cell_key(c))
-        if old is None or refresh_time or (retry_errors and "error" in old):
+        incomplete = old is not None and "error" not in old and old.get("step_cpu_s") is None  # timed before CPU time was kept
+        if old is None or incomplete or refresh_time or (retry_errors and "error" in old):
             todo.append(c)
     total = sum(cell_cost(c) for c in todo)
     print(f"{len(todo)} of {len(cells)} cells to measure ({total / 1e12:.1f} TFLOP of steps x {steps}); results: {path}",
@@ -441,14 +455,16 @@ def extrapolations(cells: dict) -> list[dict]:
         fit_on, checks = members[:2], members[2:]
         xs = [c["depth"] for c in fit_on]
         a, b = fit_linear(xs, [c["peak_bytes"] for c in fit_on])
-        tc, td = fit_linear(xs, [c["step_s"] for c in fit_on])
+        basis = "cpu" if all(c.get("step_cpu_s") is not None for c in members) else "wall"
+        step = (lambda c: c["step_cpu_s"]) if basis == "cpu" else (lambda c: c["step_s"])  # noqa: E731
+        tc, td = fit_linear(xs, [step(c) for c in fit_on])
         first = members[0]
         facts = shape_facts(first["shape"])
         full = facts["layers"]
         layer_bytes = first["layer_weight_bytes"]
         row = {
             "group": key, "shape": first["shape"], "kind": first["kind"], "ckpt": first["ckpt"], "batch": first["batch"],
-            "seq": first["seq"], "fit_depths": xs, "mem_a": a, "mem_b": b, "time_c": tc, "time_d": td,
+            "seq": first["seq"], "fit_depths": xs, "mem_a": a, "mem_b": b, "time_c": tc, "time_d": td, "time_basis": basis,
             "layer_weight_bytes": layer_bytes, "outside_weight_bytes": first["outside_weight_bytes"],
             "activation_bytes_per_layer": b - layer_bytes,  # + LoRA state per layer (tens of MB at most)
             "non_weight_intercept_bytes": a - first["outside_weight_bytes"],
@@ -460,8 +476,8 @@ def extrapolations(cells: dict) -> list[dict]:
         for c in checks:
             pm, pt = a + b * c["depth"], tc + td * c["depth"]
             row["checks"].append({"depth": c["depth"], "peak_bytes": c["peak_bytes"], "predicted_peak_bytes": pm,
-                                  "peak_error": pm / c["peak_bytes"] - 1, "step_s": c["step_s"], "predicted_step_s": pt,
-                                  "time_error": pt / c["step_s"] - 1})
+                                  "peak_error": pm / c["peak_bytes"] - 1, "step_s": step(c), "predicted_step_s": pt,
+                                  "time_error": pt / step(c) - 1})
         rows.append(row)
     return rows
 
@@ -531,23 +547,26 @@ def report(data: dict) -> str:
     if cells:
         out.append("Measured cells (CPU, bf16 weights + bf16 autocast, one thread; peak = live tensors above the process's "
                    "start; step = median wall time after one warm-up step, fastest run kept):\n")
-        out.append("| shape | step kind | ckpt | tokens | layers | peak GiB | weights GiB | saved act. GiB | step s | CPU GFLOP/s | load1 |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| shape | step kind | ckpt | tokens | layers | peak GiB | weights GiB | saved act. GiB | step CPU s | step wall s | "
+                   "GFLOP/CPU s | load1 |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for c in sorted(cells.values(), key=lambda c: (c["shape"], c["kind"], c["ckpt"], c["batch"] * c["seq"], c["batch"], c["depth"])):
             saved = "" if c.get("saved_activation_bytes") is None else _gib(c["saved_activation_bytes"])
-            loads = [r["load1"] for r in c.get("time_runs", []) if r["step_s"] == c["step_s"]] or [c["load1_before_step"]]
+            loads = c.get("best_load1") or c["load1_before_step"]
+            cpu = c.get("step_cpu_s")
+            cpu_text, rate = ("-", "-") if cpu is None else (f"{cpu:.1f}", f"{c['flops'] / cpu / 1e9:.0f}")
             out.append(f"| {c['shape']} | {c['kind']} | {'on' if c['ckpt'] else 'off'} | {_tokens(c)} | {c['depth']} | "
-                       f"{_gib(c['peak_bytes'])} | {_gib(c['weight_bytes'])} | {saved} | {c['step_s']:.1f} | "
-                       f"{c['flops'] / c['step_s'] / 1e9:.0f} | {'/'.join(str(x) for x in loads[0])} |")
+                       f"{_gib(c['peak_bytes'])} | {_gib(c['weight_bytes'])} | {saved} | {cpu_text} | {c['step_s']:.1f} | "
+                       f"{rate} | {'/'.join(str(x) for x in loads)} |")
     for c in data["cells"].values():
         if "error" in c:
             out.append(f"\nFAILED {cell_key(c)}: {c['error']}")
     rows = extrapolations(data["cells"])
     if rows:
-        out.append("\nPer-layer fits (memory = a + b*L, time = c + d*L on the two smallest depths), their check at a "
-                   "further depth, and the full model:\n")
+        out.append("\nPer-layer fits (memory = a + b*L, time = c + d*L on the two smallest depths; time in CPU seconds of "
+                   "the one thread where measured, else wall), their check at a further depth, and the full model:\n")
         out.append("| shape | step kind | ckpt | tokens | a GiB | b GiB/layer | of b: activations | check: predicted / measured peak | "
-                   "c s | d s/layer | check: predicted / measured step | full depth | peak at full depth GiB | step at full depth (CPU) |")
+                   "c s | d s/layer | check: predicted / measured step | full depth | peak at full depth GiB | step at full depth (this CPU) |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             mem_check = "; ".join(f"L{k['depth']}: {_gib(k['predicted_peak_bytes'])} / {_gib(k['peak_bytes'])} ({k['peak_error']:+.1%})"
@@ -572,25 +591,32 @@ def report(data: dict) -> str:
                        f"{fs.get(141, '> 8')} |")
     over = data.get("overhead", {})
     if over:
-        out.append("\nMask overhead (eval/bench_overhead.py in a fresh process per row; interleaved repetitions, medians):\n")
+        out.append("\nMask overhead (eval/bench_overhead.py in a fresh process per row; interleaved repetitions, medians of "
+                   "CPU seconds; train = with weight gradients, frozen = activation gradients only, as the frozen search):\n")
         out.append("| shape | layers | tokens | reps | train: plain s | masked s | **masked/plain** | frozen: plain s | masked s | "
-                   "**masked/plain** | load1 |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                   "**masked/plain** | (wall-time ratios) | load1 |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(over.values(), key=lambda r: (r.get("shape", ""), r.get("seq_len", 0), r.get("layers", 0))):
             if "error" in r:
-                out.append(f"| {r.get('shape')} | {r.get('layers')} | {r.get('seq_len')} | FAILED: {r['error']} |||||||")
+                out.append(f"| {r.get('shape')} | {r.get('layers')} | {r.get('seq_len')} | FAILED: {r['error']} ||||||||")
                 continue
-            out.append(f"| {r['shape']} | {r['layers']} | {r['batch']}x{r['seq_len']} | {r['reps']} | {r.get('plain_s', float('nan')):.2f} | "
-                       f"{r.get('masked_s', float('nan')):.2f} | **{r.get('ratio', float('nan')):.3f}** | "
-                       f"{r.get('plain_frozen_s', float('nan')):.2f} | {r.get('masked_frozen_s', float('nan')):.2f} | "
-                       f"**{r.get('frozen_ratio', float('nan')):.3f}** | {r.get('load1_before', '')}-{r.get('load1_after', '')} |")
+            cells_ = []
+            for plain, masked, ratio in (("plain", "masked", "ratio"), ("plain_frozen", "masked_frozen", "frozen_ratio")):
+                if f"{ratio}_cpu" in r:
+                    cells_ += [f"{r[plain + '_cpu_s']:.2f}", f"{r[masked + '_cpu_s']:.2f}", f"**{r[ratio + '_cpu']:.3f}**"]
+                else:
+                    cells_ += ["-", "-", "-"]
+            walls = " / ".join(f"{r[k]:.3f}" for k in ("ratio", "frozen_ratio") if k in r)
+            out.append(f"| {r['shape']} | {r['layers']} | {r['batch']}x{r['seq_len']} | {r['reps']} | " + " | ".join(cells_)
+                       + f" | {walls} | {r.get('load1_before', '')}-{r.get('load1_after', '')} |")
         for line in overhead_extrapolation(over):
             out.append(line)
     return "\n".join(out) + "\n"
 
 
 def overhead_extrapolation(over: dict) -> list[str]:
-    """Masked/plain at full depth from two depths: t(L) = c + d*L for each variant, ratio of the full-depth times."""
+    """Masked/plain at full depth from two depths: CPU time t(L) = c + d*L for each variant, ratio of the
+    full-depth times; also d_masked / d_plain, the ratio per decoder layer."""
     groups: dict[tuple, list[dict]] = {}
     for r in over.values():
         if "error" not in r:
@@ -602,7 +628,7 @@ def overhead_extrapolation(over: dict) -> list[str]:
             continue
         full = shape_facts(shape)["layers"]
         parts = []
-        for plain, masked, name in (("plain_s", "masked_s", "train"), ("plain_frozen_s", "masked_frozen_s", "frozen")):
+        for plain, masked, name in (("plain_cpu_s", "masked_cpu_s", "train"), ("plain_frozen_cpu_s", "masked_frozen_cpu_s", "frozen")):
             if all(plain in r and masked in r for r in rs[:2]):
                 xs = [r["layers"] for r in rs[:2]]
                 cp, dp = fit_linear(xs, [r[plain] for r in rs[:2]])

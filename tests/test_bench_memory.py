@@ -123,11 +123,14 @@ def test_run_caches_cells_and_reports(tiny_shape, tmp_path, capsys):
 
 def test_merge_timing_keeps_every_run_and_reports_the_fastest():
     old = {"step_s": 5.0, "time_runs": [{"step_s": 5.0, "load1": [3.0], "at": "t0"}]}
-    new = {"step_s": 4.0, "load1_before_step": [1.0], "measured_at": "t1", "peak_bytes": 7}
+    new = {"step_s": 4.0, "step_cpu_s": 3.0, "load1_before_step": [1.0], "measured_at": "t1", "peak_bytes": 7}
     merged = bm.merge_timing(old, new)
-    assert merged["step_s"] == 4.0 and len(merged["time_runs"]) == 2 and merged["peak_bytes"] == 7
-    slower = bm.merge_timing(merged, {**new, "step_s": 6.0, "measured_at": "t2"})
-    assert slower["step_s"] == 4.0 and slower["step_s_newest"] == 6.0 and len(slower["time_runs"]) == 3
+    assert merged["step_s"] == 4.0 and merged["step_cpu_s"] == 3.0 and len(merged["time_runs"]) == 2
+    assert merged["peak_bytes"] == 7 and merged["best_load1"] == [1.0]
+    # a run with less wall time but more CPU time (a quieter machine, a slower step) does not replace it
+    slower = bm.merge_timing(merged, {**new, "step_s": 3.5, "step_cpu_s": 3.2, "measured_at": "t2"})
+    assert (slower["step_s"], slower["step_cpu_s"], slower["step_s_newest"]) == (4.0, 3.0, 3.5)
+    assert len(slower["time_runs"]) == 3
 
 
 def test_bench_overhead_frozen_variant_at_a_reduced_depth(tiny_shape):
@@ -164,3 +167,16 @@ def test_named_shapes_resolve_and_unknown_ones_fail():
     assert bench_overhead.shape_config("llama-3-8b", layers=2).num_hidden_layers == 2
     with pytest.raises(SystemExit, match="known: .*llama-2-70b"):
         bench_overhead.shape_path("llama-9b")
+
+
+def test_overhead_rows_extrapolate_to_the_full_depth():
+    def row(layers, plain, masked):
+        return {"shape": "llama-2-7b", "layers": layers, "batch": 1, "seq_len": 512, "reps": 3, "plain_cpu_s": plain,
+                "masked_cpu_s": masked, "ratio_cpu": masked / plain, "ratio": 1.0, "load1_before": 1, "load1_after": 1}
+
+    # plain = 4 + 10 L, masked = 4 + 11 L: per layer 1.1, at 32 layers (4 + 352) / (4 + 320)
+    over = {"a": row(1, 14.0, 15.0), "b": row(2, 24.0, 26.0)}
+    (line,) = bm.overhead_extrapolation(over)
+    assert f"train {356 / 324:.3f} (per layer 1.100)" in line
+    text = bm.report({"cells": {}, "overhead": over})
+    assert "**1.071**" in text and "| llama-2-7b | 2 | 1x512 | 3 |" in text
