@@ -1,26 +1,36 @@
 """dms_llm: Differentiable Model Scaling for Llama-family LLMs on Hugging Face Transformers.
 
-Three verbs, one per phase: attach masks (`ModelMasks` + `MaskHooks`), search (`dms_llm.search`),
-prune (`prune_model` with a `PrunePlan`). Importing the package registers the per-layer `dms_llama`
-architecture with transformers' Auto classes, so pruned checkpoints load without remote code.
+    import dms_llm
+    model, tokenizer = dms_llm.load_model_and_tokenizer("smollm2-135m")
+    blocks = dms_llm.load_calibration("default", tokenizer, seq_len=256, num_samples=64, data_dir="../shared/data")
+    plan = dms_llm.search_plan(model, blocks, target_ratio=0.8, config=dms_llm.DMSConfig(steps=100))
+    dms_llm.save_pruned(dms_llm.prune_model(model, plan), tokenizer, "out/", plan)
+
+One verb per phase: attach masks (`ModelMasks` + `MaskHooks`), search (`search_plan`, which does both
+and returns a `PrunePlan`), prune (`prune_model`). Importing the package registers the per-layer
+`dms_llama` architecture with transformers' Auto classes, so pruned checkpoints load without remote code.
 """
 
 from .arch import UnsupportedArchitectureError, arch_spec, register_family
 from .budget import ParameterCounter, budget_loss
+from .checkpoints import load_model_and_tokenizer, save_pruned
+from .data import load_calibration
 from .dtopk import DifferentiableTopK, kept_count, normalized_ranks
 from .inject import HookTargetError, MaskHooks
-from .masks import STRUCTURES, ModelMasks
+from .masks import ModelMasks
+from .method import STRUCTURES, DMSConfig
+from .modeling import register_auto_classes
+from .plan import PrunePlan
+from .prune import prune_model
+from .training import RunSettings, search_plan
 
-try:  # the modeling package is optional at import time only while it is being written
-    from .modeling import register_auto_classes
-
-    register_auto_classes()
-except ImportError:  # pragma: no cover
-    pass
+register_auto_classes()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "STRUCTURES",
-    "UnsupportedArchitectureError", "arch_spec", "budget_loss", "kept_count", "normalized_ranks", "register_family",
+    "DMSConfig", "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "PrunePlan",
+    "RunSettings", "STRUCTURES", "UnsupportedArchitectureError", "arch_spec", "budget_loss", "kept_count",
+    "load_calibration", "load_model_and_tokenizer", "normalized_ranks", "prune_model", "register_family", "save_pruned",
+    "search_plan",
 ]

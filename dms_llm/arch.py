@@ -1,12 +1,15 @@
-"""Per-family facts: where each piece of a Llama-style decoder lives, keyed by `config.model_type`.
+"""Per-family facts: where each piece of a Llama-style decoder lives and which projections carry a
+bias, keyed by `config.model_type`.
 
 Adding a family whose modules follow the Llama layout is one `register_family(...)` call; a family with
-other names needs its own `ArchSpec`. Nothing else in dms_llm branches on the model family.
+other names needs its own `ArchSpec`, one with other bias conventions its own bias rule. Nothing else in
+dms_llm branches on the model family.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -33,34 +36,80 @@ class ArchSpec:
     mlp_norm: str = "post_attention_layernorm"
 
 
+    def projections(self) -> tuple[str, ...]:
+        """The seven projection names of a decoder layer (q, k, v, o, gate, up, down)."""
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
+
+@dataclass(frozen=True)
+class BiasFacts:
+    """Which projections carry a bias: q/k/v, o_proj, gate/up, down_proj."""
+
+    qkv: bool
+    o: bool
+    gate_up: bool
+    down: bool
+
+
+def _llama_biases(cfg: dict) -> BiasFacts:  # Llama's attention_bias covers q/k/v *and* o
+    attn, mlp = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
+    return BiasFacts(attn, attn, mlp, mlp)
+
+
+def _dms_llama_biases(cfg: dict) -> BiasFacts:  # explicit flags per projection group
+    attn, mlp = bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False))
+    return BiasFacts(attn, bool(cfg.get("attention_out_bias", attn)), mlp, bool(cfg.get("mlp_out_bias", mlp)))
+
+
 LLAMA_LAYOUT = ArchSpec()
 
-FAMILIES: dict[str, ArchSpec] = {}
+
+@dataclass(frozen=True)
+class Family:
+    spec: ArchSpec
+    biases: Callable[[dict], BiasFacts]
+    stock: bool  # its own config class can describe a uniformly pruned model (a stock checkpoint)
 
 
-def register_family(model_type: str, spec: ArchSpec = LLAMA_LAYOUT) -> None:
-    FAMILIES[model_type] = spec
+FAMILIES: dict[str, Family] = {}
 
 
-# Mistral and Qwen2 use Llama's module names; Qwen2's q/k/v biases are read from the modules themselves.
+def register_family(model_type: str, spec: ArchSpec = LLAMA_LAYOUT, biases: Callable[[dict], BiasFacts] = _llama_biases,
+                    stock: bool = True) -> None:
+    FAMILIES[model_type] = Family(spec, biases, stock)
+
+
+# Mistral and Qwen2 use Llama's module names; Mistral has no biases, Qwen2 q/k/v biases only.
 # dms_llama is our own per-layer architecture, so a pruned checkpoint can be searched again.
-for _model_type in ("llama", "mistral", "qwen2", "dms_llama"):
-    register_family(_model_type)
+register_family("llama")
+register_family("mistral", biases=lambda cfg: BiasFacts(False, False, False, False))
+register_family("qwen2", biases=lambda cfg: BiasFacts(True, False, False, False))
+register_family("dms_llama", biases=_dms_llama_biases, stock=False)
 
 
 class UnsupportedArchitectureError(ValueError):
     pass
 
 
-def arch_spec(config) -> ArchSpec:
-    model_type = getattr(config, "model_type", None)
+def _family(config) -> Family:
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
+        architectures = config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None)
         raise UnsupportedArchitectureError(
-            f"dms_llm does not support model_type {model_type!r} (architectures {getattr(config, 'architectures', None)}). "
+            f"dms_llm does not support model_type {model_type!r} (architectures {architectures}). "
             f"Supported model types: {supported}. Llama-style checkpoints (e.g. SmolLM2) declare model_type 'llama'."
         )
     return FAMILIES[model_type]
+
+
+def arch_spec(config) -> ArchSpec:
+    return _family(config).spec
+
+
+def bias_facts(config) -> BiasFacts:
+    """Which projections carry a bias, from the config (a config object or its dict) alone."""
+    return _family(config).biases(config if isinstance(config, dict) else config.to_dict())
 
 
 @dataclass(frozen=True)
@@ -142,6 +191,13 @@ class ModelParts:
 
     def norm(self, layer: int, which: str) -> nn.Module | None:
         return get_submodule(self.layers[layer], getattr(self.spec, which))
+
+    def projection_names(self) -> list[str]:
+        """The projection names present in the decoder layers, in q, k, v, o, gate, up, down order (the
+        LoRA targets); a dms_llama model may lack some in some layers, or everywhere."""
+        found = {name.rsplit(".", 1)[-1] for layer in self.layers for name, m in layer.named_modules()
+                 if isinstance(m, nn.Linear)}
+        return [p for p in self.spec.projections() if p in found]
 
     def norms(self) -> list[nn.Module]:
         found = [self.norm(i, w) for i in range(len(self.layers)) for w in ("attn_norm", "mlp_norm")]

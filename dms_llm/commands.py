@@ -2,6 +2,7 @@
 
     dms-llm search --config recipes/smollm2-135m-default.yaml --output-dir runs/default
     dms-llm finetune --model runs/default --output-dir runs/default-recovered
+    dms-llm prune --plan runs/default/dms_plan.json --model smollm2-135m --output-dir runs/default-again
     dms-llm export runs/default --to gguf --outtype f16 --output default.gguf
     dms-llm SUBCOMMAND --help
 
@@ -15,8 +16,12 @@ import sys
 
 # name -> (module with a `main(argv) -> int`, one line for the overview)
 SUBCOMMANDS = {
-    "search": ("dms_llm.search", "search an architecture under a parameter budget, prune, save and evaluate it"),
-    "finetune": ("dms_llm.finetune", "recovery fine-tuning (LoRA or full, with distillation) of a pruned checkpoint"),
+    "search": ("dms_llm.cli.search", "search an architecture under a parameter budget, prune, save and evaluate it"),
+    "finetune": ("dms_llm.cli.finetune", "recovery fine-tuning (LoRA or full, with distillation) of a pruned checkpoint"),
+    "export": ("dms_llm.cli.export", "write a checkpoint in an inference engine's format (GGUF for llama.cpp)"),
+    "prune": ("dms_llm.cli.prune", "apply a plan to a checkpoint's files, tensor by tensor (memory: one shard, not the model)"),
+    "eval": ("dms_llm.cli.run_eval", "perplexity and zero-shot accuracy of a dense or pruned model"),
+    "benchmark": ("dms_llm.cli.benchmark", "baselines and DMS side by side at equal budgets: plans, evaluation, speed, plot"),
 }
 
 

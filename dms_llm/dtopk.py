@@ -11,20 +11,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-EMA_DECAY = 0.99
-
-# Element kinds and their soft-mask temperature, lambda = TEMPERATURE_PER_ELEMENT * N (DMS section 1).
-# Heads and layers are few, so their sigmoid must be steeper to separate neighbouring ranks.
-TEMPERATURE_PER_ELEMENT = {"channel": 1.0, "head": 4.0, "layer": 4.0}
-# A structure may vanish entirely only where the model stays well formed without it: a layer with no
-# heads simply has no attention sublayer, but a layer's MLP or the residual stream needs one channel.
-MIN_KEPT = {"channel": 1, "head": 0, "layer": 0}
+from .method import DMSConfig
 
 
-def kept_count(ratio: float | torch.Tensor, n: int, min_kept: int) -> int:
-    """The single hard rule used everywhere: keep the top round(e * N) elements, clamped."""
-    k = int(torch.round(torch.as_tensor(ratio, dtype=torch.float64) * n).item())
-    return max(min_kept, min(n, k))
+def kept_count(ratio: float | torch.Tensor, n: int, min_kept: int, multiple: int = 1) -> int:
+    """The single hard rule, used by the search, the parameter count, extraction and every baseline:
+    k = clamp(round(e * N), min_kept, N), rounding half to even (N = 0 keeps 0).
+
+    With `multiple` > 1 (aligned widths), k is the nearest of the multiples of `multiple` up to N, or N
+    itself (ties go to the smaller), and a structure that must keep something keeps at least one multiple.
+    """
+    if multiple <= 1:
+        return min(n, max(min_kept, round(float(ratio) * n)))
+    wanted = float(ratio) * n
+    lower = min(n, int(wanted // multiple) * multiple)
+    upper = min(n, lower + multiple)
+    k = upper if wanted - lower > upper - wanted else lower
+    return min(n, max(k, min(multiple, n) if min_kept else 0))
 
 
 def normalized_ranks(importance: torch.Tensor) -> torch.Tensor:
@@ -41,18 +44,21 @@ def normalized_ranks(importance: torch.Tensor) -> torch.Tensor:
 
 
 class DifferentiableTopK(nn.Module):
-    """Learnable kept ratio + importance buffer of one structure with `n` elements of `kind`."""
+    """Learnable kept ratio + importance buffer of one structure with `n` elements of `kind`; the
+    temperature, EMA decay and minimum kept count come from `method` (default: `DMSConfig()`)."""
 
-    def __init__(self, n: int, kind: str):
+    def __init__(self, n: int, kind: str, method: DMSConfig | None = None):
         super().__init__()
-        if kind not in TEMPERATURE_PER_ELEMENT:
-            raise ValueError(f"unknown element kind {kind!r}; expected one of {sorted(TEMPERATURE_PER_ELEMENT)}")
+        method = method or DMSConfig()
         if n < 1:
             raise ValueError(f"a structure needs at least one element, got n={n}")
         self.n = n
         self.kind = kind
-        self.min_kept = MIN_KEPT[kind]
-        self.temperature = 8.0 if n == 1 else TEMPERATURE_PER_ELEMENT[kind] * n
+        self.temperature = method.temperature_for(kind, n)
+        self.min_kept = method.min_kept[kind]
+        # Channel counts (MLP widths, the hidden size) come in multiples of `method.align`.
+        self.multiple = method.align if kind == "channel" else 1
+        self.ema_decay = method.ema_decay
         self.ratio = nn.Parameter(torch.ones(()))
         self.register_buffer("importance", torch.zeros(n))
         # Frozen structures (heads and layers in the refine phase) use their hard mask with a
@@ -70,7 +76,7 @@ class DifferentiableTopK(nn.Module):
         self.ratio.clamp_(self.min_ratio, 1.0)
 
     def kept(self) -> int:
-        return kept_count(self.ratio.detach(), self.n, self.min_kept)
+        return kept_count(self.ratio.detach(), self.n, self.min_kept, self.multiple)
 
     # ----- masks -----------------------------------------------------------------------------
     def ranks(self) -> torch.Tensor:
@@ -114,11 +120,11 @@ class DifferentiableTopK(nn.Module):
     # ----- importance ------------------------------------------------------------------------
     @torch.no_grad()
     def update_importance(self, taylor_sq: torch.Tensor) -> bool:
-        """c <- 0.99 c + 0.01 (m * dL/dm)^2; skipped (returns False) when the score is not finite."""
+        """c <- decay c + (1 - decay) (m * dL/dm)^2; skipped (returns False) when the score is not finite."""
         taylor_sq = taylor_sq.detach().to(self.importance)
         if not torch.isfinite(taylor_sq).all():
             return False
-        self.importance.mul_(EMA_DECAY).add_(taylor_sq, alpha=1.0 - EMA_DECAY)
+        self.importance.mul_(self.ema_decay).add_(taylor_sq, alpha=1.0 - self.ema_decay)
         return True
 
     def extra_repr(self) -> str:

@@ -30,24 +30,16 @@ from torch import nn
 
 from .arch import model_shapes
 from .dtopk import DifferentiableTopK
-
-STRUCTURES = ("heads", "channels", "hidden", "layers")
-DEPTH_MODES = ("sublayer", "block")
-
-
-def parse_structures(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
-    names = [s for s in names if s]
-    unknown = sorted(set(names) - set(STRUCTURES))
-    if unknown or not names:
-        raise ValueError(f"unknown structure(s) {unknown or names}; choose from {','.join(STRUCTURES)}")
-    return tuple(s for s in STRUCTURES if s in names)
+from .method import DEPTH_MODES, STRUCTURES, DMSConfig, parse_structures
+from .plan import LayerPlan, PrunePlan, count_plan_parameters
 
 
 class ModelMasks(nn.Module):
-    """Learnable kept ratios and importances for the chosen structures of a model (config only)."""
+    """Learnable kept ratios and importances for the chosen structures of a model (config only);
+    `method` supplies the operator's temperatures, EMA decay and minimum kept counts."""
 
-    def __init__(self, config, structures=STRUCTURES, depth: str = "sublayer", spared_layers=()):
+    def __init__(self, config, structures=STRUCTURES, depth: str = "sublayer", spared_layers=(),
+                 method: DMSConfig | None = None):
         super().__init__()
         if depth not in DEPTH_MODES:
             raise ValueError(f"depth must be one of {DEPTH_MODES}, got {depth!r}")
@@ -64,23 +56,28 @@ class ModelMasks(nn.Module):
         if "heads" in self.structures:
             for layer in searched:
                 if s.num_kv_heads[layer]:
-                    self.heads[str(layer)] = DifferentiableTopK(s.num_kv_heads[layer], "head")
+                    self.heads[str(layer)] = DifferentiableTopK(s.num_kv_heads[layer], "head", method)
         if "channels" in self.structures:
             for layer in searched:
                 if s.intermediate[layer]:
-                    self.channels[str(layer)] = DifferentiableTopK(s.intermediate[layer], "channel")
-        self.hidden = DifferentiableTopK(s.hidden_size, "channel") if "hidden" in self.structures else None
+                    self.channels[str(layer)] = DifferentiableTopK(s.intermediate[layer], "channel", method)
+        self.hidden = DifferentiableTopK(s.hidden_size, "channel", method) if "hidden" in self.structures else None
         self.depth_gates = nn.ModuleDict()
         # Element i of a depth gate is layer gated_layers[i]; spared layers have a constant gate of 1.
         self.register_buffer("gated_layers", torch.tensor(searched, dtype=torch.long), persistent=False)
         if "layers" in self.structures and searched:
             names = ("attn_layers", "mlp_layers") if depth == "sublayer" else ("layers",)
             for name in names:
-                self.depth_gates[name] = DifferentiableTopK(len(searched), "layer")
+                self.depth_gates[name] = DifferentiableTopK(len(searched), "layer", method)
         self.mode = "soft"
         self.enabled = True
         self.current: dict[str, torch.Tensor | float] = {}
         self._taylor: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def for_method(cls, config, method: DMSConfig) -> "ModelMasks":
+        """The structures `method` searches on a model with `config` (spared layers included)."""
+        return cls(config, method.structures, method.depth, method.spared_layers(config.num_hidden_layers), method)
 
     # ----- enumeration -------------------------------------------------------------------------
     def named_structures(self):
@@ -209,8 +206,6 @@ class ModelMasks(nn.Module):
 
     def to_plan(self, config, source_model: str = ""):
         """The `PrunePlan` of the hard masks: what extraction will keep, by the same top-k rule."""
-        from .plan import LayerPlan, PrunePlan
-
         s = self.shapes
         attn_on, mlp_on = self.sublayer_kept()
         layers = []
@@ -228,15 +223,10 @@ class ModelMasks(nn.Module):
             layers=layers,
             params_before=dense.params_before,
         )
-        from .plan import count_plan_parameters
-
         plan.params_after = count_plan_parameters(plan)
         return plan
 
     # ----- reporting ---------------------------------------------------------------------------
-    def kept_summary(self) -> dict[str, int]:
-        return {name: topk.kept() for name, topk in self.named_structures()}
-
     def kept_indices(self) -> dict[str, list[int]]:
         return {name: topk.kept_indices() for name, topk in self.named_structures()}
 

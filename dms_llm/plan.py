@@ -14,22 +14,19 @@ from __future__ import annotations
 import json
 import operator
 import os
-import tempfile
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from .arch import FAMILIES, model_shapes
-from .files import write_text_atomic
+from .arch import FAMILIES, bias_facts, model_shapes
+from .budget import ParameterCounter
+from .files import write_atomic, write_text_atomic
 
 PLAN_FORMAT = "dms_plan/1"
 # Output-bias deltas (e.g. FLAP's bias compensation) live beside the plan JSON: `dms_plan.json` ->
 # `dms_plan.bias.safetensors`; the JSON names the file, so a renamed plan still finds its values.
 BIAS_SUFFIX = ".bias.safetensors"
 OUTPUT_BIAS_KINDS = ("attention", "mlp")
-
-# Families whose own config class can describe a uniformly pruned model (a stock checkpoint).
-STOCK_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Config keys that describe the source checkpoint rather than the architecture, or that the derived
 # config sets itself; carrying them over would make the pruned config lie.
@@ -59,27 +56,6 @@ class LayerPlan:
     @property
     def removed(self) -> bool:
         return not (self.has_attention or self.has_mlp)
-
-
-def bias_flags(config: dict) -> dict[str, bool]:
-    """Which projections carry a bias, from the config alone (so counting needs no model).
-
-    Llama's `attention_bias` covers q/k/v *and* o; Qwen2 has q/k/v biases only; Mistral none.
-    """
-    model_type = config.get("model_type")
-    if model_type == "qwen2":
-        return dict(qkv=True, o=False, mlp_in=False, mlp_out=False)
-    if model_type == "mistral":
-        return dict(qkv=False, o=False, mlp_in=False, mlp_out=False)
-    attn, mlp = bool(config.get("attention_bias", False)), bool(config.get("mlp_bias", False))
-    if model_type == "dms_llama":
-        return dict(
-            qkv=attn,
-            o=bool(config.get("attention_out_bias", attn)),
-            mlp_in=mlp,
-            mlp_out=bool(config.get("mlp_out_bias", mlp)),
-        )
-    return dict(qkv=attn, o=attn, mlp_in=mlp, mlp_out=mlp)
 
 
 def _check_indices(what: str, idx: Any, n: int, allow_empty: bool = True) -> list[int]:
@@ -178,7 +154,8 @@ class PrunePlan:
 
     def adds_output_bias(self, kind: str) -> bool:
         """True when the pruned model has an output bias of `kind` that the source family lacks."""
-        src = bias_flags(self.source_config)["o" if kind == "attention" else "mlp_out"]
+        facts = bias_facts(self.source_config)
+        src = facts.o if kind == "attention" else facts.down
         return bool(self.output_bias and self.output_bias.get(kind)) and not src
 
     # ----- construction ------------------------------------------------------------------------
@@ -297,7 +274,7 @@ class PrunePlan:
     def uses_stock_format(self) -> bool:
         """Uniform, a stock family, and accepted by that family's config class (LlamaConfig, for
         instance, refuses a hidden size that is not a multiple of the number of heads)."""
-        if not self.is_uniform() or self.source_model_type not in STOCK_MODEL_TYPES:
+        if not self.is_uniform() or not FAMILIES[self.source_model_type].stock:
             return False
         if self.adds_output_bias("attention") or self.adds_output_bias("mlp"):
             # Stock configs tie the o_proj / down_proj bias to q/k/v / gate/up biases (or have none).
@@ -340,18 +317,14 @@ class PrunePlan:
         return CONFIG_MAPPING[self.source_model_type].from_dict(d)
 
     def _dms_config(self):
-        try:
-            from .modeling import DMSLlamaConfig
-        except ImportError as e:
-            raise ImportError(
-                "this plan needs the per-layer dms_llama architecture (dms_llm.modeling), which failed to import"
-            ) from e
+        from .modeling import DMSLlamaConfig
+
         s = self.shapes
         kept = self.kept_layers()
         kv = [len(self.layers[i].attention_groups) for i in kept]
         heads = [len(self.layers[i].attention_groups) * s.n_rep(i) for i in kept]
         inter = [len(self.layers[i].mlp_channels) for i in kept]
-        bias = bias_flags(self.source_config)
+        bias = bias_facts(self.source_config)
         d = self._base_dict()
         # Family-specific switches that the per-layer lists and explicit flags below replace.
         for k in ("use_sliding_window", "max_window_layers", "pretraining_tp"):
@@ -368,8 +341,6 @@ class PrunePlan:
                     f"the kept layers mix attention types {sorted(used)}; the per-layer dms_llama format applies "
                     "one sliding window to all layers and cannot express this plan"
                 )
-        bias["o"] = bias["o"] or self.adds_output_bias("attention")
-        bias["mlp_out"] = bias["mlp_out"] or self.adds_output_bias("mlp")
         d.update(
             layer_num_key_value_heads=kv,
             layer_num_attention_heads=heads,
@@ -378,10 +349,10 @@ class PrunePlan:
             num_key_value_heads=max(kv) or 1,
             num_attention_heads=max(heads) or 1,
             intermediate_size=max(inter) or 1,
-            attention_bias=bias["qkv"],
-            attention_out_bias=bias["o"],
-            mlp_bias=bias["mlp_in"],
-            mlp_out_bias=bias["mlp_out"],
+            attention_bias=bias.qkv,
+            attention_out_bias=bias.o or self.adds_output_bias("attention"),
+            mlp_bias=bias.gate_up,
+            mlp_out_bias=bias.down or self.adds_output_bias("mlp"),
         )
         return DMSLlamaConfig(**d)
 
@@ -411,27 +382,12 @@ class PrunePlan:
 
 
 def count_plan_parameters(plan: PrunePlan) -> int:
-    """Parameters of the model the plan produces, computed from shapes alone (no model needed).
-
-    Independent of `prune_model` on purpose: tests compare it with `sum(p.numel())` of the pruned model.
-    """
-    s = plan.shapes
-    b = bias_flags(plan.source_config)
-    b["o"] = b["o"] or plan.adds_output_bias("attention")
-    b["mlp_out"] = b["mlp_out"] or plan.adds_output_bias("mlp")
-    h, d = len(plan.hidden_channels), s.head_dim
-    total = s.vocab_size * h * (1 if s.tie_word_embeddings else 2) + h  # embeddings (+ lm_head) + final norm
-    for i, lp in enumerate(plan.layers):
-        if lp.has_attention:
-            q = len(lp.attention_groups) * s.n_rep(i) * d
-            kv = len(lp.attention_groups) * d
-            total += h * q + 2 * h * kv + q * h + h  # q, k, v, o, input norm
-            total += (q + 2 * kv) * b["qkv"] + h * b["o"]
-        if lp.has_mlp:
-            c = len(lp.mlp_channels)
-            total += 3 * h * c + h  # gate, up, down, post-attention norm
-            total += 2 * c * b["mlp_in"] + h * b["mlp_out"]
-    return total
+    """Parameters of the model the plan produces, from shapes alone (no model needed), by the one formula
+    of `budget.py`; tests compare it with `sum(p.numel())` of the pruned model."""
+    added = {kind: plan.adds_output_bias(kind) for kind in OUTPUT_BIAS_KINDS}
+    counter = ParameterCounter(plan.source_config, output_bias=added)
+    present = [(len(lp.attention_groups), len(lp.mlp_channels)) for lp in plan.layers]
+    return counter.sizes([g for g, _ in present], [c for _, c in present], hidden=len(plan.hidden_channels))
 
 
 def _bias_path(plan_path: str) -> str:
@@ -442,16 +398,8 @@ def _bias_path(plan_path: str) -> str:
 def _save_bias_values(values: dict, path: str) -> None:
     from safetensors.torch import save_file
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".dms_plan_bias.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in values.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in values.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
 
 def _load_bias_values(path: str) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -64,7 +65,12 @@ def head_rows(groups: list[int], n_rep: int, head_dim: int) -> torch.Tensor:
 
 
 def _check_plan_matches(model: nn.Module, plan: PrunePlan) -> None:
-    cfg = model.config.to_dict()
+    check_plan_matches_config(model.config, plan)
+
+
+def check_plan_matches_config(config, plan: PrunePlan) -> None:
+    """Raise PlanError when `plan` was made for another model than the one `config` describes."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     if cfg.get("model_type") != plan.source_model_type:
         raise PlanError(f"plan is for a {plan.source_model_type!r} model, got {cfg.get('model_type')!r}")
     keys = (
@@ -106,6 +112,91 @@ def _index_sets(plan: PrunePlan, device) -> tuple[torch.Tensor, list[dict]]:
     return hidden, per_layer
 
 
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How one parameter of the pruned model is made from the source: `source` sliced to `rows` x `cols`
+    (None keeps all), or, for a plan-added output bias (`output_bias` = "attention" / "mlp"), the source
+    bias of `source_layer` (zero when the source has none) plus the plan's delta."""
+
+    name: str
+    source: str
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    source_layer: int | None = None
+    output_bias: str | None = None
+
+
+class PlanSlicer:
+    """The slicing rules of a plan, by parameter name; shared by `prune_model` (tensors in memory) and
+    `dms_llm.stream_prune` (tensors read one at a time from the checkpoint files), so both produce the
+    same bytes from the same source tensor."""
+
+    def __init__(self, plan: PrunePlan, spec, device="cpu"):
+        if plan.output_bias and any(plan.output_bias.values()) and plan.output_bias_values is None:
+            raise PlanError("the plan adds output biases but carries no bias values (load it with PrunePlan.from_json, "
+                            "which reads them from beside the plan file)")
+        self.plan, self.spec = plan, spec
+        self.hidden, self.per_layer = _index_sets(plan, device)
+        self.kept = plan.kept_layers()
+        self.prefix = f"{spec.decoder}.{spec.layers}."
+        self.layer_re = re.compile(rf"^{re.escape(self.prefix)}(\d+)\.(.+)$")
+        # rest of a layer parameter name (without .weight/.bias) -> (rows, cols) index-set keys
+        self.layer_rules = {
+            f"{spec.attn}.{spec.q}": ("q", "hidden"),
+            f"{spec.attn}.{spec.k}": ("kv", "hidden"),
+            f"{spec.attn}.{spec.v}": ("kv", "hidden"),
+            f"{spec.attn}.{spec.o}": ("hidden", "q"),
+            f"{spec.mlp}.{spec.gate}": ("ch", "hidden"),
+            f"{spec.mlp}.{spec.up}": ("ch", "hidden"),
+            f"{spec.mlp}.{spec.down}": ("hidden", "ch"),
+            spec.attn_norm: ("hidden", None),
+            spec.mlp_norm: ("hidden", None),
+        }
+        self.top_rules = {
+            f"{spec.decoder}.{spec.embed}": (None, "hidden"),
+            f"{spec.decoder}.{spec.final_norm}": ("hidden", None),
+            spec.lm_head: (None, "hidden"),
+        }
+        # Plans may add output biases (FLAP's compensation): o_proj / down_proj biases the source may lack.
+        self.out_bias_kinds = {f"{spec.attn}.{spec.o}": "attention", f"{spec.mlp}.{spec.down}": "mlp"}
+
+    def recipe(self, name: str) -> TensorRecipe:
+        """The recipe of pruned-model parameter `name` (layer indices are the pruned model's)."""
+        module_path, _, kind = name.rpartition(".")
+        m = self.layer_re.match(module_path)
+        if m:
+            j, rest = int(m.group(1)), m.group(2)
+            src_layer = self.kept[j]
+            src_name = f"{self.prefix}{src_layer}.{rest}.{kind}"
+            rule, sets = self.layer_rules.get(rest), self.per_layer[src_layer]
+        else:
+            src_layer, src_name, rule, sets = None, name, self.top_rules.get(module_path), dict(hidden=self.hidden)
+        if rule is None or kind not in ("weight", "bias"):
+            raise RuntimeError(f"prune_model: no slicing rule for pruned-model parameter {name!r}")
+        out_kind = self.out_bias_kinds.get(rest) if m and kind == "bias" else None
+        plan = self.plan
+        if out_kind is not None and plan.output_bias and plan.output_bias.get(out_kind):
+            return TensorRecipe(name, src_name, source_layer=src_layer, output_bias=out_kind)
+        cols = None if kind == "bias" else (sets[rule[1]] if rule[1] else None)
+        return TensorRecipe(name, src_name, rows=sets[rule[0]] if rule[0] else None, cols=cols, source_layer=src_layer)
+
+    def make(self, recipe: TensorRecipe, src: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """The pruned tensor from its source tensor `src` (None: the source lacks it, allowed only for an
+        added output bias); `dtype` is the pruned model's (used for added output biases)."""
+        if recipe.output_bias is not None:
+            return _output_bias(self.plan, src, recipe.source_layer, recipe.output_bias, self.hidden, dtype)
+        if src is None:
+            raise RuntimeError(f"prune_model: {recipe.name!r} maps to {recipe.source!r}, which the source model lacks")
+        if src.dim() == 1:
+            return slice_norm(src, recipe.rows) if recipe.rows is not None else src.clone()
+        out, _ = slice_linear(src, None, recipe.rows, recipe.cols)
+        return out
+
+    def belongs_to_removed(self, source_name: str) -> bool:
+        """True for a source parameter of a removed layer or sublayer (it has no counterpart)."""
+        return _belongs_to_removed(source_name, self.plan, self.layer_re, self.spec)
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, plan: PrunePlan) -> nn.Module:
     """Return a new model with only what `plan` keeps. `model` is not modified: its tensors are only
@@ -121,85 +212,35 @@ def prune_model(model: nn.Module, plan: PrunePlan) -> nn.Module:
     attn_impl = getattr(model.config, "_attn_implementation", None)
     from transformers.initialization import no_init_weights
 
+    slicer = PlanSlicer(plan, spec, device)
     # No random init: every parameter is overwritten below (and checked to be), so init is wasted time.
     with torch.device(device), no_init_weights():
         new = cls._from_config(config, dtype=dtype, attn_implementation=attn_impl)
     new.tie_weights()  # skipped with init above; ties lm_head to the embedding when the config says so
 
-    hidden, per_layer = _index_sets(plan, device)
-    kept = plan.kept_layers()
+    kept = slicer.kept
     src_params = dict(model.named_parameters())
     src_buffers = dict(model.named_buffers())
+    prefix, layer_re = slicer.prefix, slicer.layer_re
 
-    prefix = f"{spec.decoder}.{spec.layers}."
-    layer_re = re.compile(rf"^{re.escape(prefix)}(\d+)\.(.+)$")
-    # rest of a layer parameter name (without .weight/.bias) -> (rows, cols) index-set keys
-    layer_rules = {
-        f"{spec.attn}.{spec.q}": ("q", "hidden"),
-        f"{spec.attn}.{spec.k}": ("kv", "hidden"),
-        f"{spec.attn}.{spec.v}": ("kv", "hidden"),
-        f"{spec.attn}.{spec.o}": ("hidden", "q"),
-        f"{spec.mlp}.{spec.gate}": ("ch", "hidden"),
-        f"{spec.mlp}.{spec.up}": ("ch", "hidden"),
-        f"{spec.mlp}.{spec.down}": ("hidden", "ch"),
-        spec.attn_norm: ("hidden", None),
-        spec.mlp_norm: ("hidden", None),
-    }
-    top_rules = {
-        f"{spec.decoder}.{spec.embed}": (None, "hidden"),
-        f"{spec.decoder}.{spec.final_norm}": ("hidden", None),
-        spec.lm_head: (None, "hidden"),
-    }
-
-    # Plans may add output biases (FLAP's compensation): o_proj / down_proj biases the source may lack.
-    out_bias_kinds = {f"{spec.attn}.{spec.o}": "attention", f"{spec.mlp}.{spec.down}": "mlp"}
-    if plan.output_bias and any(plan.output_bias.values()) and plan.output_bias_values is None:
-        raise PlanError("the plan adds output biases but carries no bias values (load it with PrunePlan.from_json, "
-                        "which reads them from beside the plan file)")
     used: set[str] = set()
     filled: set[str] = set()
     for name, param in new.named_parameters():  # unique parameters: a tied lm_head appears once
-        module_path, _, kind = name.rpartition(".")
-        m = layer_re.match(module_path)
-        if m:
-            j, rest = int(m.group(1)), m.group(2)
-            src_layer = kept[j]
-            src_name = f"{prefix}{src_layer}.{rest}.{kind}"
-            rule, sets = layer_rules.get(rest), per_layer[src_layer]
-        else:
-            src_name, rule, sets = name, top_rules.get(module_path), dict(hidden=hidden)
-        if rule is None or kind not in ("weight", "bias"):
-            raise RuntimeError(f"prune_model: no slicing rule for pruned-model parameter {name!r}")
-        out_kind = out_bias_kinds.get(rest) if m and kind == "bias" else None
-        if out_kind is not None and plan.output_bias and plan.output_bias.get(out_kind):
-            out = _output_bias(plan, src_params.get(src_name), src_layer, out_kind, hidden, dtype)
-            if out.shape != param.shape:
-                raise RuntimeError(f"prune_model: output bias of {name} has shape {tuple(out.shape)}, expected {tuple(param.shape)}")
-            param.copy_(out)
-            filled.add(name)
-            if src_name in src_params:
-                used.add(src_name)
-            continue
-        if src_name not in src_params:
-            raise RuntimeError(f"prune_model: {name!r} maps to {src_name!r}, which the source model lacks")
-        src = src_params[src_name]
-        rows = sets[rule[0]] if rule[0] else None
-        if kind == "bias" or src.dim() == 1:
-            out = slice_norm(src, rows) if rows is not None else src.clone()
-        else:
-            out, _ = slice_linear(src, None, rows, sets[rule[1]] if rule[1] else None)
+        recipe = slicer.recipe(name)
+        out = slicer.make(recipe, src_params.get(recipe.source), dtype)
         if out.shape != param.shape:
             raise RuntimeError(
-                f"prune_model: {src_name} sliced to {tuple(out.shape)} but the pruned config gives {name} "
+                f"prune_model: {recipe.source} sliced to {tuple(out.shape)} but the pruned config gives {name} "
                 f"shape {tuple(param.shape)}"
             )
         if name in filled:
             raise RuntimeError(f"prune_model: {name!r} filled twice")
         param.copy_(out)
         filled.add(name)
-        used.add(src_name)
+        if recipe.source in src_params:
+            used.add(recipe.source)
 
-    leftover = [n for n in src_params if n not in used and not _belongs_to_removed(n, plan, layer_re, spec)]
+    leftover = [n for n in src_params if n not in used and not slicer.belongs_to_removed(n)]
     if leftover:
         raise RuntimeError(f"prune_model: source parameters with no counterpart in the pruned model: {leftover}")
 

@@ -30,8 +30,6 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def _sync(device) -> None:
     import torch
@@ -100,7 +98,7 @@ def load(model_name, shape, dtype, device, layers=None):
         config = shape_config(shape, layers)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).eval()
-    from dms_llm.loading import load_model_and_tokenizer
+    from dms_llm.checkpoints import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_name, dtype=dtype, device=device)[0]
 
@@ -247,24 +245,24 @@ def profile(model_name, dtype, batch, seq_len, structures, device="cpu", shape=N
 
 
 def search_step_timer(model, masks, ids):
-    """A callable timing one `SearchLoop.train_step` on `ids` (frozen weights, as the default search)."""
-    from accelerate import Accelerator
-
+    """A callable timing one `SearchLoop.step` on `ids` (frozen weights, as the default search)."""
+    from dms_llm import DMSConfig
     from dms_llm.budget import ParameterCounter
-    from dms_llm.trainer import LoopSettings, SearchLoop, SearchModule
+    from dms_llm.training.dms import SearchLoop, SearchModule
+    from dms_llm.training.engine import Engine, RunSettings
 
     counter = ParameterCounter(model)
-    settings = LoopSettings(steps=10**6, batch_size=ids.shape[0], grad_accum=1, ratio_lr=1e-2, weight_lr=0.0,
-                            budget_weight=2.0, target_params=int(0.8 * counter.dense()))
-    loop = SearchLoop(Accelerator(cpu=ids.device.type == "cpu"), SearchModule(model, masks), masks, counter, ids, settings,
-                      state_dir="", metrics_path="")
+    engine = Engine(RunSettings(batch_size=ids.shape[0]), verbose=False)
+    loop = SearchLoop(engine, SearchModule(model, masks), masks, counter, ids, DMSConfig(steps=10**6),
+                      int(0.8 * counter.dense()), teacher=None, weight_params=[])
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    steps = iter(range(10**6))
 
     def run() -> tuple[float, float]:
         model.requires_grad_(False)
         _sync(ids.device)
         start = _clock()
-        loop.train_step()
+        loop.step(next(steps))
         _sync(ids.device)
         elapsed = _since(start)
         for n, p in model.named_parameters():

@@ -18,8 +18,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def synthetic_pruned(model, ratio: float):
     """A plan at `ratio` from uniformly scaled kept ratios (real shapes, arbitrary indices)."""
@@ -27,7 +25,7 @@ def synthetic_pruned(model, ratio: float):
 
     from dms_llm import ModelMasks, ParameterCounter
     from dms_llm.prune import prune_model
-    from dms_llm.trainer import fit_to_budget
+    from dms_llm.budget import fit_to_budget
 
     masks = ModelMasks(model.config, structures="heads,channels,hidden")
     counter = ParameterCounter(model)
@@ -42,7 +40,7 @@ def decode_profile(model, prompt_len: int, new_tokens: int) -> dict:
     """Share of decode wall time per operator family, from one profiled run."""
     import torch
 
-    from dms_llm.speed import time_decode
+    from dms_llm.evaluation.speed import time_decode
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -75,8 +73,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from dms_llm.loading import count_parameters, load_model_and_tokenizer
-    from dms_llm.speed import relative_speed
+    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
+    from dms_llm.evaluation.speed import relative_speed
 
     results = []
     for dtype in args.dtypes.split(","):

@@ -8,4 +8,4 @@ bash scripts/install.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} HF_HUB_DISABLE_TELEMETRY=1
 out=${1:-outputs/smollm2-135m-dms-80}
 shift || true
-exec ${PYTHON:-python3} dms_llm/search.py --config recipes/smollm2-135m-default.yaml --output-dir "$out" "$@"
+exec ${PYTHON:-python3} -m dms_llm.commands search --config recipes/smollm2-135m-default.yaml --output-dir "$out" "$@"

@@ -65,10 +65,37 @@ def test_uniform_methods_fill_the_budget_to_one_channel_per_layer(ratio):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
+def test_aligned_widths_meet_the_budget(method):
+    """With `align`, every MLP keeps a multiple of it (or all its channels), still within the budget."""
+    model = build("llama-gqa", intermediate_size=64)
+    dense = n_params(model)
+    for ratio in (0.8, 0.6):
+        target = int(ratio * dense)
+        plan = METHODS[method](model, CALIB, target, align=16)
+        widths = [len(lp.mlp_channels) for lp in plan.layers]
+        assert all(w % 16 == 0 for w in widths), (method, widths)
+        assert plan.params_after == count_plan_parameters(plan) == n_params(prune_model(model, plan)) <= target
+        if method != "shortgpt":  # whole layers: nothing to align, nothing changes
+            assert any(0 < w < 64 for w in widths), (method, widths)
+
+
+def test_aligned_flap_keeps_each_layers_best_scored_channels():
+    model = build("llama-gqa", intermediate_size=64)
+    target = int(0.7 * n_params(model))
+    exact, aligned = METHODS["flap"](model, CALIB, target), METHODS["flap"](model, CALIB, target, align=16)
+    stats = output_proj_input_stats(model, CALIB)
+    _, chans = fluctuation_scores(model, stats)
+    for i, (e, a) in enumerate(zip(exact.layers, aligned.layers)):
+        assert len(a.mlp_channels) % 16 == 0
+        best = sorted(torch.argsort(chans[i], descending=True)[: len(a.mlp_channels)].tolist())
+        assert a.mlp_channels == best  # the aligned layer keeps its top channels by FLAP's score
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_plan_saves_and_reloads(method, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model = build("qwen2")
     plan = METHODS[method](model, CALIB, int(0.6 * n_params(model)))

@@ -1,6 +1,5 @@
-"""eval/benchmark.py end to end on a tiny saved model: every method, one budget, cached reruns."""
+"""The benchmark (`dms-llm benchmark`) end to end on a tiny saved model: every method, one budget, cached reruns."""
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -8,16 +7,14 @@ from pathlib import Path
 import pytest
 from conftest import WORDS, save_tiny_checkpoint, write_corpus
 
-from dms_llm.speed import decode_tokens_per_s, prefill_tokens_per_s, relative_speed
-
-REPO = Path(__file__).resolve().parents[1]
+import dms_llm.benchmark.rows as rows_module
+from dms_llm.evaluation.speed import decode_tokens_per_s, prefill_tokens_per_s, relative_speed
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("dms_benchmark", REPO / "eval" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from dms_llm.cli import benchmark
+
+    return benchmark
 
 
 def write_data_dir(root: Path) -> Path:
@@ -51,7 +48,7 @@ def _argv(setup, out, work, methods, **extra):
     argv = ["--model", setup["model"], "--budgets", "0.7", "--methods", methods, "--calib-dataset", setup["corpus"],
             "--calib-samples", "8", "--seq-len", "16", "--ppl", "wikitext2", "--protocols", "llm-pruner",
             "--data-dir", setup["data"], "--dms-config", setup["recipe"], "--speed-reps", "1", "--speed-seq-len", "16",
-            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4"]
+            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4", "--align", "1"]
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])
     return argv
@@ -89,8 +86,7 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     # a rerun finds every row cached: no plan, search, evaluation or timing may run again
     import dms_llm.baselines as baselines
     import dms_llm.evaluation as evaluation
-    import dms_llm.search as search
-    import dms_llm.speed as speed
+    import dms_llm.evaluation.speed as speed
 
     def boom(*a, **k):
         raise AssertionError("recomputed a cached result")
@@ -98,7 +94,7 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     for name in list(baselines.METHODS):
         monkeypatch.setitem(baselines.METHODS, name, boom)
     monkeypatch.setattr(evaluation, "evaluate_model", boom)
-    monkeypatch.setattr(search, "run", boom)
+    monkeypatch.setattr(rows_module, "run_command", boom)  # no search or fine-tuning either
     monkeypatch.setattr(speed, "relative_speed", boom)
     before = (out / f"{label}.json").read_text()
     assert bench.main(_argv(setup, out, work, methods, tasks="boolq", limit=4)) == 0
@@ -192,7 +188,7 @@ def test_a_search_folder_without_weights_is_a_clear_error(setup, capsys):
 
 
 def test_adopting_a_finished_search_folder(setup, monkeypatch, capsys):
-    from dms_llm import search
+    from dms_llm.cli import search
 
     run_dir = setup["tmp"] / "dms-run"
     assert search.main(["--model", setup["model"], "--dataset", setup["corpus"], "--output-dir", str(run_dir),
@@ -200,7 +196,7 @@ def test_adopting_a_finished_search_folder(setup, monkeypatch, capsys):
     summary = json.loads((run_dir / "search_summary.json").read_text())
     bench = _load_benchmark()
     out, work = setup["tmp"] / "results4", setup["tmp"] / "work4"
-    monkeypatch.setattr(search, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("searched again")))
+    monkeypatch.setattr(rows_module, "run_command", lambda *a, **k: (_ for _ in ()).throw(AssertionError("searched again")))
     assert bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, adopt=f"dms@0.7={run_dir}")) == 0
     rows = json.loads((out / f"{Path(setup['model']).name}.json").read_text())["rows"]
     assert rows[1]["method"] == "dms" and rows[1]["params"] == summary["params"]

@@ -32,3 +32,11 @@ def test_each_subcommand_has_help(name, capsys):
 def test_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "dms_llm.commands", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "subcommands:" in result.stdout
+
+
+@pytest.mark.parametrize("name, expected", [("search", "(default: 200)"), ("finetune", "(default: 512)"),
+                                            ("eval", "(default: llm-pruner)"), ("benchmark", "(default: 128)")])
+def test_help_shows_the_defaults(name, expected, capsys):
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    assert expected in " ".join(capsys.readouterr().out.split())  # argparse wraps the lines

@@ -9,6 +9,7 @@ from conftest import FAMILIES, input_ids, tiny_model
 
 from dms_llm import (
     DifferentiableTopK,
+    DMSConfig,
     HookTargetError,
     MaskHooks,
     ModelMasks,
@@ -21,13 +22,17 @@ from dms_llm import (
 
 # ----- operator ---------------------------------------------------------------------------------
 
+# The paper's operator, every count allowed (the default aligns channel counts to multiples of 32, which
+# the small structures below do not have; alignment has its own tests).
+EXACT = DMSConfig(align=1)
+
 
 @pytest.mark.parametrize("n,ratio,kind,expected", [
     (10, 1.0, "channel", 10), (10, 0.55, "channel", 6), (10, 0.04, "channel", 1),
     (4, 0.0, "head", 0), (4, 0.3, "head", 1), (7, 0.5, "layer", 4), (7, 0.49, "layer", 3),
 ])
 def test_kept_count_rule(n, ratio, kind, expected):
-    topk = DifferentiableTopK(n, kind)
+    topk = DifferentiableTopK(n, kind, EXACT)
     topk.ratio.data.fill_(ratio)
     assert kept_count(ratio, n, topk.min_kept) == expected  # the module and the free function share one rule
     assert topk.kept() == expected
@@ -36,7 +41,7 @@ def test_kept_count_rule(n, ratio, kind, expected):
 
 
 def test_hard_mask_keeps_most_important_and_soft_is_monotone():
-    topk = DifferentiableTopK(8, "channel")
+    topk = DifferentiableTopK(8, "channel", EXACT)
     topk.importance.copy_(torch.tensor([0.1, 5.0, 0.3, 2.0, 0.0, 9.0, 1.0, 0.2]))
     topk.ratio.data.fill_(0.375)
     assert topk.kept_indices() == [1, 3, 5]
@@ -70,7 +75,7 @@ def test_cold_start_mask_is_all_ones_and_differentiable():
 
 
 def test_clamping():
-    ch, head = DifferentiableTopK(10, "channel"), DifferentiableTopK(4, "head")
+    ch, head = DifferentiableTopK(10, "channel", EXACT), DifferentiableTopK(4, "head", EXACT)
     ch.ratio.data.fill_(-3.0)
     head.ratio.data.fill_(-3.0)
     ch.clamp_()
@@ -105,8 +110,8 @@ def test_rank_memory_is_linear_for_llama_7b_mlp():
 # ----- hooks ------------------------------------------------------------------------------------
 
 
-def _structure_masks(model, structures, depth="sublayer"):
-    masks = ModelMasks(model.config, structures=structures, depth=depth)
+def _structure_masks(model, structures, depth="sublayer", method=None):
+    masks = ModelMasks(model.config, structures=structures, depth=depth, method=method)
     g = torch.Generator().manual_seed(3)
     for _, topk in masks.named_structures():
         topk.importance.copy_(torch.rand(topk.n, generator=g))
@@ -365,10 +370,10 @@ def _ratios(masks):
 
 @pytest.mark.parametrize("slack_channels", [1, 7, 1000])
 def test_fit_fills_a_budget_the_search_left_unused_with_mlp_channels_only(slack_channels):
-    from dms_llm.trainer import fit_to_budget
+    from dms_llm.budget import fit_to_budget
 
     model = tiny_model("llama-gqa")
-    masks = _structure_masks(model, "heads,channels,hidden,layers")
+    masks = _structure_masks(model, "heads,channels,hidden,layers", method=EXACT)
     counter = ParameterCounter(model)
     before, start = counter.hard(masks), _ratios(masks)
     channel_cost = 3 * masks.hidden.kept()  # gate + up rows and a down column, at the kept hidden width
@@ -390,13 +395,80 @@ def test_fit_fills_a_budget_the_search_left_unused_with_mlp_channels_only(slack_
 
 
 def test_fit_scales_down_to_the_target_and_leaves_an_exact_fit_alone():
-    from dms_llm.trainer import fit_to_budget
+    from dms_llm.budget import fit_to_budget
 
     model = tiny_model("llama-gqa")
-    masks = _structure_masks(model, "heads,channels,hidden,layers")
+    masks = _structure_masks(model, "heads,channels,hidden,layers", method=EXACT)
     counter = ParameterCounter(model)
     before = counter.hard(masks)
     fit = fit_to_budget(masks, counter, before - 500)
-    assert fit["params"] <= before - 500 < fit["params_before"] == before and fit["rescaled"] == "channels"
+    assert fit["params"] <= before - 500 < fit["params_before"] == before and fit["rescaled"] == "mlp channels"
     exact = fit_to_budget(masks, counter, fit["params"])
     assert exact["rescaled"] == "none" and exact["params"] == fit["params"]
+
+
+# ----- aligned widths -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,multiple", [(576, 32), (576, 128), (1536, 64), (40, 32), (48, 8)])
+def test_aligned_counts_are_multiples_or_whole_and_monotone(n, multiple):
+    counts = [kept_count(e / 200, n, 1, multiple) for e in range(201)]
+    assert all(k % multiple == 0 or k == n for k in counts)
+    assert counts == sorted(counts) and counts[-1] == n and counts[0] == min(multiple, n)
+    # the nearest allowed count to e * N (ties to the smaller)
+    allowed = sorted({*range(multiple, n + 1, multiple), n})
+    for e in range(201):
+        wanted = e / 200 * n
+        best = min(allowed, key=lambda k: (abs(k - wanted), k))
+        assert counts[e] == max(best, min(multiple, n)), (e, counts[e], best)
+    assert kept_count(0.0, n, 0, multiple) == 0  # a structure that may vanish still can
+
+
+def test_alignment_applies_to_channel_counts_only():
+    method = DMSConfig(align=8)
+    ch, head, layer = (DifferentiableTopK(n, kind, method) for n, kind in ((40, "channel"), (6, "head"), (7, "layer")))
+    for topk in (ch, head, layer):
+        topk.importance.copy_(torch.rand(topk.n, generator=torch.Generator().manual_seed(1)))
+        topk.ratio.data.fill_(0.45)
+    assert (ch.kept(), head.kept(), layer.kept()) == (16, 3, 3)
+    assert int(ch.hard_mask().sum()) == 16 and float(ch.straight_through_count().detach()) == 16.0
+    # the kept channels are still the most important ones
+    assert ch.kept_indices() == sorted(torch.argsort(ch.importance, descending=True)[:16].tolist())
+
+
+def test_aligned_masks_prune_to_aligned_widths_and_fit_the_budget():
+    from dms_llm.budget import fit_to_budget
+
+    model = tiny_model("llama-gqa")
+    masks = _structure_masks(model, "heads,channels,hidden,layers", method=DMSConfig(align=8))
+    counter = ParameterCounter(model)
+    target = counter.hard(masks) - 3000
+    fit = fit_to_budget(masks, counter, target)
+    assert fit["params"] == counter.hard(masks) <= target
+    plan = masks.to_plan(model.config)
+    widths = [len(lp.mlp_channels) for lp in plan.layers] + [len(plan.hidden_channels)]
+    assert all(w % 8 == 0 or w in (40, 48) for w in widths), widths
+    assert plan.params_after == fit["params"]
+
+
+def test_fit_with_coarse_aligned_widths_lands_near_the_target():
+    """Aligned widths move in steps: the scale-down takes the MLP widths first and then gives back to
+    them whatever a coarse step left unused, so the result sits within one MLP step of the target
+    (layers whose kept ratios differ cross their steps one at a time)."""
+    from dms_llm.budget import fit_to_budget
+
+    model = tiny_model("llama-gqa", intermediate_size=64, num_hidden_layers=4)
+    masks = _structure_masks(model, "heads,channels,hidden,layers", method=DMSConfig(align=8))
+    for _, topk in masks.named_structures():
+        topk.ratio.data.fill_(1.0)
+    for topk, ratio in zip(masks.channels.values(), (0.97, 0.83, 0.9, 0.76)):  # widths a search left apart
+        topk.ratio.data.fill_(ratio)
+    counter = ParameterCounter(model)
+    target = int(0.85 * counter.hard(masks))
+    fit = fit_to_budget(masks, counter, target)
+    assert fit["params"] == counter.hard(masks) <= target
+    assert fit["rescaled"].startswith("mlp channels")
+    one_mlp_step = 3 * 8 * masks.hidden.kept()  # 8 more channels in one layer
+    whole = all(t.kept() == t.n for t in masks.channels.values())
+    assert whole or target - fit["params"] < one_mlp_step, (target - fit["params"], one_mlp_step)
+    assert masks.hidden.kept() == masks.hidden.n  # the coarse hidden width was not touched

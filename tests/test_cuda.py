@@ -58,7 +58,7 @@ def test_identity_and_binarised_masks_match_on_cuda(family, dtype):
 def test_reloaded_checkpoint_matches_in_memory_model_on_cuda(tmp_path, dtype):
     from transformers import AutoModelForCausalLM
 
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model = tiny_model("qwen2", num_hidden_layers=4).to("cuda", dtype)
     plan = _random_masks(model, seed=2).to_plan(model.config, source_model="tiny")
@@ -76,7 +76,7 @@ def test_reloaded_checkpoint_matches_in_memory_model_on_cuda(tmp_path, dtype):
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_search_runs_on_cuda_to_budget(tmp_path, precision):
-    from dms_llm.search import main
+    from dms_llm.cli.search import main
 
     model_dir = save_tiny_checkpoint(tmp_path / "model", "llama-gqa")
     corpus = write_corpus(tmp_path / "calib.jsonl")

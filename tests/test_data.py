@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-import dms_llm.data as data
+import dms_llm.data.calibration as calibration
+import dms_llm.data.sources as sources
 from dms_llm.data import describe_dataset, load_calibration, pack_blocks, tokenize_units
 
 WORDS = [f"w{i}" for i in range(200)]
@@ -77,7 +78,7 @@ def test_packing_shape_blocks_and_seed(tok, corpus, tmp_path):
     assert (x != 1).all(), "no BOS may be added"
 
     # every row is one of the non-overlapping blocks of the packed stream, and rows are distinct blocks
-    stream = tokenize_units(tok, data._file_units(corpus, "text"))
+    stream = tokenize_units(tok, sources._file_units(corpus, "text"))
     assert stream.numel() == 40 * 9 + 39
     blocks = pack_blocks(stream, 16)
     assert blocks.shape == (399 // 16, 16)
@@ -108,9 +109,9 @@ def test_txt_split_into_pieces_tokenises_like_whole_text(tok, tmp_path, monkeypa
     text = "\n".join(doc(i, 7) for i in range(300)) + "\n"
     path = tmp_path / "big.txt"
     path.write_text(text)
-    monkeypatch.setattr(data, "_TEXT_PIECE_CHARS", 100)
-    assert len(list(data._text_pieces(text))) > 10
-    stream = tokenize_units(tok, data._file_units(str(path), "text"))
+    monkeypatch.setattr(sources, "_TEXT_PIECE_CHARS", 100)
+    assert len(list(sources._text_pieces(text))) > 10
+    stream = tokenize_units(tok, sources._file_units(str(path), "text"))
     whole = tok(text, add_special_tokens=False)["input_ids"]
     assert stream.tolist() == whole
 
@@ -158,7 +159,7 @@ def test_folder_reads_every_training_file_and_skips_eval_splits(tok, tmp_path):
     write_jsonl(folder / "sub" / "b.jsonl", ["w5 w6", "w7"])
     (folder / "valid.txt").write_text("w150 w151 w152\n")  # must never be read
     (folder / "ignored.csv").write_text("w199\n")
-    stream = tokenize_units(tok, data._resolve_source(str(folder), None, "text").units())
+    stream = tokenize_units(tok, sources._resolve_source(str(folder), None, "text").units())
     assert stream.tolist() == [wid("w1"), wid("w2"), wid("w3"), wid("w4"), EOS, wid("w5"), wid("w6"), EOS, wid("w7")]
     x = load_calibration(str(folder), tok, seq_len=3, num_samples=3, cache_dir=str(tmp_path / "c"))
     assert x.shape == (3, 3)
@@ -173,8 +174,8 @@ def test_eval_split_files_are_refused(tok, tmp_path):
         path.write_text("w1 w2 w3\n")
         with pytest.raises(ValueError, match="evaluation split"):
             load_calibration(str(path), tok, seq_len=2, num_samples=1, cache_dir=str(tmp_path / "c"))
-    assert not data.looks_like_eval_split("sample_c4-rp1.jsonl")
-    assert not data.looks_like_eval_split("wiki.train.tokens")
+    assert not sources.looks_like_eval_split("sample_c4-rp1.jsonl")
+    assert not sources.looks_like_eval_split("wiki.train.tokens")
 
 
 def test_too_little_text_says_how_many_blocks(tok, corpus, tmp_path):
@@ -208,13 +209,13 @@ def test_cache_hit_and_misses(tok, corpus, tmp_path, monkeypatch):
     assert len([f for f in os.listdir(cache) if f.endswith(".pt")]) == 1
 
     calls = []
-    real = data.tokenize_units
+    real = calibration.tokenize_units
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(data, "tokenize_units", counting)
+    monkeypatch.setattr(calibration, "tokenize_units", counting)
     assert torch.equal(load_calibration(corpus, tok, seq_len=16, num_samples=8, seed=3, cache_dir=cache), x)
     assert calls == [], "the second identical call must come from the cache"
 
@@ -251,16 +252,21 @@ def test_corrupt_cache_file_is_rebuilt(tok, corpus, tmp_path):
 
 def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DMS_LLM_CACHE", str(tmp_path / "root"))
-    assert data.default_cache_dir() == str(tmp_path / "root" / "data")
+    assert calibration.default_cache_dir() == str(tmp_path / "root" / "data")
 
 
 def test_data_dir_resolution(monkeypatch, tmp_path, tok):
+    from dms_llm.cli.options import data_dir_default
+
     monkeypatch.delenv("DMS_DATA_DIR", raising=False)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(data.__file__)))
-    assert data.default_data_dir() == os.path.abspath(os.path.join(repo, "..", "shared", "data"))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__))))
+    # the repository's default is the commands' (the library takes a folder or $DMS_DATA_DIR)
+    assert data_dir_default() == os.path.abspath(os.path.join(repo, "..", "shared", "data"))
+    with pytest.raises(FileNotFoundError, match="DMS_DATA_DIR"):
+        sources.default_data_dir()
     monkeypatch.setenv("DMS_DATA_DIR", str(tmp_path))
-    assert data.default_data_dir() == str(tmp_path)
-    assert data.default_data_dir(str(tmp_path / "x")) == str(tmp_path / "x")
+    assert sources.default_data_dir() == str(tmp_path)
+    assert sources.default_data_dir(str(tmp_path / "x")) == str(tmp_path / "x")
     # an empty data dir: the default dataset says which file it needs and how to point at it
     with pytest.raises(FileNotFoundError, match=r"sample_c4-rp1\.jsonl.*data_dir"):
         load_calibration(None, tok, seq_len=4, num_samples=1, cache_dir=str(tmp_path / "c"))
@@ -293,7 +299,7 @@ def test_offline_named_sources(tok, shared_data, tmp_path, monkeypatch):
 def test_default_c4_sample_with_real_tokenizer(shared_data, tmp_path):
     from transformers import AutoTokenizer
 
-    from dms_llm.loading import embedded_default_dir
+    from dms_llm.checkpoints.embedded import embedded_default_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_default_dir())
     x = load_calibration(None, tok, seq_len=512, num_samples=16, data_dir=shared_data, cache_dir=str(tmp_path))

@@ -19,9 +19,9 @@ import torch
 from conftest import tiny_model
 
 from dms_llm import evaluation as ev
+from dms_llm.evaluation.tasks import utils as task_utils
 
-REPO = Path(__file__).resolve().parents[1]
-TASKS_DIR = REPO / "eval" / "tasks"
+TASKS_DIR = ev.TASKS_DIR  # package data: dms_llm/evaluation/tasks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,10 +242,15 @@ def test_offline_auto_reads_local_and_hub_mode_fails_loudly(data_dir):
 
 
 def test_data_dir_rules_agree(monkeypatch, data_dir):
-    utils = ev._task_utils(TASKS_DIR)
+    from dms_llm.data.sources import default_data_dir
+
     monkeypatch.setenv("DMS_DATA_DIR", str(data_dir))
-    assert ev.resolve_data_dir() == utils.resolve_data_dir() == data_dir.resolve()
-    assert utils.DEFAULT_DATA_DIR == REPO.parent / "shared" / "data"
+    assert ev.resolve_data_dir() == task_utils.resolve_data_dir() == data_dir.resolve()
+    assert default_data_dir() == str(data_dir.resolve())  # calibration data follows the same rule
+    # the library has no default folder of its own: the commands pass theirs (cli.options.data_dir_default)
+    monkeypatch.delenv("DMS_DATA_DIR")
+    with pytest.raises(FileNotFoundError, match="DMS_DATA_DIR"):
+        task_utils.resolve_data_dir()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +309,7 @@ def test_local_task_renders_like_the_stock_task(name, local_tasks, data_dir):
     from lm_eval.api.task import ConfigurableTask
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    utils = ev._task_utils(TASKS_DIR)
+    utils = task_utils
     cfg = load_yaml(Path(lm_eval.__file__).parent / "tasks" / STOCK_YAML[name], resolve_func=True)
     cfg["custom_dataset"] = getattr(utils, "load_" + name[len("dms_"):])
     cfg["metadata"] = {**(cfg.get("metadata") or {}), "data_dir": str(data_dir)}
@@ -421,12 +426,8 @@ def saved_model(tmp_path_factory, model, tok):
 
 
 def test_run_eval_cli_with_baseline(saved_model, data_dir, capsys):
-    pytest.importorskip("dms_llm.loading")
-    sys.path.insert(0, str(REPO / "eval"))
-    try:
-        import run_eval
-    finally:
-        sys.path.remove(str(REPO / "eval"))
+    from dms_llm.cli import run_eval
+
     args = [str(saved_model), "--ppl", "wikitext2", "--protocol", "llm-pruner,sparsegpt", "--tasks", "piqa,arc_challenge",
             "--data-dir", str(data_dir), "--source", "local", "--limit", "2", "--max-windows", "2",
             "--baseline", str(saved_model), "--no-progress", "--batch-size", "4"]
@@ -438,9 +439,10 @@ def test_run_eval_cli_with_baseline(saved_model, data_dir, capsys):
     assert r["baseline"]["ppl"] == r["ppl"]  # the same weights on both sides
     assert r["params"] == sum(p.numel() for p in tiny_model("llama-gqa", vocab_size=257, max_position_embeddings=512).parameters())
     assert "Δ vs first row" in (saved_model / "eval" / "results.md").read_text()
-    # another model's results in the same place are not replaced silently
-    with pytest.raises(FileExistsError):
-        run_eval.main(["smollm2-135m", "--output", str(out), "--source", "local", "--data-dir", str(data_dir)])
+    # another model's results in the same place are not replaced silently: one `error:` line, exit code 2
+    capsys.readouterr()
+    assert run_eval.main(["smollm2-135m", "--output", str(out), "--source", "local", "--data-dir", str(data_dir)]) == 2
+    assert "another model" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a subprocess that imports lm-eval and transformers: ~15-30 s
@@ -457,14 +459,14 @@ def test_lm_eval_cli_runs_a_local_task_on_a_saved_checkpoint(saved_model, data_d
 # ------------------------------------------------------------------------------------------------
 # the real model on the real file
 
-# Measured with eval/run_eval.py (fp32, CPU): the first 200 windows of 128 tokens (25,400 predicted
-# tokens) of the WikiText-2 test text. The full text (2,382 windows) gives 56.09 (docs/ENVIRONMENT.md).
+# Measured with `dms-llm eval` (fp32, CPU): the first 200 windows of 128 tokens (25,400 predicted
+# tokens) of the WikiText-2 test text. The full text (2,382 windows) gives 56.09 (docs/RESULTS.md, section 6).
 SMOLLM2_WIKITEXT2_FIRST_200 = 53.8896
 
 
 @pytest.mark.slow
 def test_smollm2_wikitext2_perplexity_first_windows(shared_data):
-    from dms_llm.loading import load_model_and_tokenizer
+    from dms_llm.checkpoints import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m", dtype="float32")
     r = ev.perplexity(model, tok, "wikitext2", "llm-pruner", data_dir=shared_data, source="local", max_windows=200,

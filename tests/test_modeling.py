@@ -107,18 +107,18 @@ KEEP = [
 ]
 
 
-def _stock_source(tie=True, sliding_window=None):
+def _stock_source(tie=True, sliding_window=None, **extra):
     family = "mistral" if sliding_window else "llama-gqa"
-    overrides = dict(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=tie)
+    overrides = dict(num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=tie, **extra)
     if sliding_window:
         overrides["sliding_window"] = sliding_window
     return tiny_model(family, **overrides)
 
 
-def sliced_model(tie=True, sliding_window=None):
+def sliced_model(tie=True, sliding_window=None, **extra):
     """A non-uniform DMS model sliced from a stock one, and the stock model with the removed
-    structures' outputs zeroed: the two must compute the same function."""
-    stock = _stock_source(tie, sliding_window)
+    structures' outputs zeroed: the two must compute the same function. `extra`: config overrides."""
+    stock = _stock_source(tie, sliding_window, **extra)
     c = stock.config
     n_rep, hd = c.num_attention_heads // c.num_key_value_heads, c.head_dim
     config = dms_config_from(

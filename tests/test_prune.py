@@ -17,7 +17,7 @@ Why the hidden reference is sound: once the removed channels are zero at every w
 stream, they stay zero everywhere (norm outputs there are weight * 0), so every reader (q/k/v/gate/up
 input columns, lm_head columns) gets nothing from them. The only remaining difference from a model that
 never had those channels is RMSNorm's mean over D instead of over k channels; replacing the norm with
-one whose statistic runs over the kept channels is exactly DMS's definition of a hidden mask (DMS.md §2),
+one whose statistic runs over the kept channels is exactly DMS's definition of a hidden mask (docs/DESIGN.md),
 and it is implemented here independently of the slicing code.
 """
 

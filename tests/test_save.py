@@ -18,11 +18,12 @@ import yaml
 from conftest import input_ids, tiny_model
 from test_prune import make_plan
 
-import dms_llm.save as save_mod
+import dms_llm.checkpoints.save as save_mod
+from dms_llm.files import replace_folder
 from dms_llm.modeling import register_auto_classes
 from dms_llm.plan import PrunePlan
 from dms_llm.prune import prune_model
-from dms_llm.save import push_to_hub, save_pruned, update_model_card
+from dms_llm.checkpoints import push_to_hub, save_pruned, update_model_card
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
 
@@ -347,18 +348,23 @@ def test_failure_mid_save_leaves_nothing_half_written(tmp_path, monkeypatch, ove
         assert sorted(os.listdir(out)) == ["config.json", "old.txt"]
 
 
+def _fail_the_swap(monkeypatch):
+    """The rename that moves the finished staging folder into place fails."""
+    real_replace = os.replace
+
+    def flaky(src, dst):
+        if str(src).endswith(".saving"):
+            raise OSError("simulated: the swap failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+
+
 def test_failed_final_rename_restores_the_old_checkpoint(tmp_path, monkeypatch):
     model, plan = pruned_pair("llama-mha", "all")
     out = tmp_path / "out"
     old_checkpoint(out)
-    real_rename = os.rename
-
-    def flaky(src, dst):
-        if ".tmp-" in os.path.basename(src):
-            raise OSError("simulated: rename of the finished checkpoint failed")
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(os, "rename", flaky)
+    _fail_the_swap(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
         save_pruned(model, None, str(out), plan, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"] and sorted(os.listdir(out)) == ["config.json", "old.txt"]
@@ -373,31 +379,24 @@ def _fill_with(text):
     return lambda staging: _run_folder(Path(staging), text)
 
 
-def test_replace_run_folder_swaps_and_puts_the_old_folder_back_on_failure(tmp_path, monkeypatch):
+def test_replace_folder_swaps_and_puts_the_old_folder_back_on_failure(tmp_path, monkeypatch):
     out = tmp_path / "run"
     _run_folder(out, "old")
-    save_mod.replace_run_folder(str(out), _fill_with("new"))
+    replace_folder(str(out), _fill_with("new"))
     assert sorted(os.listdir(tmp_path)) == ["run"] and (out / "log.txt").read_text() == "new"
-    real_replace = os.replace
-
-    def flaky(src, dst):
-        if str(src).endswith(".saving"):
-            raise OSError("simulated: the swap failed")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", flaky)
+    _fail_the_swap(monkeypatch)
     with pytest.raises(OSError, match="simulated"):
-        save_mod.replace_run_folder(str(out), _fill_with("newer"))
+        replace_folder(str(out), _fill_with("newer"))
     monkeypatch.undo()
     assert (out / "log.txt").read_text() == "new" and not (tmp_path / "run.old").exists()
 
 
-def test_replace_run_folder_recovers_a_run_killed_between_its_renames(tmp_path):
+def test_replace_folder_recovers_a_run_killed_between_its_renames(tmp_path):
     """Only `run.old` left (the process died between the two renames): it is the run and must survive."""
     _run_folder(tmp_path / "run.old", "the only copy")
     _run_folder(tmp_path / "run.saving", "half written")
     seen = []
-    save_mod.replace_run_folder(str(tmp_path / "run"), lambda staging: (seen.append(
+    replace_folder(str(tmp_path / "run"), lambda staging: (seen.append(
         (tmp_path / "run" / "log.txt").read_text()), _run_folder(Path(staging), "new")))
     assert seen == ["the only copy"]  # fill() saw the restored run
     assert sorted(os.listdir(tmp_path)) == ["run"] and (tmp_path / "run" / "log.txt").read_text() == "new"

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, input_ids, save_tiny_checkpoint, write_corpus
 
-from dms_llm.search import SearchConfig, load_recipe, main, parse_config
+from dms_llm.cli.search import SearchConfig, load_recipe, main, parse_config
+from dms_llm.training.engine import has_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def setup(tmp_path):
 
 def _args(model_dir, corpus, out, *extra, steps=6):
     return ["--model", model_dir, "--dataset", corpus, "--output-dir", str(out), "--seq-len", "32",
-            "--num-samples", "16", "--steps", str(steps), "--checkpoint-every", "2", "--no-eval", *extra]
+            "--num-samples", "16", "--steps", str(steps), "--checkpoint-every", "2", "--no-eval", "--align", "1", *extra]
 
 
 def _read_metrics(out):
@@ -82,7 +83,7 @@ def test_resume_equals_uninterrupted_run(setup):
     common = ("--target-ratio", "0.5", "--train-weights", "lora", "--distill")
     assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
     assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
-    assert len(_read_metrics(tmp / "b")) == 3 and os.path.exists(tmp / "b" / "search_state" / "state.pt")
+    assert len(_read_metrics(tmp / "b")) == 3 and has_checkpoint(tmp / "b" / "search_state")
     assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
     strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert strip(_read_metrics(tmp / "a")) == strip(_read_metrics(tmp / "b"))
@@ -177,6 +178,51 @@ def test_two_processes_agree_on_the_plan(setup):
     assert summary["num_processes"] == 2
     assert len(set(summary["plan_sha256_per_rank"])) == 1
     assert len(_read_metrics(out)) == 4  # one writer: each step logged once
+
+
+def _torchrun(args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "dms_llm", "search.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
+    """FSDP (the weights sharded over two gloo processes) against DDP (replicated) with the same seed and
+    global batch: the same losses and counts at every step, the same plan; and an FSDP search stopped and
+    resumed equals the uninterrupted one."""
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5")
+    runs = {"ddp": (), "fsdp": ("--fsdp",)}
+    for name, extra in runs.items():
+        proc = _torchrun(_args(model_dir, corpus, tmp / name, *common, *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--stop-after", "3")).returncode != 0
+    assert (tmp / "resumed" / "search_state").is_dir() and not (tmp / "resumed" / "dms_plan.json").exists()
+    proc = _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    metrics = {name: _read_metrics(tmp / name) for name in ("ddp", "fsdp", "resumed")}
+    keys = ("step", "task_loss", "params", "budget_loss")
+    assert [[m[k] for k in keys] for m in metrics["fsdp"]] == [[m[k] for k in keys] for m in metrics["ddp"]]
+    assert [[m[k] for k in keys] for m in metrics["resumed"]] == [[m[k] for k in keys] for m in metrics["fsdp"]]
+    plans = {name: json.load(open(tmp / name / "dms_plan.json")) for name in metrics}
+    for name in ("fsdp", "resumed"):
+        assert plans[name]["layers"] == plans["ddp"]["layers"]
+        assert plans[name]["hidden_channels"] == plans["ddp"]["hidden_channels"]
+    summaries = {name: json.load(open(tmp / name / "search_summary.json")) for name in metrics}
+    assert summaries["fsdp"]["params"] == summaries["ddp"]["params"] == summaries["resumed"]["params"]
+    assert summaries["fsdp"]["num_processes"] == 2 and summaries["fsdp"]["pruned_from_files"]
+    assert summaries["fsdp"]["parity_max_abs_diff"] < 1e-5  # the checkpoint written from the files
+
+
+def test_fsdp_needs_processes_and_frozen_weights(setup, capsys):
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.5", "--fsdp", "--train-weights", "lora")) == 2
+    assert "--fsdp shards frozen weights" in capsys.readouterr().err
+    assert main(_args(model_dir, corpus, tmp / "b", "--target-ratio", "0.5", "--fsdp")) == 2
+    assert "two or more" in capsys.readouterr().err
+    assert not (tmp / "a").exists() and not (tmp / "b").exists()
 
 
 def test_spared_layers_come_out_whole(setup):
@@ -309,3 +355,146 @@ def test_bad_restart_settings_fail_early(setup, capsys, extra, message):
     model_dir, corpus, tmp = setup
     assert main(_args(model_dir, corpus, tmp / "out", "--target-ratio", "0.5", *extra)) == 2
     assert message in capsys.readouterr().err and not (tmp / "out").exists()
+
+
+def test_the_library_call_writes_nothing_and_finds_the_commands_plan(setup, monkeypatch):
+    """`search_plan` on a model and blocks is the search the command runs: the same plan, no files."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dms_llm import DMSConfig, RunSettings, load_calibration, prune_model, search_plan
+
+    model_dir, corpus, tmp = setup
+    assert main(_args(model_dir, corpus, tmp / "cli", "--target-ratio", "0.5", "--heldout-samples", "4")) == 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    blocks = load_calibration(corpus, AutoTokenizer.from_pretrained(model_dir), 32, 20, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    elsewhere = tmp / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    plan = search_plan(model, blocks[:16], target_ratio=0.5, config=DMSConfig(steps=6, align=1), heldout=blocks[16:],
+                       run=RunSettings(checkpoint_every=2), source_model=model_dir)
+    assert os.listdir(elsewhere) == [] and sorted(os.listdir(tmp)) == ["calib.jsonl", "cli", "cwd", "model"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # frozen weights: unchanged
+    saved = json.load(open(tmp / "cli" / "dms_plan.json"))
+    assert plan.to_dict()["layers"] == saved["layers"] and plan.hidden_channels == saved["hidden_channels"]
+    assert plan.metadata["method"] == DMSConfig(steps=6, align=1).to_dict() == saved["metadata"]["method"]
+    summary = json.load(open(tmp / "cli" / "search_summary.json"))
+    assert plan.metadata["heldout_loss"] == pytest.approx(summary["heldout_loss"])
+    assert sum(p.numel() for p in prune_model(model, plan).parameters()) == plan.params_after <= int(0.5 * summary["dense_params"])
+
+def _comparable(out, drop=("prune_from_files", "prune-from-files")):
+    """The run folder's files as text/bytes, minus what legitimately differs between two runs (times,
+    the output path, the --prune-from-files setting)."""
+    found = {}
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name in ("metrics.jsonl", "search_config.json", "search_summary.json", "tensorboard"):
+            continue
+        data = open(path, "rb").read()
+        if name == "dms_plan.json":
+            plan = json.loads(data)
+            plan["metadata"]["search"] = {k: v for k, v in plan["metadata"]["search"].items()
+                                          if k not in ("prune_from_files", "output_dir")}
+            plan["metadata"].pop("search_time_s")
+            data = plan
+        elif name == "README.md":
+            data = [line.replace(str(out), "OUT") for line in data.decode().splitlines()
+                    if not any(d in line for d in drop)]
+        found[name] = data
+    return found
+
+
+def test_pruning_from_the_files_writes_the_same_checkpoint(tmp_path):
+    """A sharded source is pruned from its files by default (frozen weights); the run folder is the one
+    the in-memory path writes, and the pruned model read back gives the same parity and held-out loss."""
+    from conftest import tiny_model, tiny_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama-gqa").save_pretrained(model_dir, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(model_dir)
+    assert os.path.isfile(model_dir / "model.safetensors.index.json")
+    corpus = write_corpus(tmp_path / "calib.jsonl")
+    outs = {mode: tmp_path / mode / "out" for mode in ("never", "auto")}
+    for mode, out in outs.items():
+        assert main(_args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4",
+                          "--prune-from-files", mode)) == 0
+    summaries = {mode: json.load(open(out / "search_summary.json")) for mode, out in outs.items()}
+    assert [summaries[m]["pruned_from_files"] for m in ("never", "auto")] == [False, True]
+    for key in ("params", "parity_max_abs_diff", "heldout_loss"):
+        assert summaries["never"][key] == summaries["auto"][key], key
+    assert summaries["auto"]["parity_max_abs_diff"] < 1e-4
+    never, auto = _comparable(outs["never"]), _comparable(outs["auto"])
+    assert sorted(never) == sorted(auto) and any(n.endswith(".safetensors") for n in never)
+    for name in never:
+        assert never[name] == auto[name], name
+    plan = json.load(open(outs["auto"] / "dms_plan.json"))
+    assert plan["metadata"]["masked_vs_pruned_max_abs_logit_diff"] == summaries["auto"]["parity_max_abs_diff"]
+
+
+def test_prune_from_files_settings(setup, capsys):
+    model_dir, corpus, tmp = setup  # a single-file checkpoint: auto prunes in memory, always from the files
+    assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.6")) == 0
+    assert json.load(open(tmp / "a" / "search_summary.json"))["pruned_from_files"] is False
+    assert main(_args(model_dir, corpus, tmp / "b", "--target-ratio", "0.6", "--prune-from-files", "always")) == 0
+    assert json.load(open(tmp / "b" / "search_summary.json"))["pruned_from_files"] is True
+    capsys.readouterr()
+    assert main(_args(model_dir, corpus, tmp / "c", "--target-ratio", "0.6", "--prune-from-files", "always",
+                      "--train-weights", "lora")) == 2
+    assert "needs --train-weights none" in capsys.readouterr().err and not os.path.exists(tmp / "c")
+
+
+def test_aligned_search_saves_aligned_widths(setup, capsys):
+    model_dir, corpus, tmp = setup
+    out = tmp / "aligned"
+    common = ("--target-ratio", "0.6", "--align", "8")
+    assert main(_args(model_dir, corpus, out, *common, "--stop-after", "3")) == 3
+    capsys.readouterr()
+    # a checkpoint made with one alignment cannot be continued with another
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--align", "16", "--resume")) == 2
+    assert "align" in capsys.readouterr().err
+    assert main(_args(model_dir, corpus, out, *common, "--resume")) == 0
+    plan = json.load(open(out / "dms_plan.json"))
+    widths = [len(layer["mlp_channels"]) for layer in plan["layers"]] + [len(plan["hidden_channels"])]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert plan["metadata"]["method"]["align"] == 8
+    summary = json.load(open(out / "search_summary.json"))
+    assert summary["params"] <= summary["target_params"]
+
+
+def test_warm_up_starts_the_importances_at_the_mean_taylor_score(setup):
+    """After the warm-up the importances are the mean over the first blocks of (sum over tokens of
+    m dL/dm)^2 of the unmasked model, recomputed here by hand; the search then resumes exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dms_llm import DMSConfig, MaskHooks, ModelMasks, RunSettings, load_calibration
+    from dms_llm.training.dms import Engine, SearchModule, warm_up_importance
+
+    model_dir, corpus, tmp = setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval().requires_grad_(False)
+    blocks = load_calibration(corpus, AutoTokenizer.from_pretrained(model_dir), 32, 16, seed=0)
+    masks = ModelMasks.for_method(model.config, DMSConfig(align=1))
+    engine = Engine(RunSettings(), verbose=False)
+    module, _ = engine.prepare(SearchModule(model, masks), torch.optim.SGD(masks.ratio_parameters(), lr=0.0))
+    with MaskHooks(model, masks):
+        warm_up_importance(engine, module, masks, blocks, 5, batch_size=1)
+        expected = {name: torch.zeros(t.n) for name, t in masks.named_structures()}
+        fresh = ModelMasks.for_method(model.config, DMSConfig(align=1))
+    with MaskHooks(model, fresh):
+        for i in range(5):
+            loss = torch.nn.functional.cross_entropy(model(blocks[i : i + 1]).logits[0, :-1], blocks[i, 1:])
+            loss.backward()
+            for name, acc in fresh._taylor.items():
+                expected[name] += acc.pow(2) / 5
+            fresh.discard_importance()
+    for name, topk in masks.named_structures():
+        torch.testing.assert_close(topk.importance, expected[name], rtol=1e-4, atol=1e-12)
+    assert any(topk.importance.std() > 0 for _, topk in masks.named_structures())
+    assert all(p.grad is None for p in masks.ratio_parameters())
+
+    common = ("--target-ratio", "0.5", "--warmup-blocks", "6")
+    assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
+    assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
+    a, b = (_read_metrics(tmp / d) for d in "ab")
+    assert [m["task_loss"] for m in a] == [m["task_loss"] for m in b]
+    assert json.load(open(tmp / "a" / "dms_plan.json"))["layers"] == json.load(open(tmp / "b" / "dms_plan.json"))["layers"]

@@ -15,8 +15,8 @@ shared with DMS:
 
 Every method takes `(model, calib_blocks, target_params, **options)`; `calib_blocks` is the
 [num_samples, seq_len] tensor of `data.load_calibration` (the same for every method; magnitude ignores
-it). The parameter count is the shared formula's (`budget.architecture_parameters`, checked against
-`plan.count_plan_parameters`), including the output biases FLAP adds. The model is only read.
+it). The parameter count is the search's (`budget.ParameterCounter`), including the output biases FLAP
+adds, and kept counts follow the search's rule (`dtopk.kept_count`). The model is only read.
 """
 
 from .common import BudgetError

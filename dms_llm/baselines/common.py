@@ -1,24 +1,23 @@
 """What every baseline shares: per-structure weight groups, calibration statistics, and turning scores
-into a `PrunePlan` that meets a parameter budget as the shared formula (`budget.architecture_parameters`)
-counts it.
+into a `PrunePlan` that meets a parameter budget as the shared counter (`budget.ParameterCounter`) counts
+it, with the search's kept-count rule (`dtopk.kept_count`).
 
-Structures are the ones DMS searches (docs/DMS.md §2): the KV groups of each layer (a key/value head with
+Structures are the ones DMS searches (docs/DESIGN.md, "Where the masks act"): the KV groups of each layer (a key/value head with
 its n_rep query heads: q/k/v rows + o_proj columns) and the MLP channels of each layer (gate/up rows +
 down_proj column). Hidden channels are never pruned by the baselines (none of the papers do).
 """
 
 from __future__ import annotations
 
-import math
-import time
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from ..arch import ModelParts
-from ..budget import BiasFacts, architecture_parameters
-from ..plan import LayerPlan, PlanError, PrunePlan, bias_flags, count_plan_parameters
+from ..budget import ParameterCounter, largest_fitting
+from ..dtopk import kept_count
+from ..plan import LayerPlan, PlanError, PrunePlan, count_plan_parameters
 from ..prune import head_rows
 
 
@@ -147,26 +146,6 @@ def top_indices(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k].tolist())
 
 
-class Counter:
-    """The shared parameter formula over per-layer kept counts, with the plan's bias facts (including
-    output biases a method adds), so allocation loops never build a plan just to count it."""
-
-    def __init__(self, model: nn.Module, output_bias: dict | None = None):
-        cfg = model.config.to_dict()
-        self.shapes = ModelParts(model).shapes
-        b = bias_flags(cfg)
-        ob = output_bias or {}
-        self.biases = BiasFacts(qkv=b["qkv"], o=b["o"] or bool(ob.get("attention")), gate_up=b["mlp_in"],
-                                down=b["mlp_out"] or bool(ob.get("mlp")))
-
-    def __call__(self, kv: list[int], ch: list[int]) -> int:
-        n = self.shapes.num_layers
-        return int(architecture_parameters(self.shapes, self.biases, self.shapes.hidden_size, kv, ch, [1] * n, [1] * n))
-
-    def dense(self) -> int:
-        return self(list(self.shapes.num_kv_heads), list(self.shapes.intermediate))
-
-
 def build_plan(model: nn.Module, heads: dict[int, list[int]], channels: dict[int, list[int]], source_model: str | None,
                metadata: dict, output_bias: dict | None = None, output_bias_values: dict | None = None) -> PrunePlan:
     """A plan keeping `heads[l]` / `channels[l]` (all of a layer's elements when it is not listed)."""
@@ -184,7 +163,7 @@ def build_plan(model: nn.Module, heads: dict[int, list[int]], channels: dict[int
 
 
 def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
-    """The plan's own count must equal the allocation's (two implementations of one formula) and fit."""
+    """The plan's count must equal the count of the sizes the allocation chose, and fit the budget."""
     if plan.params_after != counted:
         raise RuntimeError(f"count_plan_parameters gives {plan.params_after:,}, the allocation counted {counted:,}")
     if plan.params_after > target:
@@ -193,34 +172,25 @@ def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
     return plan
 
 
-def _keep(n: int, f: float) -> int:
-    return 0 if n == 0 else min(n, max(1, math.floor(f * n + 0.5)))
-
-
-def _bisect(fits, lo: float = 0.0, hi: float = 1.0, iters: int = 60) -> float:
-    """Largest f in [lo, hi] with fits(f), given fits(lo) and monotonicity."""
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
 def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel_scores: dict[int, torch.Tensor],
-                 target: int, source_model: str | None, metadata: dict, layers: list[int] | None = None) -> PrunePlan:
-    """The same kept fraction in every pruned layer (`layers`, default all), top-k by score within a layer.
+                 target: int, source_model: str | None, metadata: dict, layers: list[int] | None = None,
+                 align: int = 1) -> PrunePlan:
+    """The same kept fraction in every pruned layer (`layers`, default all), top-k by score within a layer;
+    MLP widths in multiples of `align` (the search's rule, `dtopk.kept_count`).
 
     KV groups come a few per layer (SmolLM2: 3), so heads and channels cannot always lose the same
     fraction: for each possible head fraction, the channel fraction that fills the budget is found by
     bisection on the shared formula, and the pair whose two fractions are closest is kept (ties: the
     larger model). Every pruned layer keeps at least one KV group and one channel.
     """
-    count = Counter(model)
-    s = count.shapes
+    counter = ParameterCounter(model)
+    count = counter.sizes
+    s = counter.shapes
     pruned = sorted(set(range(s.num_layers) if layers is None else layers))
 
     def sizes(fh: float, fc: float):
-        kv = [_keep(s.num_kv_heads[i], fh) if i in pruned else s.num_kv_heads[i] for i in range(s.num_layers)]
-        ch = [_keep(s.intermediate[i], fc) if i in pruned else s.intermediate[i] for i in range(s.num_layers)]
+        kv = [kept_count(fh, s.num_kv_heads[i], 1) if i in pruned else s.num_kv_heads[i] for i in range(s.num_layers)]
+        ch = [kept_count(fc, s.intermediate[i], 1, align) if i in pruned else s.intermediate[i] for i in range(s.num_layers)]
         return kv, ch
 
     def fraction(kept: list[int], dense) -> float:
@@ -239,7 +209,7 @@ def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel
     for fh in candidates:
         if count(*sizes(fh, 0.0)) > target:
             continue
-        fc = _bisect(lambda x: count(*sizes(fh, x)) <= target)
+        fc = largest_fitting(lambda x: count(*sizes(fh, x)) <= target, 0.0, 1.0)
         kv, ch = sizes(fh, fc)
         h, c = fraction(kv, s.num_kv_heads), fraction(ch, s.intermediate)
         key = (round(abs(h - c), 12), -count(kv, ch))
@@ -248,7 +218,7 @@ def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel
     _, kv, ch, h, c = best
     heads = {i: top_indices(head_scores[i], kv[i]) for i in pruned if s.num_kv_heads[i]}
     chans = {i: top_indices(channel_scores[i], ch[i]) for i in pruned if s.intermediate[i]}
-    metadata = {**metadata, "keep_fraction_heads": h, "keep_fraction_channels": c, "pruned_layers": pruned}
+    metadata = {**metadata, "keep_fraction_heads": h, "keep_fraction_channels": c, "pruned_layers": pruned, "align": align}
     plan = build_plan(model, heads, chans, source_model, metadata)
     return check_budget(plan, count(kv, ch), target)
 
@@ -257,24 +227,15 @@ def source_name(model: nn.Module, source_model: str | None) -> str:
     return source_model if source_model is not None else str(getattr(model.config, "_name_or_path", "") or "")
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-
-
 def check_target(model: nn.Module, target_params) -> int:
     target = int(target_params)
-    dense = Counter(model).dense()
+    dense = ParameterCounter(model).dense()
     if not 0 < target < dense:
         raise BudgetError(f"target {target:,} parameters must be positive and below the dense count {dense:,}")
     return target
 
 
 __all__ = [
-    "BudgetError", "Counter", "InputStats", "PlanError", "build_plan", "check_budget", "output_proj_input_stats",
+    "BudgetError", "InputStats", "PlanError", "build_plan", "check_budget", "output_proj_input_stats",
     "per_group", "top_indices", "uniform_plan", "weight_sq_norms",
 ]

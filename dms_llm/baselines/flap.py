@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
+from ..budget import ParameterCounter
 from .common import (
     BudgetError,
-    Counter,
     build_plan,
     check_budget,
     check_target,
@@ -128,8 +128,10 @@ def per_group_rows(parts: ModelParts, layer: int, groups: list[int]) -> torch.Te
 
 
 def flap_plan(model, calib_blocks, target_params: int, batch_size: int = 8, bias_compensation: bool = True,
-              source_model: str | None = None):
-    """`bias_compensation=False` gives FLAP's structure without the biases (for ablations and tests)."""
+              source_model: str | None = None, align: int = 1):
+    """`bias_compensation=False` gives FLAP's structure without the biases (for ablations and tests).
+    With `align` > 1, each layer's MLP keeps a multiple of `align` channels (or all of them): the
+    channels the global order leaves in a layer, rounded down to a multiple, best scores first."""
     target = check_target(model, target_params)
     parts = ModelParts(model)
     s = parts.shapes
@@ -140,7 +142,7 @@ def flap_plan(model, calib_blocks, target_params: int, batch_size: int = 8, bias
         first = next((kind, layer) for layer in range(s.num_layers) for kind, sc in (("attention", heads), ("mlp", chans)) if layer in sc)
         best = max(j for j, (kind, layer, _) in enumerate(order) if (kind, layer) == first)
         order = order[:best] + order[best + 1 :]
-    count = Counter(model, OUTPUT_BIAS if bias_compensation else None)
+    count = ParameterCounter(model, OUTPUT_BIAS if bias_compensation else None).sizes
 
     # kept sizes after removing the first n structures of the order, per layer
     kinds = torch.tensor([0 if k == "attention" else 1 for k, _, _ in order], dtype=torch.long)
@@ -150,8 +152,11 @@ def flap_plan(model, calib_blocks, target_params: int, batch_size: int = 8, bias
         removed_kv = torch.bincount(layers[:n][kinds[:n] == 0], minlength=s.num_layers).tolist()
         removed_ch = torch.bincount(layers[:n][kinds[:n] == 1], minlength=s.num_layers).tolist()
         kv = [s.num_kv_heads[i] - removed_kv[i] for i in range(s.num_layers)]
-        ch = [s.intermediate[i] - removed_ch[i] for i in range(s.num_layers)]
+        ch = [aligned(s.intermediate[i] - removed_ch[i], s.intermediate[i]) for i in range(s.num_layers)]
         return kv, ch
+
+    def aligned(kept: int, dense: int) -> int:
+        return kept if kept == dense else kept // align * align
 
     # smallest n whose count fits; at least one structure must stay (a model needs one sublayer)
     lo, hi = 0, len(order) - 1
@@ -166,11 +171,15 @@ def flap_plan(model, calib_blocks, target_params: int, batch_size: int = 8, bias
         removed.setdefault((kind, layer), set()).add(j)
     kept_heads = {i: [g for g in range(s.num_kv_heads[i]) if g not in removed.get(("attention", i), ())]
                   for i in range(s.num_layers) if s.num_kv_heads[i]}
-    kept_chans = {i: [c for c in range(s.intermediate[i]) if c not in removed.get(("mlp", i), ())]
-                  for i in range(s.num_layers) if s.intermediate[i]}
+    widths = sizes(n_removed)[1]
+    kept_chans = {}
+    for i in range(s.num_layers):
+        if s.intermediate[i]:  # the layer's remaining channels, lowest score first; the best `widths[i]` stay
+            remaining = [j for kind, layer, j in order[n_removed:] if (kind, layer) == ("mlp", i)]
+            kept_chans[i] = sorted(remaining[len(remaining) - widths[i]:] if widths[i] else [])
     meta = {"method": "flap", "criterion": "WIFV fluctuation Var(X_j) * ||W[:, j]||^2, standardised per layer and type",
             "allocation": "global (adaptive widths)", "bias_compensation": bias_compensation,
-            "calibration_tokens": int(calib_blocks.numel()), "removed_structures": n_removed}
+            "calibration_tokens": int(calib_blocks.numel()), "removed_structures": n_removed, "align": align}
     values, ob = None, None
     if bias_compensation:
         values, dropped = compensation(model, stats, kept_heads, kept_chans)

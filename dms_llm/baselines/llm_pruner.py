@@ -70,7 +70,7 @@ def taylor_scores(model, blocks: torch.Tensor, layers: list[int], batch_size: in
 
 
 def llm_pruner_plan(model, calib_blocks, target_params: int, layer_start: int | None = None, layer_end: int | None = None,
-                    batch_size: int = 4, source_model: str | None = None):
+                    batch_size: int = 4, source_model: str | None = None, align: int = 1):
     target = check_target(model, target_params)
     n = ModelParts(model).shapes.num_layers
     start, end = default_layers(n)
@@ -83,4 +83,4 @@ def llm_pruner_plan(model, calib_blocks, target_params: int, layer_start: int | 
     meta = {"method": "llm-pruner", "criterion": "first-order Taylor |w * dL/dw| summed over the group",
             "allocation": "uniform over the pruned layers", "layer_range": [start, end],
             "calibration_tokens": int(calib_blocks.numel())}
-    return uniform_plan(model, heads, chans, target, source_name(model, source_model), meta, layers=layers)
+    return uniform_plan(model, heads, chans, target, source_name(model, source_model), meta, layers=layers, align=align)

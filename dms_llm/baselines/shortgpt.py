@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
-from .common import BudgetError, Counter, _device, _hooks, batches, build_plan, check_budget, check_target, source_name
+from ..budget import ParameterCounter
+from .common import BudgetError, _device, _hooks, batches, build_plan, check_budget, check_target, source_name
 
 
 def _hidden(x):
@@ -49,12 +50,14 @@ def block_influence(model, blocks: torch.Tensor, batch_size: int = 8) -> list[fl
     return (1 - total / count).tolist()
 
 
-def shortgpt_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None):
+def shortgpt_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None,
+                  align: int = 1):
+    """`align` is accepted for the common signature: whole layers go, every width stays as it was."""
     target = check_target(model, target_params)
     s = ModelParts(model).shapes
     bi = block_influence(model, calib_blocks, batch_size)
     order = sorted(range(s.num_layers), key=lambda i: (bi[i], i))
-    count = Counter(model)
+    count = ParameterCounter(model).sizes
     kv, ch = list(s.num_kv_heads), list(s.intermediate)
     removed = []
     for i in order[:-1]:  # at least one layer stays

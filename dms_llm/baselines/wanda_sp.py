@@ -31,10 +31,11 @@ def wanda_sp_scores(model, stats) -> tuple[dict, dict]:
     return heads, chans
 
 
-def wanda_sp_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None):
+def wanda_sp_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None,
+                  align: int = 1):
     target = check_target(model, target_params)
     stats = output_proj_input_stats(model, calib_blocks, batch_size)
     heads, chans = wanda_sp_scores(model, stats)
     meta = {"method": "wanda-sp", "criterion": "sum |W| * ||X|| over o_proj/down_proj input columns",
             "allocation": "uniform", "calibration_tokens": int(calib_blocks.numel())}
-    return uniform_plan(model, heads, chans, target, source_name(model, source_model), meta)
+    return uniform_plan(model, heads, chans, target, source_name(model, source_model), meta, align=align)

@@ -1,5 +1,6 @@
 """What every dms_llm command shares: a dataclass that is at once the CLI schema and the recipe format,
-YAML recipes that the command line overrides, and bad input reported as one line instead of a traceback.
+YAML recipes that the command line overrides, bad input reported as one line instead of a traceback, and
+the default data folder (the library takes it as an argument; only the commands know the repository).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import field
+from dataclasses import MISSING, field
+
+DATA_DIR_ENV = "DMS_DATA_DIR"
 
 
 class ConfigError(ValueError):
@@ -25,15 +28,33 @@ def _kind(f):
     return {"int": int, "float": float, "bool": bool}.get(name, str)
 
 
-def build_parser(config_cls, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (unless it is None or False, or the text already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _help(f) -> str:
+    """The field's help text and its default (the parser's own defaults are None: 'not given')."""
+    if f.default is MISSING or f.default is None or f.default is False or f.default == "":
+        return f.metadata["help"]
+    return f"{f.metadata['help']} (default: {str(f.default).replace('%', '%%')})"
+
+
+def build_parser(config_cls, description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML recipe whose keys are these option names (the command line overrides it)")
-    for f in dataclasses.fields(config_cls):
+    inherited = {f.name for base in config_cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    for f in sorted(dataclasses.fields(config_cls), key=lambda f: f.name in inherited):  # the command's own first
         flag = "--" + f.name.replace("_", "-")
         if _kind(f) is bool:
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=_kind(f), default=None, help=f.metadata["help"])
+            parser.add_argument(flag, type=_kind(f), default=None, help=_help(f))
     return parser
 
 
@@ -62,10 +83,10 @@ def load_recipe(path: str, config_cls) -> dict:
     return values
 
 
-def parse_config(config_cls, argv, description: str, exclusive=()):
+def parse_config(config_cls, argv, description: str, exclusive=(), prog: str | None = None):
     """Recipe values, overridden by the command line. For each group in `exclusive` (options of which
     exactly one is given, like a budget or a length), a command-line value replaces the whole group."""
-    args = vars(build_parser(config_cls, description).parse_args(argv))
+    args = vars(build_parser(config_cls, description, prog).parse_args(argv))
     path = args.pop("config", None)
     recipe = load_recipe(path, config_cls) if path else {}
     for group in exclusive:
@@ -91,3 +112,13 @@ def exit_code(command) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def data_dir_default(data_dir: str | None = None) -> str:
+    """`--data-dir`, else `$DMS_DATA_DIR`, else `../shared/data` beside the repository (a checkout's layout)."""
+    if data_dir:
+        return os.path.abspath(os.path.expanduser(data_dir))
+    if os.environ.get(DATA_DIR_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[DATA_DIR_ENV]))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.abspath(os.path.join(repo, "..", "shared", "data"))

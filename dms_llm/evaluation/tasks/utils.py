@@ -1,10 +1,9 @@
 """Loaders for the local zero-shot tasks (`dms_*`), shared by the lm-eval CLI and dms_llm.evaluation.
 
 Each task YAML in this folder names one `load_*` function as its `custom_dataset`. lm-eval calls it with
-the task's metadata as keyword arguments, so the data folder can be given as `data_dir` in the metadata
-(`lm_eval ... --metadata '{"data_dir": "/abs/path"}'`, or `TaskManager(metadata={"data_dir": ...})`).
-Without it, the folder is `$DMS_DATA_DIR`, else `<repo>/../shared/data` (the layout CI uses). The path
-is resolved from this file, not from the current directory, so the CLI works from anywhere.
+the task's metadata as keyword arguments, so the data folder is given as `data_dir` in the metadata
+(`lm_eval ... --metadata '{"data_dir": "/abs/path"}'`, or `TaskManager(metadata={"data_dir": ...})`),
+else by `$DMS_DATA_DIR`. The same rule finds the perplexity texts (dms_llm.evaluation.perplexity).
 
 The loaders read the files in their original layouts (see the data folder's README) and return the
 field names of the Hub datasets that lm-eval's stock tasks read, so that each YAML can keep the stock
@@ -19,8 +18,6 @@ import os
 from pathlib import Path
 
 DATA_DIR_ENV = "DMS_DATA_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 # Files each task reads, relative to the data folder; dms_llm.evaluation hashes them into the results.
 TASK_FILES = {
@@ -35,21 +32,21 @@ TASK_FILES = {
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data folder: the argument, else $DMS_DATA_DIR, else <repo>/../shared/data."""
+    """The data folder: the argument, else $DMS_DATA_DIR."""
     if data_dir:
-        path = Path(data_dir).expanduser()
-        origin = "the data_dir argument"
+        path, origin = Path(data_dir).expanduser(), "the data_dir argument"
     elif os.environ.get(DATA_DIR_ENV):
-        path = Path(os.environ[DATA_DIR_ENV]).expanduser()
-        origin = f"${DATA_DIR_ENV}"
+        path, origin = Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
     else:
-        path = DEFAULT_DATA_DIR
-        origin = "the default (<repo>/../shared/data)"
+        raise FileNotFoundError(
+            f"no data folder given: pass the folder that holds boolq/, piqa/, wikitext-2-raw/, ... as --data-dir DIR "
+            f"(dms-llm), data_dir=DIR (Python), --metadata '{{\"data_dir\": \"DIR\"}}' (lm_eval), or set {DATA_DIR_ENV}=DIR."
+        )
     if not path.is_dir():
         raise FileNotFoundError(
-            f"evaluation data folder {path} (from {origin}) does not exist. Pass the folder that holds "
-            f"boolq/, piqa/, wikitext-2-raw/, ... : --data-dir DIR for eval/run_eval.py, "
-            f"--metadata '{{\"data_dir\": \"DIR\"}}' for the lm_eval CLI, or set {DATA_DIR_ENV}=DIR."
+            f"evaluation data folder {path} (from {origin}) does not exist. Pass the folder that holds boolq/, piqa/, "
+            f"wikitext-2-raw/, ...: --data-dir DIR (dms-llm), data_dir=DIR (Python), --metadata '{{\"data_dir\": \"DIR\"}}' "
+            f"(lm_eval), or set {DATA_DIR_ENV}=DIR."
         )
     return path.resolve()
 

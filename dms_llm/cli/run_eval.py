@@ -1,12 +1,10 @@
-#!/usr/bin/env python
 """Evaluate a dense or pruned model: perplexity (LLM-Pruner / SparseGPT protocols) and lm-eval zero-shot.
 
-    python eval/run_eval.py MODEL_OR_DIR --ppl wikitext2,ptb --protocol llm-pruner,sparsegpt \
-        --tasks boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa [--baseline DENSE]
+    dms-llm eval MODEL_OR_DIR --ppl wikitext2,ptb --protocol llm-pruner,sparsegpt --tasks all [--baseline DENSE]
 
 MODEL_OR_DIR is an alias (`smollm2-135m`), a Hub id, or a local folder (a stock or a `dms_llama`
 checkpoint). Results go to DIR/eval/results.json (+ results.md) for a local folder, else to --output
-(default ./outputs/eval/<name>/results.json). See dms_llm/evaluation.py for the exact protocols.
+(default ./outputs/eval/<name>/results.json). See dms_llm/evaluation/perplexity.py for the exact protocols.
 """
 
 from __future__ import annotations
@@ -19,34 +17,24 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _import_dms_llm():
-    try:
-        import dms_llm  # noqa: F401
-    except ImportError:  # run from a checkout without `pip install -e .`
-        sys.path.insert(0, str(REPO_ROOT))
-    from dms_llm import evaluation
-
-    return evaluation
+from .options import ConfigError, HelpFormatter, data_dir_default, exit_code
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="dms-llm eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("model", help="alias (smollm2-135m), Hub id, or local checkpoint folder")
     p.add_argument("--ppl", default="wikitext2",
                    help="comma list of perplexity datasets: wikitext2, wikitext2-valid, ptb (test), ptb-valid, c4, "
-                        "'all' or 'none' (default: wikitext2)")
+                        "'all' or 'none'")
     p.add_argument("--protocol", default="llm-pruner",
-                   help="comma list: llm-pruner (128-token windows), sparsegpt (2048), or 'all' (default: llm-pruner)")
+                   help="comma list: llm-pruner (128-token windows), sparsegpt (2048), or 'all'")
     p.add_argument("--tasks", default="none",
                    help="comma list of zero-shot tasks: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
-                        "openbookqa, 'all' or 'none' (default: none)")
+                        "openbookqa, 'all' or 'none'")
     p.add_argument("--data-dir", default=None,
-                   help="evaluation data folder (default: $DMS_DATA_DIR, else <repo>/../shared/data)")
+                   help="evaluation data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
     p.add_argument("--source", choices=("auto", "local", "hub"), default="auto",
-                   help="datasets from the Hub or the data folder; auto = Hub when reachable (default)")
+                   help="datasets from the Hub or the data folder; auto = Hub when reachable")
     p.add_argument("--limit", type=float, default=None,
                    help="zero-shot: only the first N documents of each task (a fraction if < 1)")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity: only the first N windows")
@@ -83,16 +71,21 @@ def default_output(model: str) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ev = _import_dms_llm()
-    from dms_llm.loading import load_model_and_tokenizer
+    return exit_code(lambda: evaluate(args))
 
+
+def evaluate(args) -> int:
+    from .. import evaluation as ev
+    from ..checkpoints.loading import load_model_and_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args.data_dir = data_dir_default(args.data_dir)
     # Everything that can be wrong in the arguments fails here, before minutes of model loading.
     ppl = ev.check_ppl_datasets(args.ppl)
     protocols = ev.check_protocols(args.protocol)
     tasks = ev.check_tasks(args.tasks)
     if not ppl and not tasks:
-        raise SystemExit("nothing to evaluate: give --ppl and/or --tasks")
+        raise ConfigError("nothing to evaluate: give --ppl and/or --tasks")
     if args.source == "local" or (args.source == "auto" and not ev.hub_reachable()):
         ev.resolve_data_dir(args.data_dir)  # the data folder will be needed: say so now if it is missing
     out = Path(args.output) if args.output else default_output(args.model)

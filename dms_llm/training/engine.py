@@ -1,0 +1,355 @@
+"""The run engine shared by the DMS search and recovery fine-tuning.
+
+One `Engine` per run: an Accelerate `Accelerator` (data parallel, mixed precision), the data order (a
+function of seed and step, never of history), gradient accumulation with an optional distillation
+term, checkpoints through Accelerate's `save_state` / `load_state` (trainable weights, optimiser, every
+RNG, the step), per-step metrics (`metrics.jsonl`, and TensorBoard through Accelerate's trackers when
+the package is installed), a progress bar, and a first Ctrl-C that finishes the step and checkpoints.
+With no run folder nothing is written, and a stop before the end cannot be resumed.
+
+    engine = Engine(RunSettings(seed=0), run_dir="runs/x", state_name="search_state")
+    module, optimizer = engine.prepare(module, optimizer)
+    engine.run(train_step, steps=200, block_len=256, resume=True)   # train_step(step) -> metrics dict
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..files import recover_folder, swap_in
+
+METRICS_FILE = "metrics.jsonl"
+TRACKER = "tensorboard"  # Accelerate writes the events under RUN_DIR/tensorboard
+
+
+@dataclass
+class RunSettings:
+    """How a run is executed; none of these change what a search finds, except through the data order."""
+
+    batch_size: int = 1  # blocks per micro-batch and process
+    grad_accum: int = 1  # micro-batches per optimiser step
+    seed: int = 0  # data order and everything random
+    mixed_precision: str = "no"  # no, bf16 or fp16 (autocast)
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50  # steps between checkpoints (with a run folder)
+    stop_after: int | None = None  # checkpoint and stop after this many steps
+    # Shard the (frozen) model's weights across the processes with FSDP2 (`fully_shard`, one unit per
+    # decoder layer) instead of replicating them; what trains (the kept ratios) stays replicated.
+    fsdp: bool = False
+
+
+class Stopped(Exception):
+    """The run stopped before its last step (stop_after or Ctrl-C) after checkpointing; resume it."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"stopped at step {step}/{total}")
+        self.step, self.total = step, total
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten())
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per token at temperature T, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    log_s = F.log_softmax(student[:, :-1].float() / t, dim=-1)
+    log_t = F.log_softmax(teacher[:, :-1].float() / t, dim=-1)
+    return F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
+
+
+def process_state():
+    """Accelerate's process state (rank, main process, barriers). On a machine without CUDA it must be
+    created as CPU state, or torchrun's processes each believe they are the only one."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Recompute activations in backward; transformers 5.2x renamed the switch (the old name warns)."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def has_checkpoint(state_dir: str) -> bool:
+    recover_folder(state_dir)
+    return os.path.isfile(os.path.join(state_dir, "custom_checkpoint_0.pkl"))
+
+
+class _TrainableState:
+    """What training changes in a module that Accelerate does not hold (FSDP): its trainable parameters
+    and buffers, checkpointed through Accelerate's custom-object protocol."""
+
+    def __init__(self, module, keys: set[str]):
+        self.module, self.keys = module, keys
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items() if k in self.keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != self.keys:
+            raise RuntimeError(f"{len(set(state) ^ self.keys)} tensors differ, e.g. {sorted(set(state) ^ self.keys)[0]}")
+        self.module.load_state_dict(state, strict=False)
+
+
+class _Progress:
+    """The step counter, checkpointed with the run (Accelerate's custom-object protocol)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+class Engine:
+    def __init__(self, settings: RunSettings, run_dir: str | None = None, state_name: str = "state",
+                 verbose: bool = True):
+        from accelerate import Accelerator
+
+        self.s = settings
+        self.run_dir = os.path.abspath(run_dir) if run_dir else None
+        self.acc = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
+                               log_with=TRACKER if self.run_dir else None, project_dir=self.run_dir)
+        self.state_dir = os.path.join(self.run_dir, state_name) if self.run_dir else None
+        self.metrics_path = os.path.join(self.run_dir, METRICS_FILE) if self.run_dir else None
+        self.progress = _Progress()
+        self.acc.register_for_checkpointing(self.progress)
+        self.acc.register_save_state_pre_hook(self._keep_trainable_only)
+        self.verbose = verbose
+        self.module = None
+
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    def say(self, *args) -> None:
+        if self.verbose:
+            self.acc.print(*args)
+
+    def prepare(self, module, optimizer):
+        if self.s.fsdp:
+            # The sharded weights are frozen; the trainable rest is replicated and averaged by
+            # `average_gradients` (a DDP wrapper cannot hold sharded parameters). The checkpoint holds
+            # that trainable rest, as with DDP.
+            self.module, optimizer = module, self.acc.prepare(optimizer)
+            self.acc.register_for_checkpointing(_TrainableState(module, self._trainable_keys(module)))
+        else:
+            self.module, optimizer = self.acc.prepare(module, optimizer)
+        return self.module, optimizer
+
+    def average_gradients(self, params) -> None:
+        """Mean of the gradients over the processes, where no DDP wrapper does it (FSDP)."""
+        if not self.s.fsdp or self.acc.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.acc.num_processes)
+
+    # ----- data and gradients ---------------------------------------------------------------------
+    def batch_indices(self, step: int, micro: int, num_blocks: int) -> list[int]:
+        """The calibration blocks of one micro-batch: a function of (seed, step), never of history."""
+        s, world, rank = self.s, self.acc.num_processes, self.acc.process_index
+        per_step = s.batch_size * s.grad_accum * world
+        epoch, offset = divmod(step * per_step, num_blocks)
+        order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(s.seed * 1000003 + epoch))
+        start = offset + (micro * world + rank) * s.batch_size
+        return [int(order[(start + j) % num_blocks]) for j in range(s.batch_size)]
+
+    def accumulate(self, forward: Callable, blocks: torch.Tensor, teacher: Callable | None = None,
+                   distill_weight: float = 1.0, distill_temperature: float = 1.0,
+                   last_micro_loss: Callable | None = None) -> dict:
+        """Forward and backward of one optimiser step over `grad_accum` micro-batches.
+
+        Loss per micro-batch: next-token loss of `forward(ids)`, plus distill_weight x KL to `teacher(ids)`
+        when a teacher is given, divided by grad_accum; `last_micro_loss()` is added once, on the last
+        micro-batch (the search's budget term). Returns the step's mean task and distillation losses.
+        """
+        acc, n = self.acc, self.s.grad_accum
+        totals = {"task_loss": 0.0, "distill_loss": 0.0}
+        self.module.train()
+        for micro in range(n):
+            ids = blocks[self.batch_indices(self.step, micro, len(blocks))].to(acc.device)
+            last = micro == n - 1
+            sync = acc.no_sync(self.module) if not last and acc.num_processes > 1 else nullcontext()
+            with sync, acc.autocast():
+                logits = forward(ids)
+                task = next_token_loss(logits, ids)
+                loss = task
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(ids)
+                    kd = distillation_loss(logits, teacher_logits, distill_temperature)
+                    loss = loss + distill_weight * kd
+                    totals["distill_loss"] += float(kd.detach()) / n
+                loss = loss / n
+                if last and last_micro_loss is not None:
+                    loss = loss + last_micro_loss()
+                acc.backward(loss)
+            totals["task_loss"] += float(task.detach()) / n
+        return totals
+
+    def mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.acc.num_processes == 1 else self.acc.reduce(tensor, reduction="mean")
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is True on any: ranks must stop at the same step."""
+        if self.acc.num_processes == 1:
+            return flag
+        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum").item() > 0)
+
+    # ----- checkpoints ----------------------------------------------------------------------------
+    def _trainable_keys(self, model) -> set[str]:
+        """The state-dict keys of trainable parameters and (persistent) buffers: what training changes."""
+        changing = {name for name, p in model.named_parameters() if p.requires_grad}
+        changing |= {name for name, _ in model.named_buffers()}
+        return changing & set(model.state_dict())
+
+    def _keep_trainable_only(self, models, weights, output_dir) -> None:
+        """Frozen weights come from the source model; the checkpoint holds what training changes."""
+        for i, model in enumerate(models):
+            keep = self._trainable_keys(model)
+            weights[i] = OrderedDict((k, v) for k, v in weights[i].items() if k in keep)
+
+    def save_checkpoint(self) -> None:
+        """Into a staging folder, then swapped in: an interruption never leaves half a checkpoint."""
+        staging = self.state_dir + ".saving"
+        if self.acc.is_main_process and os.path.isdir(staging):
+            shutil.rmtree(staging)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(staging)
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            swap_in(staging, self.state_dir)
+        self.acc.wait_for_everyone()
+
+    def load_checkpoint(self) -> bool:
+        if not self.state_dir or not has_checkpoint(self.state_dir):
+            return False
+        from safetensors import safe_open
+
+        weights = os.path.join(self.state_dir, "model.safetensors")
+        if os.path.isfile(weights) == self.s.fsdp:
+            raise RuntimeError(f"the checkpoint in {self.state_dir} was made {'without' if self.s.fsdp else 'with'} "
+                               f"--fsdp; resume it the way it was made")
+        try:
+            if not self.s.fsdp:
+                with safe_open(weights, "pt") as f:
+                    saved = set(f.keys())
+                expected = self._trainable_keys(self.module)
+                if saved != expected:
+                    raise RuntimeError(f"{len(saved ^ expected)} tensors differ, e.g. {sorted(saved ^ expected)[0]}")
+            self.acc.load_state(self.state_dir, strict=False)
+        except RuntimeError as e:
+            raise RuntimeError(f"the checkpoint in {self.state_dir} does not fit this run ({str(e).splitlines()[0][:200]}): "
+                               "it was made for another model or with other settings; resume with those of its run") from None
+        if self.acc.is_main_process and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:  # a resumed log reads like an uninterrupted one
+                lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
+            with open(self.metrics_path, "w") as f:
+                f.writelines(lines)
+        return True
+
+    # ----- the loop -------------------------------------------------------------------------------
+    def run(self, train_step: Callable[[int], dict], steps: int, block_len: int, resume: bool = False,
+            desc: str = "run", postfix: Callable[[dict], dict] | None = None) -> None:
+        """Call `train_step(step)` (it returns the step's metrics) until `steps` are done, writing one
+        metrics line per step and checkpointing every `checkpoint_every` steps, at `stop_after` and on
+        Ctrl-C (then `Stopped` is raised; a second Ctrl-C aborts)."""
+        if resume and self.load_checkpoint():
+            self.say(f"resumed at step {self.step}/{steps}")
+        acc, s = self.acc, self.s
+        stop_at = steps if s.stop_after is None else min(steps, s.stop_after)
+        if stop_at < steps and not self.run_dir:
+            raise ValueError("stop_after needs a run folder to checkpoint into")
+        tokens_per_step = s.batch_size * s.grad_accum * acc.num_processes * block_len
+        main = acc.is_main_process and self.run_dir is not None
+        writer = open(self.metrics_path, "a") if main else None
+        if main:
+            acc.init_trackers(TRACKER)
+        bar = self._progress_bar(steps, desc, postfix)
+        try:
+            with _graceful_interrupt() as interrupted:
+                while self.step < stop_at and not self.any_rank(bool(interrupted)):
+                    start = time.perf_counter()
+                    metrics = {"step": self.step + 1, **train_step(self.step)}
+                    self.progress.step += 1
+                    metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - start)
+                    if writer:
+                        writer.write(json.dumps(metrics) + "\n")
+                        writer.flush()
+                        acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"},
+                                step=metrics["step"])
+                    if bar is not None:
+                        bar(metrics)
+                    due = self.step % s.checkpoint_every == 0 or self.step == stop_at
+                    if self.run_dir and (due or self.any_rank(bool(interrupted))):
+                        self.save_checkpoint()
+        finally:
+            if writer:
+                writer.close()
+            for tracker in acc.trackers:  # not end_training(): it would end the process group too
+                tracker.finish()
+        if self.step < steps:
+            raise Stopped(self.step, steps)
+
+    def _progress_bar(self, steps: int, desc: str, postfix):
+        if not (self.verbose and self.acc.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=self.step, desc=desc, dynamic_ncols=True)
+
+        def update(m):
+            bar.update(1)
+            if postfix:
+                bar.set_postfix(**postfix(m))
+            if m["step"] >= steps:
+                bar.close()
+
+        return update
+
+
+@contextmanager
+def _graceful_interrupt():
+    """Yields a list that becomes non-empty on the first Ctrl-C, so a loop can finish its step and
+    checkpoint; a second Ctrl-C raises KeyboardInterrupt as usual."""
+    interrupted: list[bool] = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        yield interrupted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
