@@ -8,9 +8,10 @@ a few decoder layers (random bf16 weights, CPU) and extrapolated per layer to th
 
 A *cell* is one (shape, step kind, gradient checkpointing, batch x sequence, depth). Each is measured in a
 fresh Python process (allocator state never leaks between cells) that builds the model with `depth`
-decoder layers, wires it exactly as `dms_llm/search.py` does for that kind (`ModelMasks` + `MaskHooks`,
-`SearchLoop.train_step` with bf16 autocast, LoRA and the teacher from the search's own `_prepare_weights`)
-and runs `--steps` full search steps (the first one is a warm-up: it allocates the optimiser state).
+decoder layers, wires it exactly as `dms_llm.search_plan` does for that kind, with the library's own functions
+(`ModelMasks.for_method` + `MaskHooks`, `_prepare_weights` for the freeze, LoRA, gradient checkpointing and the
+teacher, the training `Engine` with bf16 autocast, `SearchLoop.step`) and runs `--steps` full search steps (the
+first one is a warm-up: it allocates the optimiser state). The CPU only: CUDA is hidden from the cells.
 
 Step kinds (`--kinds`):
   frozen          frozen weights, no distillation (the SmolLM2 recipes, the default search)
@@ -21,8 +22,9 @@ Memory: the process's peak resident set during the steps (VmHWM after a reset th
 minus its resident set before the model was built, with glibc told to return every freed block of 128 KiB or
 more to the system (MALLOC_MMAP_THRESHOLD_), so that the peak follows the live tensors. The analytic parts are
 recorded beside it: weight bytes (embedding/head vs per layer), trainable parameters, optimiser state, the
-bytes autograd saved for backward (without checkpointing), the logits' size. Time: wall seconds per step after
-the warm-up (median), with the 1-minute load average before each step, one torch thread.
+bytes autograd saved for backward (without checkpointing), the logits' size. Time: CPU and wall seconds per step
+after the warm-up (median), with the 1-minute load average before each step, one torch thread (on a shared
+machine the process's CPU time leaves out the waits for a core; fits and ratios use it).
 
 Per-layer extrapolation: for each (shape, kind, checkpointing, tokens), memory = a + b*L and time = c + d*L are
 fitted on the two smallest measured depths and checked against any further measured depth; `report` prints the
@@ -48,11 +50,9 @@ import sys
 import time
 from contextlib import nullcontext
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_overhead import search_masks, shape_config, shape_path  # eval/ is this script's folder
 
-from bench_overhead import shape_config, shape_path  # noqa: E402  (the named shapes of eval/configs)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FORMAT = "bench_memory/1"
 DEFAULT_RESULTS = os.path.join(REPO, "eval", "results", "bench_memory.json")
@@ -66,7 +66,7 @@ LORA_R, LORA_ALPHA = 8, 16
 # Environment of every measuring process: one thread; freed blocks of 128 KiB or more go back to the system
 # at once (so the resident set follows the live tensors instead of glibc's free lists); torch asks for
 # transparent huge pages on large blocks (page faults on fresh blocks would otherwise cost time).
-CELL_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
+CELL_ENV = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
             "MALLOC_TRIM_THRESHOLD_": "131072", "THP_MEM_ALLOC_ENABLE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -214,16 +214,16 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _prepare_weights(kind: str, ckpt: bool, model, masks):
-    """The search's own wiring for this kind: freeze, LoRA, gradient checkpointing, the teacher."""
-    from types import SimpleNamespace
+def search_settings(cell: dict):
+    """(DMSConfig, RunSettings) of the search a cell stands for: the recipes' learning rates, LoRA r=8 and the
+    cell's weights, distillation, gradient checkpointing, micro-batch and mixed precision."""
+    from dms_llm import DMSConfig, RunSettings
 
-    from dms_llm.search import _prepare_weights as prepare  # the code path `dms_llm/search.py` runs
-
-    train_weights, distill = KINDS[kind]
-    cfg = SimpleNamespace(train_weights=train_weights, distill=distill, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
-                          gradient_checkpointing=ckpt)
-    return prepare(cfg, model, masks)
+    train_weights, distill = KINDS[cell["kind"]]
+    config = DMSConfig(structures=STRUCTURES, steps=10**6, ratio_lr=5e-3, weight_lr=1e-4, budget_weight=2.0,
+                       train_weights=train_weights, lora_r=LORA_R, lora_alpha=LORA_ALPHA, distill=distill)
+    run = RunSettings(batch_size=cell["batch"], mixed_precision=cell["mixed_precision"], gradient_checkpointing=cell["ckpt"])
+    return config, run
 
 
 def measure_cell(cell: dict, steps: int = 2) -> dict:
@@ -232,15 +232,16 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
 
     torch.set_num_threads(1)
     import peft  # noqa: F401  (imported before the baseline: libraries are not the cell's memory)
-    from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from dms_llm import MaskHooks, ModelMasks, ParameterCounter
-    from dms_llm.trainer import LoopSettings, SearchLoop, SearchModule
+    from dms_llm import MaskHooks, ParameterCounter
+    from dms_llm.training.dms import SearchLoop, SearchModule, _prepare_weights  # the wiring `search_plan` runs
+    from dms_llm.training.engine import Engine
 
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    accelerator = Accelerator(mixed_precision=cell["mixed_precision"], cpu=True)
+    method, run = search_settings(cell)
+    engine = Engine(run, verbose=False)
     config = shape_config(cell["shape"], cell["depth"])
     gc.collect()
     base = rss_bytes()
@@ -252,19 +253,14 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
     outside = [model.get_input_embeddings().weight, model.get_output_embeddings().weight, model.model.norm.weight]
     weight_bytes = _tensor_bytes(model.parameters())
     outside_bytes = _tensor_bytes({id(t): t for t in outside}.values())
-    masks = ModelMasks(config, structures=STRUCTURES)
-    g = torch.Generator().manual_seed(1)
-    for _, topk in masks.named_structures():  # differing importances: the search's real (soft) mask path
-        topk.importance.copy_(torch.rand(topk.n, generator=g))
-        topk.ratio.data.fill_(0.9)
+    # as `search_plan` does it, in its order; the masks with distinct importances: the search's real (soft) path
+    masks = search_masks(config, method, 0.9)
     counter = ParameterCounter(model)
-    hooked, peft_model, weight_params, teacher = _prepare_weights(cell["kind"], cell["ckpt"], model, masks)
+    hooked, peft_model, weight_params, teacher = _prepare_weights(method, run, model, masks)
     MaskHooks(hooked, masks).install()
     blocks = torch.randint(0, config.vocab_size, (cell["batch"], cell["seq"]), generator=torch.Generator().manual_seed(0))
-    settings = LoopSettings(steps=10**6, batch_size=cell["batch"], grad_accum=1, ratio_lr=5e-3, weight_lr=1e-4,
-                            budget_weight=2.0, target_params=int(0.8 * counter.dense()), distill=KINDS[cell["kind"]][1])
-    loop = SearchLoop(accelerator, SearchModule(hooked, masks), masks, counter, blocks, settings, state_dir="",
-                      metrics_path="", teacher=teacher, weight_params=weight_params)
+    loop = SearchLoop(engine, SearchModule(hooked, masks), masks, counter, blocks, method, int(0.8 * counter.dense()),
+                      teacher, weight_params)
     trainable = [p for p in hooked.parameters() if p.requires_grad] + masks.ratio_parameters()
     gc.collect()
     setup_rss = rss_bytes() - base
@@ -277,7 +273,7 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
         counting = SavedTensorBytes(hooked) if i == 0 and not cell["ckpt"] else nullcontext()
         start, start_cpu = time.perf_counter(), time.process_time()
         with counting:
-            loop.train_step()
+            loop.step(i)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - start_cpu)
         peaks.append(peak_bytes() - base)
@@ -314,8 +310,21 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
         "flops": step_flops(cell["shape"], cell["kind"], cell["ckpt"], cell["batch"], cell["seq"], cell["depth"]),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "library_commit": library_commit(),
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def library_commit() -> str | None:
+    """The checkout's commit (+dirty when dms_llm/ has uncommitted changes): the library a cell measured."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=7", "HEAD")
+        return (commit + ("+dirty" if git("status", "--porcelain", "--", "dms_llm") else "")) if commit else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # ----- the cache and the driver -------------------------------------------------------------------
@@ -473,11 +482,16 @@ def extrapolations(cells: dict) -> list[dict]:
             "load1": sorted({x for c in members for x in (c.get("load1_before_step") or [])}),
             "checks": [],
         }
+        last = xs[-1]
         for c in checks:
             pm, pt = a + b * c["depth"], tc + td * c["depth"]
+            # the check's miss as a slope error from the last fitted depth, carried on to the full depth
+            carried = (full - last) / (c["depth"] - last)
             row["checks"].append({"depth": c["depth"], "peak_bytes": c["peak_bytes"], "predicted_peak_bytes": pm,
                                   "peak_error": pm / c["peak_bytes"] - 1, "step_s": step(c), "predicted_step_s": pt,
-                                  "time_error": pt / step(c) - 1})
+                                  "time_error": pt / step(c) - 1,
+                                  "full_peak_error": (pm - c["peak_bytes"]) * carried / row["full_peak_bytes"],
+                                  "full_time_error": (pt - step(c)) * carried / row["full_step_s"]})
         rows.append(row)
     return rows
 
@@ -495,42 +509,96 @@ def smallest_gpu(need_bytes: float) -> int | None:
 
 
 def fsdp_per_gpu_bytes(row: dict, n_gpus: int, prefetch_units: int = 2) -> float:
-    """Live bytes per GPU with FULL_SHARD over n_gpus (frozen weights: no gradients or optimiser state to
-    shard beyond the kept ratios): the weight shard, `prefetch_units` decoder layers gathered at once (the
-    one computing and the one prefetched), and each GPU's own activations, logits and buffers."""
+    """Live bytes per GPU with the weights sharded over n_gpus (frozen: no gradients or optimiser state to
+    shard beyond the kept ratios), as `--fsdp` does it (FSDP2, one unit per decoder layer, the rest the root's):
+    the weight shard, the root unit (embeddings, head, final norm) gathered through the step, `prefetch_units`
+    decoder layers gathered at once (the one computing and the one prefetched), and each GPU's own
+    activations, logits and buffers."""
     non_weight = row["full_peak_bytes"] - row["full_weight_bytes"]
-    return row["full_weight_bytes"] / n_gpus + prefetch_units * row["layer_weight_bytes"] + non_weight
+    root_gathered = row["outside_weight_bytes"] * (1 - 1 / n_gpus)
+    return row["full_weight_bytes"] / n_gpus + root_gathered + prefetch_units * row["layer_weight_bytes"] + non_weight
 
 
-RECIPES = {  # recipe -> (shape, kind, ckpt, batch, seq) of one micro-batch, as its YAML sets them
-    "llama-7b-5.47b": ("llama-2-7b", "lora_distill", True, 4, 512),
-    "llama-2-7b-80": ("llama-2-7b", "lora_distill", True, 4, 512),
-    "llama-2-7b-50": ("llama-2-7b", "lora_distill", True, 4, 512),
-    "llama-3-8b-80": ("llama-3-8b", "lora_distill", True, 4, 512),
-    "llama-3-8b-50": ("llama-3-8b", "lora_distill", True, 4, 512),
-    "llama-2-70b-fsdp": ("llama-2-70b", "frozen_distill", True, 1, 512),
-}
+RECIPE_DIR = os.path.join(REPO, "recipes")
+FSDP_LAUNCHER = os.path.join(RECIPE_DIR, "accelerate", "fsdp.yaml")  # how the fsdp recipes are launched
+MEASURED_SHAPES = ("llama-2-7b", "llama-3-8b", "llama-2-70b")
+SHAPE_OF_MODEL = {"llama-7b": "llama-2-7b"}  # a model alias whose shape is a measured one (the same sizes)
+GPU_GB = 80  # the plan counts GPUs of this size
+OVERHEAD_GOAL = 1.05  # masked / plain forward+backward (issue 18)
 
 
-def recipe_plan(rows: list[dict]) -> list[dict]:
+def large_recipes(recipe_dir: str = RECIPE_DIR) -> dict[str, dict]:
+    """Every search recipe whose model has a measured shape, read by the search command's own parser: its
+    micro-batch cell (shape, step kind, checkpointing, batch x sequence), searched structures, fsdp and
+    the processes it is launched with."""
+    import glob
+
+    import yaml
+
+    from dms_llm.cli.search import SearchConfig, load_recipe
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(recipe_dir, "*.yaml"))):
+        values = load_recipe(path)
+        shape = SHAPE_OF_MODEL.get(values.get("model"), values.get("model"))
+        if shape not in MEASURED_SHAPES:
+            continue
+        cfg = SearchConfig(**{**values, "output_dir": "unused"})
+        method, run = cfg.method(), cfg.run_settings()
+        kind = next((k for k, v in KINDS.items() if v == (method.train_weights, method.distill)), None)
+        if kind is None:
+            raise ValueError(f"{path}: no measured step kind has train-weights {method.train_weights} and distill {method.distill}")
+        processes = 1
+        if run.fsdp:
+            with open(FSDP_LAUNCHER) as f:
+                processes = int(yaml.safe_load(f)["num_processes"])
+        name = os.path.basename(path)[: -len(".yaml")]
+        found[name] = {"path": path, "cell": make_cell(shape, kind, run.gradient_checkpointing, run.batch_size, cfg.seq_len, 0),
+                       "structures": method.structures, "fsdp": run.fsdp, "processes": processes,
+                       "mixed_precision": run.mixed_precision}
+    return found
+
+
+def recipe_plan(rows: list[dict], recipes: dict[str, dict] | None = None) -> list[dict]:
+    """Per large recipe: the extrapolated live tensors of its micro-batch step at full depth, the GPU memory
+    unsharded, per GPU as launched (fsdp: sharded over its processes), and the fewest GPUs of GPU_GB that
+    hold it (sharded over 2 to 8 only where the recipe can shard: frozen weights)."""
+    recipes = large_recipes() if recipes is None else recipes
     by_group = {r["group"]: r for r in rows}
     plans = []
-    for recipe, (shape, kind, ckpt, batch, seq) in RECIPES.items():
-        row = by_group.get(group_key(make_cell(shape, kind, ckpt, batch, seq, 0)))
+    for name, recipe in recipes.items():
+        row = by_group.get(group_key(recipe["cell"]))
         if row is None:
             continue
-        live = row["full_peak_bytes"]
-        need = gpu_bytes(live)
-        plan = {"recipe": recipe, "group": row["group"], "live_bytes": live, "gpu_bytes": need,
-                "single_gpu_gb": smallest_gpu(need), "fsdp": {}}
-        for size in (80, 141):
-            for n in (1, 2, 4, 8):
-                per_gpu = gpu_bytes(fsdp_per_gpu_bytes(row, n)) if n > 1 else need
-                if per_gpu <= size * 1e9:
-                    plan["fsdp"][size] = {"gpus": n, "per_gpu_bytes": per_gpu}
-                    break
-        plans.append(plan)
+        need = gpu_bytes(row["full_peak_bytes"])
+        launched = recipe["processes"]
+        per_gpu = gpu_bytes(fsdp_per_gpu_bytes(row, launched)) if recipe["fsdp"] and launched > 1 else need
+        fewest = 1 if need <= GPU_GB * 1e9 else None
+        if fewest is None and KINDS[recipe["cell"]["kind"]][0] == "none":
+            fewest = next((n for n in range(2, 9) if gpu_bytes(fsdp_per_gpu_bytes(row, n)) <= GPU_GB * 1e9), None)
+        plans.append({"recipe": name, "group": row["group"], "structures": recipe["structures"], "fsdp": recipe["fsdp"],
+                      "live_bytes": row["full_peak_bytes"], "gpu_bytes": need, "single_gpu_gb": smallest_gpu(need),
+                      "processes": launched, "per_gpu_bytes": per_gpu, "fewest_gpus": fewest,
+                      "fewest_per_gpu_bytes": None if fewest is None else
+                      (need if fewest == 1 else gpu_bytes(fsdp_per_gpu_bytes(row, fewest))),
+                      "full_step_s": row["full_step_s"]})
     return plans
+
+
+def recipe_header(plan: dict) -> str:
+    """The GPU lines of a recipe's header comment, from its plan."""
+    gb = lambda x: f"{x / 1e9:.0f} GB"  # noqa: E731
+    tokens = plan["group"].split("/")[-1][1:]
+    head = (f"# GPU memory: {gb(plan['gpu_bytes'])}{' unsharded' if plan['fsdp'] else ''} ({tokens}-token micro-batch; "
+            f"extrapolated from CPU measurements, eval/bench_memory.py, docs/RESULTS.md)")
+    if plan["fsdp"]:
+        fewest = f"no number up to 8 of {GPU_GB} GB GPUs holds it" if plan["fewest_gpus"] is None else (
+            f"it needs at least {plan['fewest_gpus']} GPUs of {GPU_GB} GB ({gb(plan['fewest_per_gpu_bytes'])} each)")
+        return (f"{head}:\n# sharded over the {plan['processes']} processes launched here {gb(plan['per_gpu_bytes'])} per GPU; "
+                f"{fewest}.")
+    if plan["single_gpu_gb"] is None:
+        return f"{head}:\n# more than any single GPU holds; this recipe cannot shard (fsdp needs frozen weights)."
+    return f"{head}:\n# one GPU of {plan['single_gpu_gb']} GB or more (1 x {GPU_GB} GB)."
 
 
 def _gib(x) -> str:
@@ -541,12 +609,21 @@ def _tokens(c) -> str:
     return f"{c['batch']}x{c['seq']}"
 
 
-def report(data: dict) -> str:
+# Cells measured before cells recorded their commit ran the library of this commit (branch membench, bench
+# code f83704d..be72a86); the port to the issue-16 layout measures the same step (checked on two cells).
+LEGACY_LIBRARY_COMMIT = "1568d61"
+
+
+def report(data: dict, recipes: dict[str, dict] | None = None) -> str:
     cells = {k: c for k, c in data["cells"].items() if "error" not in c}
     out = []
     if cells:
-        out.append("Measured cells (CPU, bf16 weights + bf16 autocast, one thread; peak = live tensors above the process's "
-                   "start; step = median wall time after one warm-up step, fastest run kept):\n")
+        commits = sorted({c.get("library_commit") or LEGACY_LIBRARY_COMMIT for c in cells.values()})
+        dates = sorted(c["measured_at"] for c in cells.values() if c.get("measured_at"))
+        out.append(f"Measured cells ({len(cells)}; dms_llm at {', '.join(commits)}"
+                   + (f"; {dates[0]} to {dates[-1]}" if dates else "") + "). CPU, bf16 weights + bf16 autocast, one "
+                   "torch thread; peak = resident set above the process's start (the live tensors); step = median after "
+                   "one warm-up step, fastest of the timing runs by CPU time:\n")
         out.append("| shape | step kind | ckpt | tokens | layers | peak GiB | weights GiB | saved act. GiB | step CPU s | step wall s | "
                    "GFLOP/CPU s | load1 |")
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -577,41 +654,68 @@ def report(data: dict) -> str:
                        f"{_gib(r['mem_b'])} | {_gib(r['activation_bytes_per_layer'])} | {mem_check} | {r['time_c']:.1f} | "
                        f"{r['time_d']:.1f} | {time_check} | {r['full_depth']} | **{_gib(r['full_peak_bytes'])}** | "
                        f"{r['full_step_s'] / 60:.1f} min |")
-    plans = recipe_plan(rows)
+        checked = [(r, k) for r in rows for k in r["checks"]]
+        if checked:
+            out.append("\nExtrapolation check (fit on the two smallest depths, predicted vs measured at a further depth; "
+                       "the miss read as an error of the per-layer slope and carried on to the full depth):\n")
+            out.append("| group | fit on | checked at | peak error | carried to full depth | step error | carried to full depth |")
+            out.append("|---|---|---|---|---|---|---|")
+            for r, k in checked:
+                out.append(f"| {r['group']} | L{r['fit_depths'][0]}, L{r['fit_depths'][1]} | L{k['depth']} | {k['peak_error']:+.2%} | "
+                           f"{k['full_peak_error']:+.2%} at L{r['full_depth']} | {k['time_error']:+.1%} | "
+                           f"{k['full_time_error']:+.1%} at L{r['full_depth']} |")
+    plans = recipe_plan(rows, recipes)
     if plans:
-        out.append(f"\nGPU plan per recipe (GPU memory = extrapolated peak x {1 + ALLOCATOR_MARGIN:.2f} + {CUDA_CONTEXT_GIB:.0f} GiB "
-                   "CUDA context; FSDP: weight shard + 2 gathered layers + own activations per GPU):\n")
-        out.append("| recipe | micro-batch cell | live tensors GiB | GPU memory GB | smallest single GPU | with 80 GB GPUs | with 141 GB GPUs |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append(f"\nGPU plan per recipe (its micro-batch step at full depth; GPU memory = extrapolated peak x "
+                   f"{1 + ALLOCATOR_MARGIN:.2f} + {CUDA_CONTEXT_GIB:.0f} GiB CUDA context; fsdp: per GPU the weight shard + "
+                   f"2 gathered decoder layers + its own activations):\n")
+        out.append(f"| recipe | searched | micro-batch cell | live tensors GiB | GPU memory GB (one GPU) | smallest single GPU | "
+                   f"as launched: processes x GB each | fewest {GPU_GB} GB GPUs | one micro-batch step at full depth (this CPU) |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
         for p in plans:
-            fs = {size: (f"{v['gpus']} x ({v['per_gpu_bytes'] / 1e9:.0f} GB each)" if v["gpus"] > 1 else "1")
-                  for size, v in p["fsdp"].items()}
-            out.append(f"| {p['recipe']} | {p['group']} | {_gib(p['live_bytes'])} | {p['gpu_bytes'] / 1e9:.1f} | "
-                       f"{str(p['single_gpu_gb']) + ' GB' if p['single_gpu_gb'] else 'none (shard it)'} | {fs.get(80, '> 8')} | "
-                       f"{fs.get(141, '> 8')} |")
+            fewest = ("none" if p["fewest_gpus"] is None else f"{p['fewest_gpus']}" + (
+                f" (fsdp, {p['fewest_per_gpu_bytes'] / 1e9:.0f} GB each)" if p["fewest_gpus"] > 1 else ""))
+            out.append(f"| {p['recipe']} | {p['structures']} | {p['group']} | {_gib(p['live_bytes'])} | {p['gpu_bytes'] / 1e9:.1f} | "
+                       f"{str(p['single_gpu_gb']) + ' GB' if p['single_gpu_gb'] else 'none (shard it)'} | "
+                       f"{p['processes']} x {p['per_gpu_bytes'] / 1e9:.1f}{' (fsdp)' if p['fsdp'] else ''} | {fewest} | "
+                       f"{p['full_step_s'] / 60:.1f} min |")
+        out.append("\nThe recipes' header lines:\n")
+        out += [f"    {p['recipe']}.yaml:\n" + "\n".join("    " + line for line in recipe_header(p).splitlines()) for p in plans]
     over = data.get("overhead", {})
     if over:
-        out.append("\nMask overhead (eval/bench_overhead.py in a fresh process per row; interleaved repetitions, medians of "
-                   "CPU seconds; train = with weight gradients, frozen = activation gradients only, as the frozen search):\n")
+        out.append(f"\nMask overhead (eval/bench_overhead.py in a fresh process per row; interleaved repetitions, medians of "
+                   f"CPU seconds; train = with weight gradients, frozen = activation gradients only, as the frozen search; "
+                   f"goal masked/plain <= {OVERHEAD_GOAL}):\n")
         out.append("| shape | layers | tokens | reps | train: plain s | masked s | **masked/plain** | frozen: plain s | masked s | "
-                   "**masked/plain** | (wall-time ratios) | load1 |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   f"**masked/plain** | <= {OVERHEAD_GOAL} | spread of the reps | (wall-time ratios) | load1 |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sorted(over.values(), key=lambda r: (r.get("shape", ""), r.get("seq_len", 0), r.get("layers", 0))):
             if "error" in r:
-                out.append(f"| {r.get('shape')} | {r.get('layers')} | {r.get('seq_len')} | FAILED: {r['error']} ||||||||")
+                out.append(f"| {r.get('shape')} | {r.get('layers')} | {r.get('seq_len')} | FAILED: {r['error']} |||||||||")
                 continue
-            cells_ = []
+            cells_, ratios = [], []
             for plain, masked, ratio in (("plain", "masked", "ratio"), ("plain_frozen", "masked_frozen", "frozen_ratio")):
                 if f"{ratio}_cpu" in r:
                     cells_ += [f"{r[plain + '_cpu_s']:.2f}", f"{r[masked + '_cpu_s']:.2f}", f"**{r[ratio + '_cpu']:.3f}**"]
+                    ratios.append(r[ratio + "_cpu"])
                 else:
                     cells_ += ["-", "-", "-"]
+            verdict = "yes" if ratios and max(ratios) <= OVERHEAD_GOAL else "no"
             walls = " / ".join(f"{r[k]:.3f}" for k in ("ratio", "frozen_ratio") if k in r)
             out.append(f"| {r['shape']} | {r['layers']} | {r['batch']}x{r['seq_len']} | {r['reps']} | " + " | ".join(cells_)
-                       + f" | {walls} | {r.get('load1_before', '')}-{r.get('load1_after', '')} |")
-        for line in overhead_extrapolation(over):
-            out.append(line)
+                       + f" | {verdict} | {rep_spread(r)} | {walls} | {r.get('load1_before', '')}-{r.get('load1_after', '')} |")
+        lines = overhead_extrapolation(over)
+        if lines:
+            out.append("\nExtrapolated to full depth (the per-layer ratio is a difference of two timings at 1 and 2 layers, "
+                       "so it carries their noise, the spread of the reps above, several times over):\n")
+            out += lines
     return "\n".join(out) + "\n"
+
+
+def rep_spread(r: dict) -> str:
+    """The largest (max - min) / median of a row's repeated CPU timings: the noise its ratios carry."""
+    spreads = [(max(ts) - min(ts)) / statistics.median(ts) for ts in (r.get("cpu_times_s") or {}).values() if ts]
+    return f"{max(spreads):.1%}" if spreads else "-"
 
 
 def overhead_extrapolation(over: dict) -> list[str]:

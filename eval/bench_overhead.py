@@ -106,6 +106,34 @@ def load(model_name, shape, dtype, device, layers=None):
 VARIANTS = ("train", "frozen", "search")
 
 
+def search_masks(config, method, ratio: float, seed: int = 1):
+    """The masks the search builds (`ModelMasks.for_method`) for `method` (a `DMSConfig`, or the structures
+    searched with the default one), with kept ratio `ratio` and random, distinct importances: the soft-mask
+    path of a search under way, not the all-ones cold start."""
+    import torch
+
+    from dms_llm import DMSConfig, ModelMasks
+
+    masks = ModelMasks.for_method(config, DMSConfig(structures=method) if isinstance(method, str) else method)
+    g = torch.Generator().manual_seed(seed)
+    for _, topk in masks.named_structures():
+        topk.importance.copy_(torch.rand(topk.n, generator=g))
+        topk.ratio.data.fill_(ratio)
+    return masks
+
+
+def masked_model(model_name, shape, dtype, device, layers, batch, seq_len, structures):
+    """(model, input ids, masks at kept ratio 0.8, their `MaskHooks`, not installed) of one timing run."""
+    import torch
+
+    from dms_llm import MaskHooks
+
+    model = load(model_name, shape, dtype, device, layers)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    masks = search_masks(model.config, structures, 0.8).to(device)
+    return model, ids, masks, MaskHooks(model, masks)
+
+
 def frozen_step_timer(model, ids, masks=None):
     """A callable timing forward+backward without weight gradients (the frozen search's backward).
 
@@ -136,21 +164,12 @@ def bench(model_name, dtype, batch, seq_len, reps, structures, device="cpu", sha
           variants=("train", "search")):
     import torch
 
-    from dms_llm import MaskHooks, ModelMasks
-
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
         raise SystemExit(f"error: unknown variant(s) {unknown or list(variants)}; choose from {','.join(VARIANTS)}")
     device = torch.device(device)
-    model = load(model_name, shape, dtype, device, layers)
+    model, ids, masks, hooks = masked_model(model_name, shape, dtype, device, layers, batch, seq_len, structures)
     model.requires_grad_(True)  # a training step: weights get gradients in both variants
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    masks = ModelMasks(model.config, structures=structures).to(device)
-    g = torch.Generator().manual_seed(1)
-    for _, topk in masks.named_structures():
-        topk.importance.copy_(torch.rand(topk.n, generator=g))
-        topk.ratio.data.fill_(0.8)
-    hooks = MaskHooks(model, masks)
 
     def masked(timer):
         def run():
@@ -203,18 +222,9 @@ def profile(model_name, dtype, batch, seq_len, structures, device="cpu", shape=N
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from dms_llm import MaskHooks, ModelMasks
-
     device = torch.device(device)
-    model = load(model_name, shape, dtype, device, layers)
+    model, ids, masks, hooks = masked_model(model_name, shape, dtype, device, layers, batch, seq_len, structures)
     model.requires_grad_(variant == "train")
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    masks = ModelMasks(model.config, structures=structures).to(device)
-    g = torch.Generator().manual_seed(1)
-    for _, topk in masks.named_structures():
-        topk.importance.copy_(torch.rand(topk.n, generator=g))
-        topk.ratio.data.fill_(0.8)
-    hooks = MaskHooks(model, masks)
     if variant == "train":
         plain, masked_step = (lambda: time_step(model, ids)), (lambda: time_step(model, ids, masks))
     else:

@@ -57,6 +57,12 @@ def test_extrapolation_fits_two_depths_and_checks_the_third(tiny_shape):
     assert (row["mem_a"], row["mem_b"], row["time_c"], row["time_d"]) == tuple(pytest.approx(x) for x in (a, b, c, d))
     (check,) = row["checks"]
     assert check["depth"] == 4 and check["peak_error"] == pytest.approx(0) and check["time_error"] == pytest.approx(0)
+    assert check["full_peak_error"] == pytest.approx(0)
+    # a third depth off the line: 100 bytes more at L4 is a slope 50 bytes/layer steeper, 200 more at L6
+    cells[bm.cell_key(cell(4, 0, 0))]["peak_bytes"] = a + b * 4 + 100
+    (check,) = bm.extrapolations(cells)[0]["checks"]
+    assert check["peak_error"] == pytest.approx((a + b * 4) / (a + b * 4 + 100) - 1)
+    assert check["full_peak_error"] == pytest.approx(-200 / (a + b * 6))
     assert row["full_depth"] == TINY["num_hidden_layers"]
     assert row["full_peak_bytes"] == pytest.approx(a + b * 6) and row["full_step_s"] == pytest.approx(c + d * 6)
     assert row["activation_bytes_per_layer"] == pytest.approx(b - 100)
@@ -66,8 +72,70 @@ def test_extrapolation_fits_two_depths_and_checks_the_third(tiny_shape):
 def test_gpu_plan_adds_margin_and_context_and_shards_weights():
     assert bm.gpu_bytes(10 * bm.GIB) == pytest.approx(10 * bm.GIB * (1 + bm.ALLOCATOR_MARGIN) + bm.CUDA_CONTEXT_GIB * bm.GIB)
     assert bm.smallest_gpu(30e9) == 40 and bm.smallest_gpu(500e9) is None
-    row = {"full_peak_bytes": 150e9, "full_weight_bytes": 140e9, "layer_weight_bytes": 1e9}
-    assert bm.fsdp_per_gpu_bytes(row, 4) == pytest.approx(140e9 / 4 + 2e9 + 10e9)
+    row = {"full_peak_bytes": 150e9, "full_weight_bytes": 140e9, "layer_weight_bytes": 1e9, "outside_weight_bytes": 4e9}
+    # the shard, the root unit gathered (3/4 of it lives elsewhere), two gathered layers, the rest unsharded
+    assert bm.fsdp_per_gpu_bytes(row, 4) == pytest.approx(140e9 / 4 + 3e9 + 2e9 + 10e9)
+
+
+def _row(shape, kind, ckpt, batch, seq, peak, weights, layer, outside):
+    return {"group": bm.group_key(bm.make_cell(shape, kind, ckpt, batch, seq, 0)), "full_peak_bytes": peak,
+            "full_weight_bytes": weights, "layer_weight_bytes": layer, "outside_weight_bytes": outside, "full_step_s": 60.0}
+
+
+def test_recipe_plan_shards_only_frozen_recipes_and_counts_gpus():
+    recipes = {
+        "big-frozen": {"cell": bm.make_cell("llama-2-70b", "frozen_distill", True, 1, 512, 0), "structures": "heads",
+                       "fsdp": True, "processes": 8},
+        "big-lora": {"cell": bm.make_cell("llama-2-70b", "lora_distill", True, 1, 512, 0), "structures": "heads",
+                     "fsdp": False, "processes": 1},
+        "small": {"cell": bm.make_cell("llama-2-7b", "lora_distill", True, 4, 512, 0), "structures": "heads",
+                  "fsdp": False, "processes": 1},
+        "unmeasured": {"cell": bm.make_cell("llama-2-7b", "frozen", True, 4, 512, 0), "structures": "heads",
+                       "fsdp": False, "processes": 1},
+    }
+    rows = [_row("llama-2-70b", "frozen_distill", True, 1, 512, 150e9, 140e9, 1e9, 4e9),
+            _row("llama-2-70b", "lora_distill", True, 1, 512, 150e9, 140e9, 1e9, 4e9),
+            _row("llama-2-7b", "lora_distill", True, 4, 512, 20e9, 14e9, 0.4e9, 1e9)]
+    plans = {p["recipe"]: p for p in bm.recipe_plan(rows, recipes)}
+    assert set(plans) == {"big-frozen", "big-lora", "small"}
+    big = plans["big-frozen"]
+    assert big["gpu_bytes"] == pytest.approx(bm.gpu_bytes(150e9)) and big["single_gpu_gb"] is None
+    assert big["per_gpu_bytes"] == pytest.approx(bm.gpu_bytes(140e9 / 8 + 3.5e9 + 2e9 + 10e9))
+    # 2 GPUs: 70 + 2 + 2 + 10 = 84 GB of tensors, too much for 80 GB; 3: 46.7 + 2.7 + 2 + 10 = 61.3 GB
+    assert big["fewest_gpus"] == 3 and big["fewest_per_gpu_bytes"] == pytest.approx(bm.gpu_bytes(140e9 / 3 + 4e9 * 2 / 3 + 12e9))
+    assert plans["big-lora"]["fewest_gpus"] is None  # LoRA cannot be sharded by --fsdp
+    assert plans["small"]["fewest_gpus"] == 1 and plans["small"]["single_gpu_gb"] == 24
+    assert "at least 3 GPUs of 80 GB" in bm.recipe_header(big) and "8 processes" in bm.recipe_header(big)
+    assert "cannot shard" in bm.recipe_header(plans["big-lora"])
+    assert "one GPU of 24 GB or more" in bm.recipe_header(plans["small"])
+
+
+def test_every_large_recipe_is_planned_from_the_search_options():
+    recipes = bm.large_recipes()
+    large = {f[: -len(".yaml")] for f in os.listdir(bm.RECIPE_DIR) if f.startswith("llama") and f.endswith(".yaml")}
+    assert set(recipes) == large and large
+    for name, r in recipes.items():
+        c = r["cell"]
+        if name.startswith("llama-2-70b"):
+            assert (c["shape"], c["kind"], r["fsdp"], r["processes"]) == ("llama-2-70b", "frozen_distill", True, 8)
+        else:
+            assert c["kind"] == "lora_distill" and not r["fsdp"] and r["processes"] == 1
+        assert c["ckpt"] and c["seq"] == 512 and r["mixed_precision"] == "bf16"
+    assert recipes["llama-7b-5.47b"]["cell"]["shape"] == "llama-2-7b" and recipes["llama-7b-5.47b"]["structures"] == "heads,channels"
+
+
+def test_the_llama_7b_alias_has_the_measured_7b_shape():
+    same = ("layer_params", "outside_params", "layers", "params")
+    assert {k: bm.shape_facts("llama-7b")[k] for k in same} == {k: bm.shape_facts("llama-2-7b")[k] for k in same}
+
+
+def test_every_large_recipe_header_states_the_plan_of_the_measured_cells():
+    plans = bm.recipe_plan(bm.extrapolations(bm.load_results(bm.DEFAULT_RESULTS)["cells"]))
+    assert {p["recipe"] for p in plans} == set(bm.large_recipes())
+    for p in plans:
+        with open(os.path.join(bm.RECIPE_DIR, p["recipe"] + ".yaml")) as f:
+            header = "".join(line for line in f if line.startswith("#"))
+        assert bm.recipe_header(p) + "\n" in header, (p["recipe"], bm.recipe_header(p))
 
 
 def test_step_flops_grow_per_layer_and_with_the_kind(tiny_shape):
@@ -94,10 +162,9 @@ def test_measure_cell_runs_each_step_kind(tiny_shape, kind, ckpt, fresh_accelera
     assert r["peak_bytes"] >= 0 and r["peak_reset"] is True
     assert r["weight_bytes"] == r["outside_weight_bytes"] + 2 * r["layer_weight_bytes"]
     assert r["optimizer_state_bytes"] >= 8 * r["trainable_params"]  # AdamW: two fp32 moments per parameter
-    if kind == "lora_distill":
-        assert r["trainable_params"] > 1000
-    else:
-        assert r["trainable_params"] < 100  # the kept ratios only
+    ratios = len(bm.search_masks(bm.shape_config(tiny_shape, 2), bm.STRUCTURES, 0.9).ratio_parameters())
+    lora = 2 * bm.shape_facts(tiny_shape)["lora_params_per_layer"] if kind == "lora_distill" else 0
+    assert r["trainable_params"] == ratios + lora  # the search's LoRA: r=8 on all seven projections
     assert (r["saved_activation_bytes"] is None) == ckpt
     if not ckpt:
         assert r["saved_activation_bytes"] > 0
@@ -179,4 +246,9 @@ def test_overhead_rows_extrapolate_to_the_full_depth():
     (line,) = bm.overhead_extrapolation(over)
     assert f"train {356 / 324:.3f} (per layer 1.100)" in line
     text = bm.report({"cells": {}, "overhead": over})
-    assert "**1.071**" in text and "| llama-2-7b | 2 | 1x512 | 3 |" in text
+    assert "| llama-2-7b | 2 | 1x512 | 3 |" in text
+    assert "**1.083** | - | - | - | no | - |" in text and "**1.071** | - | - | - | no | - |" in text  # over the 1.05 goal
+    over["b"]["cpu_times_s"] = {"plain": [24.0, 23.0, 25.0], "masked": [26.0, 26.0, 26.0]}
+    assert "| no | 8.3% |" in bm.report({"cells": {}, "overhead": over})  # (25 - 23) / 24
+    over["a"] = row(1, 14.0, 14.5)
+    assert "**1.036** | - | - | - | yes | - |" in bm.report({"cells": {}, "overhead": over})
