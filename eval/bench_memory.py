@@ -42,7 +42,6 @@ import argparse
 import gc
 import itertools
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -610,7 +609,8 @@ def _tokens(c) -> str:
 
 
 # Cells measured before cells recorded their commit ran the library of this commit (branch membench, bench
-# code f83704d..be72a86); the port to the issue-16 layout measures the same step (checked on two cells).
+# code f83704d..be72a86); the port to the issue-16 layout measures the same step (four cells measured
+# again: docs/RESULTS.md, section 9).
 LEGACY_LIBRARY_COMMIT = "1568d61"
 
 
