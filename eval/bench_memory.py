@@ -9,7 +9,7 @@ a few decoder layers (random bf16 weights, CPU) and extrapolated per layer to th
 A *cell* is one (shape, step kind, gradient checkpointing, batch x sequence, depth). Each is measured in a
 fresh Python process (allocator state never leaks between cells) that builds the model with `depth`
 decoder layers, wires it exactly as `dms_llm.search_plan` does for that kind, with the library's own functions
-(`ModelMasks.for_method` + `MaskHooks`, `_prepare_weights` for the freeze, LoRA, gradient checkpointing and the
+(`ModelMasks.for_method` + `MaskHooks`, `prepare_weights` for the freeze, LoRA, gradient checkpointing and the
 teacher, the training `Engine` with bf16 autocast, `SearchLoop.step`) and runs `--steps` full search steps (the
 first one is a warm-up: it allocates the optimiser state). The CPU only: CUDA is hidden from the cells.
 
@@ -234,7 +234,7 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dms_llm import MaskHooks, ParameterCounter
-    from dms_llm.training.dms import SearchLoop, SearchModule, _prepare_weights  # the wiring `search_plan` runs
+    from dms_llm.training.dms import SearchLoop, SearchModule, prepare_weights  # the wiring `search_plan` runs
     from dms_llm.training.engine import Engine
 
     if steps < 1:
@@ -255,7 +255,7 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
     # as `search_plan` does it, in its order; the masks with distinct importances: the search's real (soft) path
     masks = search_masks(config, method, 0.9)
     counter = ParameterCounter(model)
-    hooked, peft_model, weight_params, teacher = _prepare_weights(method, run, model, masks)
+    hooked, peft_model, weight_params, teacher = prepare_weights(method, run, model, masks)
     MaskHooks(hooked, masks).install()
     blocks = torch.randint(0, config.vocab_size, (cell["batch"], cell["seq"]), generator=torch.Generator().manual_seed(0))
     loop = SearchLoop(engine, SearchModule(hooked, masks), masks, counter, blocks, method, int(0.8 * counter.dense()),

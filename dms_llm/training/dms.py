@@ -90,7 +90,7 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
     engine.say(f"dense parameters {dense:,}; target {target:,} ({target / dense:.1%}); searching {config.structures}")
     masks = ModelMasks.for_method(model.config, config)
     counter = ParameterCounter(model)
-    hooked, peft_model, weight_params, teacher = _prepare_weights(config, run, model, masks)
+    hooked, peft_model, weight_params, teacher = prepare_weights(config, run, model, masks)
     if run.fsdp:
         _shard(model, config, engine, check)
     hooks = MaskHooks(hooked, masks).install()
@@ -200,7 +200,7 @@ class SearchLoop:
                 "phase": "refine" if step + 1 > self.refine_start else "search"}
 
 
-def _prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
+def prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
     """Freeze, wrap in LoRA or unfreeze the weights; returns (module to hook, peft model or None,
     trainable weights, teacher callable or None)."""
     model.requires_grad_(False)
