@@ -192,12 +192,14 @@ def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
     global batch: the same losses and counts at every step, the same plan; and an FSDP search stopped and
     resumed equals the uninterrupted one."""
     model_dir, corpus, tmp = setup
-    common = ("--target-ratio", "0.5")
+    # 3 warm-up blocks over 2 processes: both must run the same number of backward passes (one each)
+    common = ("--target-ratio", "0.5", "--warmup-blocks", "3")
     runs = {"ddp": (), "fsdp": ("--fsdp",)}
     for name, extra in runs.items():
         proc = _torchrun(_args(model_dir, corpus, tmp / name, *common, *extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--stop-after", "3")).returncode != 0
+    stopped = _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--stop-after", "3"))
+    assert stopped.returncode != 0 and "stopped at step 3/" in stopped.stdout, stopped.stderr[-3000:]
     assert (tmp / "resumed" / "search_state").is_dir() and not (tmp / "resumed" / "dms_plan.json").exists()
     proc = _torchrun(_args(model_dir, corpus, tmp / "resumed", *common, "--fsdp", "--resume"))
     assert proc.returncode == 0, proc.stderr[-3000:]

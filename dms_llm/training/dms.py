@@ -239,8 +239,12 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
     from .engine import next_token_loss
 
     acc, sums = engine.acc, {}
-    mine = list(range(acc.process_index * batch_size, min(n, len(blocks)), acc.num_processes * batch_size))
-    for start in mine:
+    # Every backward is a collective under DDP and FSDP, so every rank runs the same number of micro-batches:
+    # n is rounded down to whole rounds of (processes x batch size), with at least one round.
+    per_round = acc.num_processes * batch_size
+    rounds = max(1, min(n, len(blocks)) // per_round)
+    for r in range(rounds):
+        start = (r * acc.num_processes + acc.process_index) * batch_size
         ids = blocks[start : start + batch_size].to(acc.device)
         with acc.autocast():
             acc.backward(next_token_loss(module(ids), ids))
@@ -248,11 +252,10 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
             sums[name] = sums.get(name, 0) + taylor.pow(2)
         masks.discard_importance()
     engine.module.zero_grad(set_to_none=True)  # the warm-up only measures: no gradient is kept
-    count = engine.mean_over_ranks(torch.tensor(float(len(mine)), device=acc.device)) * acc.num_processes
     for name, topk in masks.named_structures():
-        total = engine.mean_over_ranks(sums.get(name, torch.zeros(topk.n, device=acc.device))) * acc.num_processes
-        topk.importance.copy_(total / count)
-    engine.say(f"importances warmed up on {int(count)} blocks")
+        mine = sums.get(name, torch.zeros(topk.n, device=acc.device)) / rounds
+        topk.importance.copy_(engine.mean_over_ranks(mine))
+    engine.say(f"importances warmed up on {rounds * per_round} blocks")
 
 
 def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
