@@ -118,6 +118,9 @@ def test_stock_checkpoint_reloads_in_transformers_with_the_same_logits(family, t
     model = tiny_model(family, vocab_size=VOCAB)
     ckpt = save_checkpoint(tmp_path / "ckpt", model)
     summary = export_gguf(ckpt, str(tmp_path / "m.gguf"), "f32", progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "m.gguf").st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, readable by a server
     assert summary["architecture"] == "llama"
     fields, tensors = read(tmp_path / "m.gguf")
     assert fields["llama.block_count"] == 3 and fields["llama.attention.head_count_kv"] == model.config.num_key_value_heads

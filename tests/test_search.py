@@ -84,6 +84,12 @@ def test_resume_equals_uninterrupted_run(setup):
     assert main(_args(model_dir, corpus, tmp / "a", *common)) == 0
     assert main(_args(model_dir, corpus, tmp / "b", *common, "--stop-after", "3")) == 3
     assert len(_read_metrics(tmp / "b")) == 3 and has_checkpoint(tmp / "b" / "search_state")
+    with open(tmp / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a process killed in the middle of a line
+    config_path = tmp / "b" / "search_config.json"
+    config = json.load(open(config_path))
+    del config["align"]  # a run that did not record align searched exact widths (align 1, as these runs do)
+    config_path.write_text(json.dumps(config))
     assert main(_args(model_dir, corpus, tmp / "b", *common, "--resume")) == 0
     strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert strip(_read_metrics(tmp / "a")) == strip(_read_metrics(tmp / "b"))
@@ -101,7 +107,7 @@ def test_seed_makes_runs_repeatable_and_seeds_differ(setup):
 
 @pytest.mark.parametrize("case", ["existing-output", "budget-too-small", "budget-above-dense", "missing-data",
                                   "empty-data", "unsupported-architecture", "missing-model", "bad-recipe-key",
-                                  "all-layers-spared"])
+                                  "bad-recipe-yaml", "bad-recipe-type", "all-layers-spared"])
 def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys):
     import transformers
 
@@ -132,6 +138,10 @@ def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys
         recipe = tmp / "r.yaml"
         recipe.write_text("target-ratio: 0.5\nsteps: 3\nlearning_rate: 1\n")
         extra = ["--config", str(recipe)]
+    elif case in ("bad-recipe-yaml", "bad-recipe-type"):
+        recipe = tmp / "r.yaml"
+        recipe.write_text("target-ratio: 0.5\nsteps: [3\n" if case == "bad-recipe-yaml" else "target-ratio: 0.5\nsteps: many\n")
+        extra = ["--config", str(recipe)]
     elif case == "all-layers-spared":
         extra += ["--spare-first", "2", "--spare-last", "1"]  # the tiny model has 3 layers
     before = sorted(os.listdir(tmp))
@@ -142,6 +152,7 @@ def test_bad_input_is_a_clear_early_error_and_writes_nothing(setup, case, capsys
     expected = {"existing-output": "--overwrite", "budget-too-small": "smallest model", "budget-above-dense": "not below",
                 "missing-data": "nope.jsonl", "empty-data": "empty", "unsupported-architecture": "gpt2",
                 "missing-model": "no-such-model", "bad-recipe-key": "learning_rate",
+                "bad-recipe-yaml": "not valid YAML", "bad-recipe-type": "steps: expected int",
                 "all-layers-spared": "spare fewer than 3"}[case]
     assert expected in err
     assert sorted(os.listdir(tmp)) == before  # nothing created or removed

@@ -65,7 +65,10 @@ def load_recipe(path: str, config_cls) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"recipe not found: {path}")
     with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+        try:
+            recipe = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(recipe, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of option names to values")
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
@@ -79,6 +82,10 @@ def load_recipe(path: str, config_cls) -> dict:
                 value = float(value)  # YAML 1.1 reads 5.47e9 and 2e-4 as strings
             except ValueError:
                 raise ConfigError(f"{path}: {key}: not a number: {value!r}") from None
+        expected = _kind(fields[name])
+        if value is not None and expected is not str and not isinstance(value, expected):
+            if not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise ConfigError(f"{path}: {key}: expected {expected.__name__}, got {value!r}")
         values[name] = value
     return values
 

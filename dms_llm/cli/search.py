@@ -140,7 +140,8 @@ def _check_output(cfg: SearchConfig, out: str, source: str) -> None:
         return
     with open(path) as f:
         saved = json.load(f)
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}  # a key older runs did not record
+    # A setting the run did not record had the value that meant "off" then: align 1 (exact widths).
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)} | {"align": 1}
     recorded = {k: saved.get(k, defaults[k]) for k in STRUCTURE_SETTINGS}
     changed = [k for k in STRUCTURE_SETTINGS if recorded[k] != getattr(cfg, k)]
     if changed:

@@ -17,7 +17,6 @@ The file is written beside the output and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFile
 from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from ..arch import arch_spec, model_shapes
+from ..files import write_atomic
 from .checkpoint import Checkpoint
 from .gguf_vocab import vocab_from_tokenizer
 
@@ -249,6 +249,25 @@ def _nbytes_and_shape(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> tu
     return np.dtype(np.uint8), byte_shape, int(np.prod(byte_shape))
 
 
+def _write_file(writer, path: str, plan: "GGUFPlan", checkpoint_dir: str, vocab, progress: bool) -> None:
+    """Keys, tensor infos, then the tensors one at a time (converted as they are written)."""
+    plan.write_keys(writer, os.path.basename(os.path.normpath(checkpoint_dir)), vocab)
+    for t in plan.tensors:
+        dtype, shape, nbytes = _nbytes_and_shape(t.shape, t.qtype)
+        raw = None if t.qtype in _NUMPY_TYPES else t.qtype
+        writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    tensors = plan.tensors
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, desc="gguf", unit="tensor")
+    for t in tensors:
+        writer.write_tensor_data(_encode(t.load(), t.qtype))
+
+
 def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrite: bool = False, progress: bool = True) -> dict:
     """Write `checkpoint_dir` as a GGUF file at `output`; returns a summary (architecture, tensors,
     notes). Every check runs before anything is written; the file appears complete or not at all."""
@@ -263,32 +282,14 @@ def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrit
     plan = GGUFPlan(checkpoint, outtype)
     vocab = vocab_from_tokenizer(checkpoint.tokenizer(), plan.shapes.vocab_size)  # before anything is written
 
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".tmp", dir=os.path.dirname(output))
-    os.close(fd)
-    writer = GGUFWriter(path=None, arch=plan.arch)
-    try:
-        plan.write_keys(writer, os.path.basename(os.path.normpath(checkpoint_dir)), vocab)
-        for t in plan.tensors:
-            dtype, shape, nbytes = _nbytes_and_shape(t.shape, t.qtype)
-            raw = None if t.qtype in _NUMPY_TYPES else t.qtype
-            writer.add_tensor_info(t.name, shape, dtype, nbytes, raw_dtype=raw)
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        tensors = plan.tensors
-        if progress:
-            from tqdm import tqdm
+    def write(tmp: str) -> None:
+        writer = GGUFWriter(path=None, arch=plan.arch)
+        try:
+            _write_file(writer, tmp, plan, checkpoint_dir, vocab, progress)
+        finally:
+            writer.close()
 
-            tensors = tqdm(tensors, desc="gguf", unit="tensor")
-        for t in tensors:
-            writer.write_tensor_data(_encode(t.load(), t.qtype))
-        writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        writer.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(output, write)
     return {
         "output": output,
         "architecture": plan.arch,

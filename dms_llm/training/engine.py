@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..files import recover_folder, swap_in
+from ..files import recover_folder, swap_in, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TRACKER = "tensorboard"  # Accelerate writes the events under RUN_DIR/tensorboard
@@ -123,6 +123,14 @@ class _Progress:
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
 
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a blank or cut-off line (a process killed mid-write) sorts last."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 class Engine:
     def __init__(self, settings: RunSettings, run_dir: str | None = None, state_name: str = "state",
@@ -270,9 +278,8 @@ class Engine:
                                "it was made for another model or with other settings; resume with those of its run") from None
         if self.acc.is_main_process and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:  # a resumed log reads like an uninterrupted one
-                lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= self.step]
-            with open(self.metrics_path, "w") as f:
-                f.writelines(lines)
+                lines = [line for line in f if _logged_step(line) <= self.step]
+            write_text_atomic(self.metrics_path, "".join(lines))
         return True
 
     # ----- the loop -------------------------------------------------------------------------------
