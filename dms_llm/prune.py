@@ -128,7 +128,7 @@ class TensorRecipe:
 
 class PlanSlicer:
     """The slicing rules of a plan, by parameter name; shared by `prune_model` (tensors in memory) and
-    `dms_llm.stream_prune` (tensors read one at a time from the checkpoint files), so both produce the
+    `dms_llm.checkpoints.stream_prune` (tensors read one at a time from the checkpoint files), so both produce the
     same bytes from the same source tensor."""
 
     def __init__(self, plan: PrunePlan, spec, device="cpu"):

@@ -71,7 +71,7 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     for name, r in rows.items():
         assert set(r) == {"method", "budget", "recovery", "params", "ppl", "zero_shot", "zero_shot_avg",
                           "prefill_speedup", "decode_speedup", "time_s", "machines",
-                          # what every row records since issue 17: seed, dtypes, calibration tokens, evaluation times
+                          # what every row records: seed, dtypes, calibration tokens, evaluation times
                           "seed", "zero_shot_avg_stderr", "eval_time_s", "dtype", "train_dtype", "calib_tokens",
                           "recovery_tokens"}
         assert r["recovery"] is False
@@ -236,7 +236,7 @@ def test_dms_restarts_row_keeps_the_best_of_its_searches(setup, capsys):
     for bad in ([f"dms-restarts@0.7={single}"], [f"dms-restarts@0.7={work / 'dms' / name}", "--dms-restarts", "3"]):
         with pytest.raises(SystemExit):
             bench.parse_args(_argv(setup, out, work, "dms-restarts", adopt=bad[0]) + bad[1:])
-        assert "a dms-restarts row needs a search.py --restarts" in capsys.readouterr().err
+        assert "a dms-restarts row needs a `dms-llm search --restarts" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.parse_args(_argv(setup, out, work, "dms-restarts", dms_restarts=1))
 

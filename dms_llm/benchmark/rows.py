@@ -122,7 +122,7 @@ class Benchmark(RowMeasurements):
                 ident.update(restarts=a.dms_restarts)
             if self.dms_recipe is None:  # the search then calibrates like the baselines
                 ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len])
-        if a.align != 1 and method != "dense":  # left out at 1: rows made before alignment stay valid
+        if a.align != 1 and method != "dense":  # left out at 1: the key of an exact-width row has no align
             ident.update(align=a.align)
         if a.train_dtype != "auto" and (method in DMS_METHODS or recovery):  # left out at auto: earlier rows stay valid
             ident.update(train_dtype=a.train_dtype)
@@ -134,7 +134,7 @@ class Benchmark(RowMeasurements):
 
     def row_name(self, method: str, budget: float, recovery: int, seed: int | None = None) -> str:
         seed = self.args.seed if seed is None else seed
-        # A dms row of another seed than 0 says so (the seed-0 row keeps the name rows had before --dms-seeds).
+        # A dms row of another seed than 0 says so; the seed-0 row's key has no seed, so cached rows stay valid.
         tag = "dms" + (f"-seed{seed}" if seed != 0 else "") if method == "dms" else method
         tag = "dense" if method == "dense" else f"{tag}-b{budget:g}" + (f"-rec{recovery}" if recovery else "")
         return f"{tag}-{_digest(self.identity(method, budget, recovery, seed))}"
@@ -149,7 +149,7 @@ class Benchmark(RowMeasurements):
         if os.path.isfile(path):
             with open(path) as f:
                 row = json.load(f)
-            row.setdefault("seed", seed)  # rows cached before rows recorded their seed
+            row.setdefault("seed", seed)  # a cached row without a seed was made with this one
             row.setdefault("llamacpp", {})
             return row
         return {"format": ROW_FORMAT, "name": name, "identity": self.identity(method, budget, recovery, seed), "method": method,
@@ -199,7 +199,7 @@ class Benchmark(RowMeasurements):
     def describe(self, row: dict) -> bool:
         """Fills what every row records beside its results: `seed`, `dtype` (evaluation), `train_dtype`
         (search or fine-tuning), `calib_tokens` (the calibration text of the pruning: blocks x tokens) and,
-        for a recovered row, `recovery_tokens`. Rows cached before these fields get them here. True when
+        for a recovered row, `recovery_tokens`; a cached row without them gets them here. True when
         something was added."""
         a = self.args
         before = {k: row.get(k) for k in ("seed", "dtype", "train_dtype", "calib_tokens", "recovery_tokens")}

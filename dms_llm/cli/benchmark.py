@@ -222,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if method == "dms-restarts":
             searches = _restarts_of(folder)
             if searches != args.dms_restarts:
-                p.error(f"--adopt {spec!r}: a dms-restarts row needs a search.py --restarts {args.dms_restarts} run; "
+                p.error(f"--adopt {spec!r}: a dms-restarts row needs a `dms-llm search --restarts {args.dms_restarts}` run; "
                         f"{folder} holds {searches or 'no restarts.json, so one search'}")
         seed = args.seed
         if method == "dms":  # a dms folder fills the row of the seed it was searched with

@@ -200,7 +200,7 @@ def load_ppl_text(dataset: str, data_dir=None, source: str = "auto") -> tuple[st
     return spec.join.join(rows), record
 
 
-# The search evaluates the same text many times with one tokenizer; tokenising WikiText-2 costs ~1 s.
+# The benchmark evaluates many models of one tokenizer on the same text; tokenising WikiText-2 costs ~1 s.
 _TOKEN_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 

@@ -79,7 +79,8 @@ def process_state():
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
-    """Recompute activations in backward; transformers 5.2x renamed the switch (the old name warns)."""
+    """Recompute activations in backward (under whichever of the two switch names this transformers has;
+    the other one warns)."""
     if enabled:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):
