@@ -40,3 +40,15 @@ def test_help_shows_the_defaults(name, expected, capsys):
     with pytest.raises(SystemExit):
         main([name, "--help"])
     assert expected in " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+
+
+def test_the_command_line_switches_off_what_a_recipe_switches_on(tmp_path):
+    from dms_llm.cli.options import parse_config
+    from dms_llm.cli.search import SearchConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"target-ratio: 0.5\noutput-dir: {tmp_path / 'out'}\ndistill: true\ngradient-checkpointing: true\n")
+    on = parse_config(SearchConfig, ["--config", str(recipe)], "search")
+    assert on.distill and on.gradient_checkpointing
+    off = parse_config(SearchConfig, ["--config", str(recipe), "--no-distill"], "search")
+    assert not off.distill and off.gradient_checkpointing

@@ -52,7 +52,7 @@ def build_parser(config_cls, description: str, prog: str | None = None) -> argpa
     for f in sorted(dataclasses.fields(config_cls), key=lambda f: f.name in inherited):  # the command's own first
         flag = "--" + f.name.replace("_", "-")
         if _kind(f) is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=_kind(f), default=None, help=_help(f))
     return parser
