@@ -50,5 +50,5 @@ def test_the_command_line_switches_off_what_a_recipe_switches_on(tmp_path):
     recipe.write_text(f"target-ratio: 0.5\noutput-dir: {tmp_path / 'out'}\ndistill: true\ngradient-checkpointing: true\n")
     on = parse_config(SearchConfig, ["--config", str(recipe)], "search")
     assert on.distill and on.gradient_checkpointing
-    off = parse_config(SearchConfig, ["--config", str(recipe), "--no-distill"], "search")
-    assert not off.distill and off.gradient_checkpointing
+    off = parse_config(SearchConfig, ["--config", str(recipe), "--no-distill", "--no-eval"], "search")
+    assert not off.distill and off.gradient_checkpointing and off.no_eval

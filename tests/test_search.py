@@ -465,6 +465,10 @@ def test_aligned_search_saves_aligned_widths(setup, capsys):
     # a checkpoint made with one alignment cannot be continued with another
     assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--align", "16", "--resume")) == 2
     assert "align" in capsys.readouterr().err
+    # nor with another schedule or data order
+    for changed in (("--seed", "1"), ("--target-ratio", "0.7"), ("--warmup-blocks", "2")):
+        assert main(_args(model_dir, corpus, out, *common, *changed, "--resume")) == 2
+        assert f"{changed[0]} " in capsys.readouterr().err
     assert main(_args(model_dir, corpus, out, *common, "--resume")) == 0
     plan = json.load(open(out / "dms_plan.json"))
     widths = [len(layer["mlp_channels"]) for layer in plan["layers"]] + [len(plan["hidden_channels"])]

@@ -52,7 +52,10 @@ def build_parser(config_cls, description: str, prog: str | None = None) -> argpa
     for f in sorted(dataclasses.fields(config_cls), key=lambda f: f.name in inherited):  # the command's own first
         flag = "--" + f.name.replace("_", "-")
         if _kind(f) is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+            # --X / --no-X, so that the command line can turn off what a recipe turns on; a switch that is
+            # itself a negation (--no-eval) stays one flag (argparse would read it as the negative form)
+            action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+            parser.add_argument(flag, action=action, default=None, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=_kind(f), default=None, help=_help(f))
     return parser

@@ -28,8 +28,11 @@ from .runs import RunOptions
 # Held-out blocks that score --restarts: 32 x 256 tokens ranked six SmolLM2 searches as their test
 # perplexities did wherever those differed by 20% or more (docs/RESULTS.md, section 4).
 DEFAULT_HELDOUT_SAMPLES = 32
-# Settings that shape the mask state: a checkpoint made with others cannot be continued.
-STRUCTURE_SETTINGS = ("prune", "depth", "spare_first", "spare_last", "align")
+# Settings that shape the mask state, the schedule or the data order: a checkpoint made with others
+# cannot be continued into the run it would have been.
+RESUME_SETTINGS = ("prune", "depth", "spare_first", "spare_last", "align", "steps", "target_params", "target_ratio",
+                   "seed", "data_seed", "dataset", "num_samples", "seq_len", "batch_size", "grad_accum",
+                   "train_weights", "distill", "warmup_blocks")
 M = DMSConfig  # the library's defaults are the command's
 
 
@@ -142,8 +145,8 @@ def _check_output(cfg: SearchConfig, out: str, source: str) -> None:
         saved = json.load(f)
     # A setting the run did not record had the value that meant "off" then: align 1 (exact widths).
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)} | {"align": 1}
-    recorded = {k: saved.get(k, defaults[k]) for k in STRUCTURE_SETTINGS}
-    changed = [k for k in STRUCTURE_SETTINGS if recorded[k] != getattr(cfg, k)]
+    recorded = {k: saved.get(k, defaults[k]) for k in RESUME_SETTINGS}
+    changed = [k for k in RESUME_SETTINGS if recorded[k] != getattr(cfg, k)]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in changed)
         raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
