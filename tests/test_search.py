@@ -165,6 +165,10 @@ def test_overwrite_replaces_an_existing_output(setup):
     out = tmp / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    # a folder that holds no checkpoint and no search run is not this command's to delete
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--overwrite")) == 2
+    assert os.listdir(out) == ["old.txt"]
+    (out / "search_config.json").write_text("{}")
     assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--overwrite")) == 0
     assert not (out / "old.txt").exists() and (out / "config.json").exists()
 
