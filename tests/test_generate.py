@@ -5,7 +5,6 @@ every test first shows that changing an early token changes the last logits clea
 logits (not argmax) at every decode step with the full forward's.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,8 +12,8 @@ import textwrap
 import pytest
 import torch
 from conftest import SHARED_DATA, input_ids
-from safetensors.torch import load_file, save_file
-from test_modeling import REPO_ROOT, logits, sliced_model
+from safetensors.torch import load_file
+from test_modeling import env_without_dms_llm, logits, sliced_model
 
 import dms_llm.modeling  # noqa: F401  (registers dms_llama with the Auto classes)
 
@@ -168,11 +167,7 @@ def generate_through_remote_code(checkpoint, prompt, steps, tmp_path):
     """`generate` in a fresh interpreter where dms_llm cannot be imported (trust_remote_code)."""
     script = tmp_path / "remote_generate.py"
     script.write_text(REMOTE_GENERATE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != REPO_ROOT]
-    if kept:
-        env["PYTHONPATH"] = os.pathsep.join(kept)
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1")
+    env = env_without_dms_llm(tmp_path)
     out = tmp_path / "generated.safetensors"
     prompt_text = ",".join(str(int(t)) for t in prompt[0])
     result = subprocess.run([sys.executable, str(script), str(checkpoint), prompt_text, str(steps), str(out)],

@@ -17,6 +17,17 @@ from dms_llm.modeling import DMSLlamaConfig, DMSLlamaForCausalLM, register_auto_
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(dms_llm.modeling.__file__))))
 
+
+def env_without_dms_llm(tmp_path) -> dict:
+    """The environment of a fresh interpreter in which dms_llm cannot be imported (the checkout is taken
+    off PYTHONPATH; run it from tmp_path), for the trust_remote_code path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != REPO_ROOT]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1")
+    return env
+
 # Biases of each source family's projections, as (q/k/v, o, gate/up, down).
 FAMILY_BIASES = {
     "llama": lambda c: (c.attention_bias, c.attention_bias, c.mlp_bias, c.mlp_bias),
@@ -427,11 +438,7 @@ def test_remote_code_loads_without_dms_llm(tmp_path):
     script = tmp_path / "load_remote.py"
     script.write_text(REMOTE_CODE_SCRIPT)
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and os.path.abspath(p) != REPO_ROOT]
-    if kept:
-        env["PYTHONPATH"] = os.pathsep.join(kept)
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1")
+    env = env_without_dms_llm(tmp_path)
     result = subprocess.run(
         [sys.executable, str(script), str(ckpt), str(tmp_path / "reference.safetensors")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
