@@ -29,7 +29,10 @@ from dms_llm.export.llamacpp import checkpoint_key as _checkpoint_key
 class Cache:
     def __init__(self, path: str):
         self.path = path
-        self.data = json.load(open(path)) if os.path.isfile(path) else {}
+        self.data = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.data = json.load(f)
 
     def get(self, key):
         return self.data.get(key)

@@ -112,6 +112,12 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     assert only["rows"] == after["rows"]  # no dms-lora row: never built, nothing computed for it
     assert (report_out / f"{label}.md").read_text().count("\n| ") == (out / f"{label}.md").read_text().count("\n| ")
 
+    # --report-only from a cache where nothing was built yet: a report without rows, and no plot
+    empty_out = setup["tmp"] / "report-empty"
+    assert bench.main(_argv(setup, empty_out, setup["tmp"] / "no-work", methods, report_only="")) == 0
+    assert json.loads((empty_out / f"{label}.json").read_text())["rows"] == []
+    assert not (empty_out / f"{label}.png").exists()
+
 
 def test_rerun_with_a_new_budget_computes_only_the_new_rows(setup, monkeypatch):
     bench = _load_benchmark()

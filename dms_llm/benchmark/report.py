@@ -226,6 +226,8 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r, _ in display_rows(report)]  # DMS with several seeds: the median row
+    if not rows:
+        return  # nothing measured yet: no plot
     dense = next((r for r in rows if r["method"] == "dense"), None)
     dense_params = dense["params"] if dense else max(r["params"] or 0 for r in rows)
     first = next(((d, p) for r in rows for d, by in r["ppl"].items() for p in by), None)

@@ -249,7 +249,10 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     model = result.model
     del teacher_model  # free it before saving
 
-    metrics = [json.loads(line) for line in open(os.path.join(out, METRICS_FILE))] if state.is_main_process else []
+    metrics = []
+    if state.is_main_process:
+        with open(os.path.join(out, METRICS_FILE)) as f:
+            metrics = [json.loads(line) for line in f]
     window = max(1, min(10, len(metrics) // 2))  # first and last steps are averaged: single steps are noisy
     per_step = cfg.batch_size * cfg.grad_accum * state.num_processes
     summary = {
