@@ -134,11 +134,10 @@ def resumable(out: str) -> bool:
 
 
 def _check_output(cfg: SearchConfig, out: str, source: str) -> None:
+    from .restarts import RESTARTS_DIR
     from .runs import check_output_dir
 
     protected = {"source model folder": source} if os.path.isdir(source) else {}
-    from .restarts import RESTARTS_DIR
-
     # --overwrite replaces a checkpoint or a search run, never a folder of something else
     markers = ("config.json", "dms_plan.json", "search_config.json", "search_state", RESTARTS_DIR)
     check_output_dir(out, cfg.overwrite, cfg.resume, resumable(out), protected, markers)

@@ -125,13 +125,13 @@ class _Progress:
         self.step = int(state["step"])
 
 
-
 def _logged_step(line: str) -> float:
     """The step of a metrics line; a blank or cut-off line (a process killed mid-write) sorts last."""
     try:
         return json.loads(line).get("step", 0)
     except ValueError:
         return float("inf")
+
 
 class Engine:
     def __init__(self, settings: RunSettings, run_dir: str | None = None, state_name: str = "state",
