@@ -519,3 +519,22 @@ def test_warm_up_starts_the_importances_at_the_mean_taylor_score(setup):
     a, b = (_read_metrics(tmp / d) for d in "ab")
     assert [m["task_loss"] for m in a] == [m["task_loss"] for m in b]
     assert json.load(open(tmp / "a" / "dms_plan.json"))["layers"] == json.load(open(tmp / "b" / "dms_plan.json"))["layers"]
+
+
+def test_a_stopped_library_search_leaves_the_model_as_it_was(setup):
+    """A search with LoRA stopped early (checkpointed, resumable) takes its adapters off the caller's model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dms_llm import DMSConfig, RunSettings, load_calibration, search_plan
+    from dms_llm.training import Stopped
+
+    model_dir, corpus, tmp = setup
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    blocks = load_calibration(corpus, AutoTokenizer.from_pretrained(model_dir), 32, 16, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(Stopped):
+        search_plan(model, blocks, target_ratio=0.5, config=DMSConfig(steps=6, align=1, train_weights="lora"),
+                    run=RunSettings(checkpoint_every=2, stop_after=2), run_dir=str(tmp / "stopped"))
+    assert not any("lora" in name for name, _ in model.named_modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -110,6 +110,10 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
         hooks.remove()
         if peft_model is not None and peft_model.merge_and_unload() is not model:
             raise RuntimeError("peft merged LoRA into a new model object; the caller's model would not hold the weights")
+    except BaseException:
+        if peft_model is not None:
+            peft_model.unload()  # a search that did not finish leaves the caller's model without adapters
+        raise
     finally:
         hooks.remove()
     plan.metadata.update({"method": config.to_dict(), "target_params": target, "budget_fit": fit,

@@ -144,6 +144,8 @@ class Engine:
                                log_with=TRACKER if self.run_dir else None, project_dir=self.run_dir)
         self.state_dir = os.path.join(self.run_dir, state_name) if self.run_dir else None
         self.metrics_path = os.path.join(self.run_dir, METRICS_FILE) if self.run_dir else None
+        if self.run_dir and self.acc.is_main_process:
+            os.makedirs(self.run_dir, exist_ok=True)
         self.progress = _Progress()
         self.acc.register_for_checkpointing(self.progress)
         self.acc.register_save_state_pre_hook(self._keep_trainable_only)
