@@ -3,14 +3,9 @@ shape/variant options of eval/bench_overhead.py, on a tiny Llama shape."""
 
 import json
 import os
-import sys
 
+import bench_memory as bm  # eval/, on the tests' path (pyproject.toml)
 import pytest
-
-EVAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval")
-sys.path.insert(0, EVAL)
-
-import bench_memory as bm  # noqa: E402
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 48,
         "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 61,

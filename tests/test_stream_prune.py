@@ -297,12 +297,8 @@ def test_plan_removing_layers_renumbers_them(tmp_path):
 def test_synthetic_checkpoint_script_and_its_plan(tmp_path):
     """eval/make_synthetic_checkpoint.py (the measurement's source) on a tiny shape: a sharded checkpoint
     that loads, a non-uniform plan at 80% of it, and the two pruning paths agree on it."""
-    import importlib.util
+    import make_synthetic_checkpoint as script  # eval/, on the tests' path (pyproject.toml)
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "eval", "make_synthetic_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     source, plan_path = str(tmp_path / "src"), str(tmp_path / "plan.json")
     assert script.main([source, "--shape", "tiny", "--max-shard-size", "100KB", "--plan", plan_path]) == 0
     assert len(json.load(open(os.path.join(source, sp.INDEX_NAME)))["weight_map"]) == 4 * 9 + 3
