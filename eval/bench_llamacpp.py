@@ -22,8 +22,7 @@ import time
 
 # The GGUF export, the cache key of a checkpoint and the interleaved timing live in the package
 # (dms_llm/export/llamacpp.py), shared with `dms-llm benchmark --llamacpp`.
-from dms_llm.export.llamacpp import GOALS, checkpoint_parameters as parameters
-from dms_llm.export.llamacpp import checkpoint_key as _checkpoint_key
+from dms_llm.export.llamacpp import GOALS, checkpoint_key, checkpoint_parameters, gguf_file
 
 
 class Cache:
@@ -44,12 +43,6 @@ class Cache:
         write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
 
-def gguf_file(work: str, name: str, folder: str, outtype: str) -> str:
-    from dms_llm.export.llamacpp import gguf_file as export
-
-    return export(work, name, folder, outtype)
-
-
 def quality(cache: Cache, work: str, name: str, folder: str, data_dir: str | None, windows_n: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +51,7 @@ def quality(cache: Cache, work: str, name: str, folder: str, data_dir: str | Non
     from dms_llm.evaluation.perplexity import tokenize_text
     from dms_llm.export import llamacpp
 
-    key = f"quality2/{name}/{_checkpoint_key(folder)}/{windows_n}"
+    key = f"quality2/{name}/{checkpoint_key(folder)}/{windows_n}"
     if cache.get(key):
         return cache.get(key)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -92,7 +85,7 @@ def speed(cache: Cache, work: str, models: dict, outtype: str, threads: int, rep
     """{name: {"pp": tokens/s, "tg": tokens/s}} (medians), all models interleaved within each repetition."""
     from dms_llm.export.llamacpp import interleaved_speed
 
-    key = f"speed2/{outtype}/t{threads}/pp{pp}/tg{tg}/r{reps}/" + ",".join(f"{n}:{_checkpoint_key(f)}" for n, f in models.items())
+    key = f"speed2/{outtype}/t{threads}/pp{pp}/tg{tg}/r{reps}/" + ",".join(f"{n}:{checkpoint_key(f)}" for n, f in models.items())
     if cache.get(key):
         return cache.get(key)
     files = {n: gguf_file(work, n, f, outtype) for n, f in models.items()}
@@ -153,12 +146,12 @@ def main(argv=None) -> int:
         start = time.time()
 
         rows = []
-        dense_params = parameters(models["dense"])
+        dense_params = checkpoint_parameters(models["dense"])
         for name, folder in models.items():
             from dms_llm.export.checkpoint import Checkpoint
             from dms_llm.export.gguf import GGUFPlan
 
-            params = parameters(folder)
+            params = checkpoint_parameters(folder)
             print(f"{name}: quality", file=sys.stderr)
             row = {"model": name, "folder": folder, "params": params, "param_ratio": dense_params / params,
                    "arch": GGUFPlan(Checkpoint(folder), "f32").arch}  # fmt: skip
