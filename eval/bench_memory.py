@@ -845,8 +845,9 @@ def main(argv=None) -> int:
         text = report(load_results(args.results))
         print(text)
         if args.output:
-            with open(args.output, "w") as f:
-                f.write(text)
+            from dms_llm.files import write_text_atomic
+
+            write_text_atomic(args.output, text)
     return 0
 
 

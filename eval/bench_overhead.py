@@ -24,7 +24,6 @@ llama-7b); `--layers N` builds that shape with N decoder layers (random weights:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -317,8 +316,9 @@ def main(argv=None) -> int:
             print(f"{r['op'][:40]:40s} {r['plain_calls']:11d} {r['masked_calls']:12d} {r['plain_s']:9.3f} {r['masked_s']:9.3f} "
                   f"{r['extra_s']:9.3f}")
         if args.output:
-            with open(args.output, "w") as f:
-                json.dump(result, f, indent=2)
+            from dms_llm.files import write_json_atomic
+
+            write_json_atomic(args.output, result)
         return 0
     rows = [bench(args.model, d, args.batch, args.seq_len, args.reps, args.structures, device, args.shape, args.layers,
                   variants) for d in args.dtypes.split(",")]
@@ -336,8 +336,9 @@ def main(argv=None) -> int:
         print(f"{r['dtype']:10s} {str(r['batch']) + ' x ' + str(r['seq_len']):>12s}"
               + "".join(f" {r[key]:>{max(9, len(title))}.3f}" for title, key in columns))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(rows, f, indent=2)
+        from dms_llm.files import write_json_atomic
+
+        write_json_atomic(args.output, rows)
     return 0
 
 

@@ -13,7 +13,6 @@ and dispatch overhead that the operator timings do not cover).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -104,8 +103,9 @@ def main(argv=None) -> int:
               f"{r['prefill_speedup']:8.2f} {r['prefill_goal']:6.2f} {r['decode_tokens_per_s']:12.1f} {r['decode_speedup']:8.2f}  "
               + ", ".join(f"{k} {v:.0%}" for k, v in r["decode_time_share"].items()))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"settings": vars(args), "threads": torch.get_num_threads(), "rows": results}, f, indent=2)
+        from dms_llm.files import write_json_atomic
+
+        write_json_atomic(args.output, {"settings": vars(args), "threads": torch.get_num_threads(), "rows": results})
     return 0
 
 

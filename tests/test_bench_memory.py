@@ -180,7 +180,11 @@ def test_run_caches_cells_and_reports(tiny_shape, tmp_path, capsys):
     assert bm.main(args) == 0  # cached: nothing to measure
     assert "0 of 1 cells to measure" in capsys.readouterr().out
     assert bm.main(["report", "--results", results]) == 0
-    assert "| frozen | off | 1x16 | 1 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| frozen | off | 1x16 | 1 |" in printed
+    output = tmp_path / "reports" / "memory.md"  # a folder that does not exist yet
+    assert bm.main(["report", "--results", results, "--output", str(output)]) == 0
+    assert output.read_text() + "\n" == capsys.readouterr().out  # the same Markdown as printed (print adds a newline)
 
 
 def test_merge_timing_keeps_every_run_and_reports_the_fastest():
