@@ -538,3 +538,30 @@ def test_a_stopped_library_search_leaves_the_model_as_it_was(setup):
     assert not any("lora" in name for name, _ in model.named_modules())
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setup, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from dms_llm.plan import PrunePlan
+    from dms_llm.prune import prune_model
+
+    model_dir, corpus, tmp = setup
+    out = tmp / "refit"
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--refit", "--refit-samples", "8")) == 0
+    summary = json.load(open(out / "search_summary.json"))
+    refit = summary["refit"]
+    assert refit["tokens"] == 8 * 32 and refit["sublayers"] > 0
+    assert refit["relative_error_after"] < refit["relative_error_before"]
+    plan = PrunePlan.from_json(str(out / "dms_plan.json"))
+    assert plan.metadata["refit"] == refit  # the plan says its weights are not a plain slice
+    sliced = prune_model(AutoModelForCausalLM.from_pretrained(model_dir), plan).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    changed = {n for n in saved if not torch.equal(saved[n], sliced[n])}
+    assert changed and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in changed), changed
+    capsys.readouterr()
+    assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--refit-alpha", "0")) == 2
+    assert "--refit-alpha must be > 0" in capsys.readouterr().err and not os.path.exists(tmp / "bad")
+    assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--prune-from-files", "always")) == 2
+    assert "--refit needs the source and the pruned model in memory" in capsys.readouterr().err
+    assert not os.path.exists(tmp / "bad" / "config.json")

@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 
 from ..method import DMSConfig
+from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
 from ..training.engine import process_state
 from .options import ConfigError, data_dir_default, option, run_main
 from .options import load_recipe as _load_recipe
@@ -61,6 +62,10 @@ class SearchConfig(RunOptions):
     distill: bool = option(M.distill, "add KL to the unpruned model's logits (the same weights with masks off)")
     distill_weight: float = option(M.distill_weight, "weight of the distillation term")
     distill_temperature: float = option(M.distill_temperature, "distillation temperature")
+    refit: bool = option(False, "after pruning, refit each kept o_proj/down_proj by least squares so that the kept "
+                                "heads and channels rebuild the source sublayer's output on calibration blocks")
+    refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
+    refit_samples: int = option(128, "calibration blocks the refit reads (the first of the search's)")
     data_seed: int | None = option(None, "seed of the calibration block selection (default: --seed)")
     restarts: int = option(1, "independent searches (seeds --seed, --seed+1, ...; same calibration blocks); "
                               "the one with the lowest held-out calibration loss is kept")
@@ -85,7 +90,9 @@ class SearchConfig(RunOptions):
         if self.heldout_samples < 0 or (self.restarts > 1 and self.heldout_samples == 0):
             raise ConfigError(f"--heldout-samples must be >= 0, and > 0 with --restarts (it scores them); got {self.heldout_samples}")
         super().__post_init__()
-        for name in ("num_samples", "steps"):
+        if not self.refit_alpha > 0:
+            raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
+        for name in ("num_samples", "steps", "refit_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.output_dir is None:
@@ -246,6 +253,9 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     method = cfg.method()
     files = _prune_from_files(cfg, source)
+    if cfg.refit and files is not None:
+        raise ConfigError("--refit needs the source and the pruned model in memory together: add --prune-from-files never "
+                          "(or leave out --refit)")
     try:
         target, dense = resolve_budget(model, method, cfg.target_params, cfg.target_ratio)
     except ValueError as e:
@@ -278,6 +288,12 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     carry = ("metrics.jsonl", "search_config.json", "tensorboard")
     if files is None:
         pruned = prune_model(model, plan)
+        if cfg.refit:
+            from ..refit import refit_output_projections
+
+            say = (lambda text: print(text, flush=True)) if state.is_main_process else None
+            plan.metadata["refit"] = refit_output_projections(pruned, model, plan, blocks[:cfg.refit_samples],
+                                                              alpha=cfg.refit_alpha, batch_size=cfg.batch_size, say=say)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
@@ -287,7 +303,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
                "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
                "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
                "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
-               "pruned_from_files": files is not None}
+               "pruned_from_files": files is not None, "refit": plan.metadata.get("refit")}
     if "heldout_loss" in plan.metadata:
         summary["heldout_loss"] = plan.metadata["heldout_loss"]
     if state.is_main_process:

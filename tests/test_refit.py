@@ -1,0 +1,109 @@
+"""The least-squares refit of pruned output projections (dms_llm.refit) on tiny real models."""
+
+import pytest
+import torch
+from conftest import input_ids, tiny_model
+
+from dms_llm.arch import ModelParts
+from dms_llm.plan import PrunePlan, count_plan_parameters
+from dms_llm.prune import head_rows, prune_model
+from dms_llm.refit import refit_output_projections
+
+
+def _duplicate_a_channel_and_a_group(model, layers: list[int]):
+    """Make MLP channel 5 a copy of channel 3 and KV group 1 (with its query heads) a copy of group 0 in
+    `layers`: their outputs are then equal to the copied ones, so after pruning the copies the right output
+    projection rebuilds the source sublayers exactly."""
+    for layer in layers:
+        _duplicate_in(ModelParts(model), layer)
+    return model
+
+
+def _duplicate_in(parts: ModelParts, layer: int) -> None:
+    rep, hd = parts.shapes.n_rep(layer), parts.shapes.head_dim
+    with torch.no_grad():
+        for which in ("gate", "up"):
+            parts.mlp_proj(layer, which).weight[5] = parts.mlp_proj(layer, which).weight[3]
+        pairs = {"q": (head_rows([1], rep, hd), head_rows([0], rep, hd)),
+                 "k": (head_rows([1], 1, hd), head_rows([0], 1, hd)), "v": (head_rows([1], 1, hd), head_rows([0], 1, hd))}
+        for which, (copy, original) in pairs.items():
+            proj = parts.attn_proj(layer, which)
+            proj.weight[copy] = proj.weight[original]
+            if proj.bias is not None:
+                proj.bias[copy] = proj.bias[original]
+
+
+def _without_the_copies(model, layers: list[int]) -> PrunePlan:
+    plan = PrunePlan.dense(model.config)
+    for layer in layers:
+        lp = plan.layers[layer]
+        lp.attention_groups = [g for g in lp.attention_groups if g != 1]
+        lp.mlp_channels = [c for c in lp.mlp_channels if c != 5]
+    return _checked(plan)
+
+
+def _checked(plan: PrunePlan) -> PrunePlan:
+    plan = PrunePlan.from_dict(plan.to_dict())  # validates the edited indices
+    plan.params_after = count_plan_parameters(plan)
+    return plan
+
+
+def _max_logit_diff(a, b, ids) -> float:
+    with torch.no_grad():
+        return (a(ids).logits - b(ids).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("max_stat_bytes", [4 << 30, 1])  # all sublayers in one pass, or a pass per sublayer
+@pytest.mark.parametrize("layers", [[1], [0, 1, 2]])  # a per-layer (dms_llama) or a uniform (stock) pruned model
+def test_refit_rebuilds_pruned_copies_exactly(family, max_stat_bytes, layers):
+    source = _duplicate_a_channel_and_a_group(tiny_model(family), layers)
+    plan = _without_the_copies(source, layers)
+    pruned = prune_model(source, plan)
+    assert (pruned.config.model_type == "dms_llama") == (len(layers) == 1)
+    held_out = input_ids(batch=2, seq=16, seed=7)
+    assert _max_logit_diff(pruned, source, held_out) > 1e-2  # the copies mattered
+    info = refit_output_projections(pruned, source, plan, input_ids(batch=16, seq=16, seed=3), alpha=1e-10,
+                                    max_stat_bytes=max_stat_bytes)
+    assert _max_logit_diff(pruned, source, held_out) < 1e-4
+    assert info["passes"] == (1 if max_stat_bytes > 1 else info["sublayers"])
+    assert info["relative_error_after"] < 1e-8 < info["relative_error_before"]
+
+
+def test_refit_brings_a_heavily_pruned_model_closer_to_its_source():
+    source = tiny_model("llama-gqa", num_hidden_layers=4)
+    plan = PrunePlan.dense(source.config)
+    plan.hidden_channels = plan.hidden_channels[::2] + plan.hidden_channels[1:8:2]  # a sorted subset below
+    plan.hidden_channels = sorted(plan.hidden_channels)
+    plan.layers[0].attention_groups = []  # a layer without attention
+    plan.layers[1].attention_groups = [0, 2]
+    plan.layers[2].mlp_channels = list(range(0, 40, 3))
+    plan.layers[3].mlp_channels = []  # and one without MLP
+    plan = _checked(plan)
+    pruned = prune_model(source, plan)
+    sliced = {n: p.clone() for n, p in pruned.named_parameters()}
+    calibration, held_out = input_ids(batch=32, seq=16, seed=3), input_ids(batch=8, seq=16, seed=9)
+
+    def distance() -> float:  # KL(source || pruned) on held-out text: an independent measure of the fit
+        with torch.no_grad():
+            p = torch.log_softmax(source(held_out).logits, -1)
+            q = torch.log_softmax(pruned(held_out).logits, -1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    before = distance()
+    info = refit_output_projections(pruned, source, plan, calibration)
+    assert distance() < before
+    # random tiny models have nearly independent channels, so less is rebuilt than in a trained model
+    assert info["relative_error_after"] < 0.8 * info["relative_error_before"]
+    assert info["sublayers"] == 6  # 3 attention + 3 MLP sublayers kept; removed ones are not rebuilt
+    changed = {n for n, p in pruned.named_parameters() if not torch.equal(p, sliced[n])}
+    assert changed and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in changed), changed
+
+
+def test_refit_rejects_bad_input():
+    source = tiny_model("llama-gqa")
+    plan = _without_the_copies(source, [1])
+    pruned = prune_model(source, plan)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        refit_output_projections(pruned, source, plan, input_ids(), alpha=0)
+    with pytest.raises(ValueError, match="pass the model the plan pruned"):
+        refit_output_projections(pruned, tiny_model("llama-gqa", num_hidden_layers=4), plan, input_ids())
