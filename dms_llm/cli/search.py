@@ -291,9 +291,9 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         if cfg.refit:
             from ..refit import refit_output_projections
 
-            say = (lambda text: print(text, flush=True)) if state.is_main_process else None
             plan.metadata["refit"] = refit_output_projections(pruned, model, plan, blocks[:cfg.refit_samples],
-                                                              alpha=cfg.refit_alpha, batch_size=cfg.batch_size, say=say)
+                                                              alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
+                                                              progress=state.is_main_process)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
