@@ -32,6 +32,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DMSConfig", "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "PrunePlan",
     "RunSettings", "STRUCTURES", "UnsupportedArchitectureError", "arch_spec", "budget_loss", "kept_count",
-    "load_calibration", "load_model_and_tokenizer", "normalized_ranks", "prune_model", "refit_output_projections", "register_family",
-    "save_pruned", "search_plan",
+    "load_calibration", "load_model_and_tokenizer", "normalized_ranks", "prune_model", "refit_output_projections",
+    "register_family", "save_pruned", "search_plan",
 ]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..method import DMSConfig
 from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
+from ..refit import refit_output_projections
 from ..training.engine import process_state
 from .options import ConfigError, data_dir_default, option, run_main
 from .options import load_recipe as _load_recipe
@@ -186,6 +187,9 @@ def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
                           "(accelerate launch --num_processes N, or torchrun --nproc_per_node N)")
     out = os.path.abspath(cfg.output_dir)
     source = resolve_model(cfg.model)
+    if cfg.refit and _prune_from_files(cfg, source) is not None:
+        raise ConfigError("--refit needs the source and the pruned model in memory together: add --prune-from-files never "
+                          "(or leave out --refit)")
     _check_output(cfg, out, source)
     _check_supported(source)
     dense_eval, pruned, tokenizer = None, None, None
@@ -253,9 +257,6 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
     method = cfg.method()
     files = _prune_from_files(cfg, source)
-    if cfg.refit and files is not None:
-        raise ConfigError("--refit needs the source and the pruned model in memory together: add --prune-from-files never "
-                          "(or leave out --refit)")
     try:
         target, dense = resolve_budget(model, method, cfg.target_params, cfg.target_ratio)
     except ValueError as e:
@@ -289,8 +290,6 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     if files is None:
         pruned = prune_model(model, plan)
         if cfg.refit:
-            from ..refit import refit_output_projections
-
             plan.metadata["refit"] = refit_output_projections(pruned, model, plan, blocks[:cfg.refit_samples],
                                                               alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
                                                               progress=state.is_main_process)
