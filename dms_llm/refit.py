@@ -9,7 +9,7 @@ the kept hidden channels:
     W' = W[H, :] C[:, K] (C[K, K] + alpha * mean(diag C[K, K]) I)^-1,    C = sum over tokens of z z^T,
 
 z being the source sublayer's input to its output projection (every head or channel), K the kept ones and
-H the kept hidden channels. When nothing was pruned, W' = W[H, K]. Shapes do not change: a refit model
+H the kept hidden channels. When no head or channel was pruned, W' = W[H, K] (up to the ridge term). Shapes do not change: a refit model
 saves, reloads and exports like any pruned one (its weights are no longer a slice of the source's, which
 the plan's metadata records). Sublayers the plan removes entirely are not rebuilt.
 
@@ -43,17 +43,15 @@ class _Sublayer:
     """One kept sublayer: the pruned module whose input is observed, the source module that is run on that
     input, and the running sum of z z^T over the source's output-projection input z."""
 
-    def __init__(self, kind: str, source_layer: int, pruned: nn.Module, source: nn.Module, out_pruned: nn.Linear,
-                 out_source: nn.Linear, kept: torch.Tensor):
-        self.kind, self.source_layer = kind, source_layer
-        self.pruned, self.source, self.out_pruned, self.out_source, self.kept = pruned, source, out_pruned, out_source, kept
+    def __init__(self, kind: str, pruned: nn.Module, source: nn.Module, out_pruned: nn.Linear, out_source: nn.Linear,
+                 kept: torch.Tensor):
+        self.kind, self.pruned, self.source, self.out_pruned, self.out_source, self.kept = (
+            kind, pruned, source, out_pruned, out_source, kept)
         self.cov: torch.Tensor | None = None
-        self.tokens = 0
 
     def add(self, z: torch.Tensor) -> None:
         z = z.reshape(-1, z.shape[-1]).double()
         self.cov = z.T @ z if self.cov is None else self.cov.add_(z.T @ z)
-        self.tokens += z.shape[0]
 
     def stat_bytes(self) -> int:
         n = self.out_source.in_features
@@ -72,10 +70,10 @@ def _sublayers(pruned: nn.Module, source: nn.Module, plan: PrunePlan) -> list[_S
         lp = plan.layers[i]
         if lp.has_attention:
             kept = head_rows(lp.attention_groups, shapes.n_rep(i), shapes.head_dim)
-            out.append(_Sublayer("attention", i, parts.attn(j), src.attn(i), parts.attn_proj(j, "o"), src.attn_proj(i, "o"), kept))
+            out.append(_Sublayer("attention", parts.attn(j), src.attn(i), parts.attn_proj(j, "o"), src.attn_proj(i, "o"), kept))
         if lp.has_mlp:
             kept = torch.as_tensor(lp.mlp_channels, dtype=torch.long)
-            out.append(_Sublayer("mlp", i, parts.mlp(j), src.mlp(i), parts.mlp_proj(j, "down"), src.mlp_proj(i, "down"), kept))
+            out.append(_Sublayer("mlp", parts.mlp(j), src.mlp(i), parts.mlp_proj(j, "down"), src.mlp_proj(i, "down"), kept))
     return out
 
 
