@@ -9,9 +9,10 @@ the kept hidden channels:
     W' = W[H, :] C[:, K] (C[K, K] + alpha * mean(diag C[K, K]) I)^-1,    C = sum over tokens of z z^T,
 
 z being the source sublayer's input to its output projection (every head or channel), K the kept ones and
-H the kept hidden channels. When no head or channel was pruned, W' = W[H, K] (up to the ridge term). Shapes do not change: a refit model
-saves, reloads and exports like any pruned one (its weights are no longer a slice of the source's, which
-the plan's metadata records). Sublayers the plan removes entirely are not rebuilt.
+H the kept hidden channels. When no head or channel was pruned, W' = W[H, K] (up to the ridge term).
+Shapes do not change: a refit model saves, reloads and exports like any pruned one (its weights are no
+longer a slice of the source's, which the plan's metadata records). Sublayers the plan removes entirely
+are not rebuilt.
 
 Layers are refit in groups, front to back, one calibration pass per group, so each group sees the input
 that the refit layers before it produce, and the statistics held at once stay under `max_stat_bytes`.
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import ModelParts
+from .passes import batches, model_device, removed_after
 from .plan import PrunePlan
 from .prune import head_rows
 
@@ -114,8 +116,9 @@ def _solve(sub: _Sublayer, hidden: torch.Tensor, alpha: float) -> tuple[float, f
     ridge = alpha * cov_kk.diagonal().mean() + torch.finfo(torch.float64).tiny
     new = torch.linalg.solve(cov_kk + ridge * torch.eye(len(k), dtype=cov.dtype, device=cov.device), cross.T).T
 
+    total = (w @ cov * w).sum()
+
     def error(wk: torch.Tensor) -> float:  # E|W z - Wk z_K|^2 / E|W z|^2 from the second moments
-        total = (w @ cov * w).sum()
         return float(((total - 2 * (wk * cross).sum() + (wk @ cov_kk * wk).sum()) / total).clamp_min(0))
 
     before = error(sub.out_pruned.weight.detach().double().to(cov.device))
@@ -145,23 +148,20 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
         size += sub.stat_bytes()
     if group:
         groups.append(group)
-    device = next(pruned.parameters()).device
+    device = model_device(pruned)
     was_training = pruned.training, source.training
     pruned.eval()
     source.eval()
     errors, started = [], time.perf_counter()
-    starts = range(0, len(blocks), batch_size)
-    bar = tqdm(total=len(groups) * len(starts), desc="refit", unit="batch", disable=not progress, dynamic_ncols=True)
+    per_pass = -(-len(blocks) // batch_size)
+    bar = tqdm(total=len(groups) * per_pass, desc="refit", unit="batch", disable=not progress, dynamic_ncols=True)
     try:
         for group in groups:
             hooks = [s.pruned.register_forward_pre_hook(_observe(s, hidden, full_width), with_kwargs=True) for s in group]
-            try:
-                for start in starts:
-                    pruned(blocks[start:start + batch_size].to(device), use_cache=False)
+            with removed_after(hooks):
+                for ids in batches(blocks, batch_size):
+                    pruned(ids.to(device), use_cache=False)
                     bar.update(1)
-            finally:
-                for h in hooks:
-                    h.remove()
             for s in group:
                 errors.append(_solve(s, hidden, alpha))
                 s.cov = None

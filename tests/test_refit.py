@@ -105,5 +105,7 @@ def test_refit_rejects_bad_input():
     pruned = prune_model(source, plan)
     with pytest.raises(ValueError, match="alpha must be > 0"):
         refit_output_projections(pruned, source, plan, input_ids(), alpha=0)
+    with pytest.raises(ValueError, match="calibration blocks must be"):
+        refit_output_projections(pruned, source, plan, input_ids()[0])  # one sequence, not [n, seq_len]
     with pytest.raises(ValueError, match="pass the model the plan pruned"):
         refit_output_projections(pruned, tiny_model("llama-gqa", num_hidden_layers=4), plan, input_ids())

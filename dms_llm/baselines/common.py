@@ -9,8 +9,6 @@ down_proj column). Hidden channels are never pruned by the baselines (none of th
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -18,6 +16,7 @@ from ..arch import ModelParts
 from ..budget import ParameterCounter, largest_fitting
 from ..dtopk import kept_count
 from ..plan import LayerPlan, PlanError, PrunePlan, count_plan_parameters
+from ..passes import batches, model_device, removed_after
 from ..prune import head_rows
 
 
@@ -62,26 +61,6 @@ def weight_sq_norms(parts: ModelParts, layer: int, fn=lambda w: w.float().pow(2)
 
 
 # ----- calibration passes ---------------------------------------------------------------------------
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def batches(blocks: torch.Tensor, batch_size: int):
-    if blocks is None or blocks.ndim != 2 or blocks.shape[0] == 0:
-        raise ValueError("calibration blocks must be a non-empty [num_samples, seq_len] LongTensor (data.load_calibration)")
-    for i in range(0, blocks.shape[0], batch_size):
-        yield blocks[i : i + batch_size]
-
-
-@contextmanager
-def _hooks(handles: list):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class InputStats:
@@ -130,8 +109,8 @@ def output_proj_input_stats(model: nn.Module, blocks: torch.Tensor, batch_size: 
                 continue
             st = stats.setdefault(f"{i}.{kind}", InputStats())
             handles.append(module.register_forward_pre_hook(lambda m, args, st=st: st.update(args[0])))
-    device = _device(model)
-    with _hooks(handles):
+    device = model_device(model)
+    with removed_after(handles):
         for ids in batches(blocks, batch_size):
             model(input_ids=ids.to(device), use_cache=False)
     return stats

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
-from .common import _device, batches, check_target, source_name, uniform_plan, weight_sq_norms
+from ..passes import batches, model_device
+from .common import check_target, source_name, uniform_plan, weight_sq_norms
 
 PROJ = (("attn", "q"), ("attn", "k"), ("attn", "v"), ("attn", "o"), ("mlp", "gate"), ("mlp", "up"), ("mlp", "down"))
 
@@ -48,7 +49,7 @@ def taylor_scores(model, blocks: torch.Tensor, layers: list[int], batch_size: in
             p.grad = None
         for w in weights:
             w.requires_grad_(True)
-        device, n = _device(model), blocks.shape[0]
+        device, n = model_device(model), blocks.shape[0]
         for ids in batches(blocks, batch_size):
             ids = ids.to(device)
             out = model(input_ids=ids, labels=ids, use_cache=False)

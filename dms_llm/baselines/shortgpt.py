@@ -17,7 +17,8 @@ import torch
 
 from ..arch import ModelParts
 from ..budget import ParameterCounter
-from .common import BudgetError, _device, _hooks, batches, build_plan, check_budget, check_target, source_name
+from ..passes import batches, model_device, removed_after
+from .common import BudgetError, build_plan, check_budget, check_target, source_name
 
 
 def _hidden(x):
@@ -42,8 +43,8 @@ def block_influence(model, blocks: torch.Tensor, batch_size: int = 8) -> list[fl
 
         handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(layer.register_forward_hook(post, with_kwargs=True))
-    device = _device(model)
-    with _hooks(handles):
+    device = model_device(model)
+    with removed_after(handles):
         for ids in batches(blocks, batch_size):
             model(input_ids=ids.to(device), use_cache=False)
             count += ids.numel()
