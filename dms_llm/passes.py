@@ -10,7 +10,11 @@ from torch import nn
 
 
 def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model's weights are (cpu for an object without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def batches(blocks: torch.Tensor, batch_size: int):

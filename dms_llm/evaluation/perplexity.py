@@ -38,6 +38,7 @@ import torch
 
 from ..checkpoints.loading import hub_reachable
 from ..files import sha256_file
+from ..passes import model_device
 from .tasks.utils import resolve_data_dir
 
 logger = logging.getLogger(__name__)
@@ -244,13 +245,6 @@ def make_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None
     return windows, info
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _model_dtype(model) -> str:
     try:
         return str(next(model.parameters()).dtype).replace("torch.", "")
@@ -263,7 +257,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool
     """(sum of NLL in nats, number of predicted tokens) over the windows, each window on its own."""
     from tqdm.auto import tqdm
 
-    device = _model_device(model)
+    device = model_device(model)
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     was_training = getattr(model, "training", False)

@@ -16,7 +16,8 @@ import torch
 
 from ..checkpoints.loading import count_parameters
 from ..files import write_text_atomic
-from .perplexity import PROTOCOLS, _model_device, _model_dtype, check_ppl_datasets, check_protocols, perplexity
+from ..passes import model_device
+from .perplexity import PROTOCOLS, _model_dtype, check_ppl_datasets, check_protocols, perplexity
 from .zero_shot import ZERO_SHOT_TASKS, check_tasks, zero_shot
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def evaluate_model(model, tokenizer, ppl: Sequence[str] | str = ("wikitext2",), 
         "model": str(name),
         "params": count_parameters(model),
         "dtype": _model_dtype(model),
-        "device": str(_model_device(model)),
+        "device": str(model_device(model)),
         "seed": seed,
         "limit": limit,
         "max_windows": max_windows,

@@ -18,9 +18,7 @@ import time
 
 import torch
 
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
+from ..passes import model_device
 
 
 def _sync(device: torch.device) -> None:
@@ -31,14 +29,14 @@ def _sync(device: torch.device) -> None:
 def _prompt(model, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     vocab = int(model.config.vocab_size)
-    return torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g).to(_device(model))
+    return torch.randint(min(3, vocab - 1), vocab, (batch, length), generator=g).to(model_device(model))
 
 
 @torch.inference_mode()
 def time_prefill(model, batch: int = 1, seq_len: int = 128) -> float:
     """Seconds for one forward over a [batch, seq_len] prompt (no cache)."""
     ids = _prompt(model, batch, seq_len)
-    device = _device(model)
+    device = model_device(model)
     _sync(device)
     start = time.perf_counter()
     model(input_ids=ids, use_cache=False)
@@ -53,7 +51,7 @@ def time_decode(model, prompt_len: int = 32, new_tokens: int = 32, batch: int = 
     Models without a cache (e.g. a `dms_llama` model that kept no attention) recompute the sequence
     each step, which is what `generate` does for them too."""
     ids = _prompt(model, batch, prompt_len)
-    device = _device(model)
+    device = model_device(model)
     use_cache = bool(getattr(model.config, "use_cache", True))
     out = model(input_ids=ids, use_cache=use_cache)
     cache = out.past_key_values if use_cache else None
@@ -112,5 +110,5 @@ def relative_speed(models: dict, reference: str, reps: int = 5, batch: int = 1, 
         out[k]["prefill_speedup"] = out[k]["prefill_tokens_per_s"] / out[reference]["prefill_tokens_per_s"]
         out[k]["decode_speedup"] = out[k]["decode_tokens_per_s"] / out[reference]["decode_tokens_per_s"]
     settings = dict(reps=reps, batch=batch, seq_len=seq_len, prompt_len=prompt_len, new_tokens=new_tokens,
-                    threads=torch.get_num_threads(), device=str(_device(models[reference])))
+                    threads=torch.get_num_threads(), device=str(model_device(models[reference])))
     return {"models": out, "settings": settings}
