@@ -477,6 +477,10 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     assert [(c.dataset, c.protocol, c.budgets) for c in args.ppl_cells[-2:]] == [("ptb", "sparsegpt", (0.8,)),
                                                                              ("wikitext2", "sparsegpt", None)]
     assert bench.parse_args(["--seed", "5"]).dms_seeds == [5, 6, 7]  # default: three seeds from --seed
+    quick = bench.parse_args(["--config", str(config), "--ppl-extra", "none", "--tasks", "none"])
+    assert [(c.dataset, c.column) for c in quick.ppl_cells] == [("wikitext2", "llm-pruner")] and quick.tasks == []
+    again = bench.parse_args(["--config", str(config), "--ppl-extra", "none", "--ppl-extra", "wikitext2:sparsegpt"])
+    assert [(c.dataset, c.column) for c in again.ppl_cells] == [("wikitext2", "llm-pruner"), ("wikitext2", "sparsegpt")]
     for text in ("nope: 1\n", "report-only: maybe\n", "- a list\n"):
         config.write_text(text)
         with pytest.raises(SystemExit):

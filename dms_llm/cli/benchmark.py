@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ppl-extra", action="append", default=[], metavar="DATASETS:PROTOCOL[:WINDOWS[:BUDGETS]]",
                    help="more perplexity cells, for some budgets only if BUDGETS is given (the dense row gets them all); "
                         "WINDOWS a number or 'all' (default), e.g. wikitext2,ptb:sparsegpt:all:0.8 = whole-split 2048-token "
-                        "perplexity of the 80%% rows; repeatable")
+                        "perplexity of the 80%% rows; repeatable; 'none' drops the cells named before it (in --config)")
     p.add_argument("--tasks", default="", help="zero-shot tasks (comma list; empty: none)")
     p.add_argument("--limit", type=float, default=None, help="zero-shot: the first N documents of each task")
     p.add_argument("--dms-config", default=None, help="DMS search recipe (YAML) for the dms, dms-restarts and dms-lora rows")
@@ -180,7 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         from ..evaluation.perplexity import check_ppl_datasets, check_protocols
 
-        extra = [cell for spec in args.ppl_extra for cell in parse_ppl_extra(spec)]
+        extra = []
+        for spec in args.ppl_extra:  # 'none' drops the cells before it (a --config file's): a quick first pass
+            extra = [] if spec.strip() == "none" else extra + parse_ppl_extra(spec)
         from ..evaluation.zero_shot import check_tasks
 
         # 'all' expands, aliases (dms_boolq) become the task's key
