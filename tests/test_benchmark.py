@@ -566,3 +566,27 @@ def test_llamacpp_columns_from_gguf_files_of_every_row(setup, tmp_path, monkeypa
     assert "llama.cpp pp ×" in md and "f32 GGUF files, 1 thread(s)" in md
     monkeypatch.setattr(llamacpp, "interleaved_speed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("timed again")))
     assert bench.main(argv) == 0
+
+
+def test_summary_pairs_one_shot_with_recovered_and_bolds_the_best_per_budget():
+    from dms_llm.benchmark.report import markdown, seed_summary, summary_lines
+
+    def row(method, budget, recovery, wt2, avg, seed=0):
+        return {"method": method, "budget": budget, "recovery": recovery, "seed": seed, "params": 8e7 if budget < 1 else 1e8,
+                "ppl": {"wikitext2": {"llm-pruner": wt2}}, "zero_shot": {}, "zero_shot_avg": avg}
+
+    rows = [row("dense", 1.0, 0, 50.0, 0.5), row("flap", 0.8, 0, 125.0, 0.45), row("flap", 0.8, 250, 100.0, 0.40)]
+    rows += [row("dms", 0.8, 0, wt2, 0.41, seed) for seed, wt2 in enumerate((120.0, 130.0, 140.0))]
+    rows += [row("dms", 0.8, 250, wt2, 0.42, seed) for seed, wt2 in enumerate((90.0, 95.0, 200.0))]
+    rows += [row("flap", 0.5, 0, 900.0, None)]
+    report = {"model": "m", "machine": "here", "command": "dms-llm benchmark", "rows": rows, "seed_summary": seed_summary(rows),
+              "settings": {"ppl": ["wikitext2"], "protocols": ["llm-pruner"]}}
+    lines = summary_lines(report)
+    assert lines[0] == ("| method | budget | params (M) | wikitext2 (llm-pruner) | zero-shot avg | "
+                        "wikitext2 (llm-pruner), recovered | zero-shot avg, recovered |")
+    assert lines[2:] == [
+        "| dense | – | 100.00 | 50.00 | 50.00 | – | – |",  # dense is never bold, though it is the lowest
+        "| flap | 0.8 | 80.00 | **125.00** | **45.00** | 100.00 | 40.00 |",  # DMS's median 130 loses, its best seed 120 would not
+        "| dms (median of 3 seeds) | 0.8 | 80.00 | 130.00 | 41.00 | **95.00** | **42.00** |",  # the mean 128.33 would lose
+        "| flap | 0.5 | 80.00 | **900.00** | – | – | – |"]
+    assert "## Summary" in markdown(report)

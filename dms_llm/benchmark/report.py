@@ -126,6 +126,51 @@ def _get(row: dict, path: tuple):
     return row
 
 
+def summary_lines(report: dict) -> list[str]:
+    """The headline table: a line per method and budget with its one-shot and recovered perplexity (the main
+    --ppl x --protocols cells) and zero-shot average side by side; DMS with several seeds as its median. The
+    best pruned value of each column at each budget is bold (lowest perplexity, highest accuracy)."""
+    settings = report["settings"]
+    main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    shown = display_rows(report)
+    recovered = any(r["recovery"] for r, _ in shown)
+    tasks = any(r.get("zero_shot_avg") is not None for r, _ in shown)
+    lines_of: dict = {}
+    for r, summary in shown:
+        lines_of.setdefault((r["method"], r["budget"]), {})[bool(r["recovery"])] = (r, summary)
+    columns = [(False, ("ppl", d, p)) for d, p in main] + ([(False, ("zero_shot_avg",))] if tasks else [])
+    if recovered:
+        columns += [(True, ("ppl", d, p)) for d, p in main] + ([(True, ("zero_shot_avg",))] if tasks else [])
+
+    def value(key, rec, path):
+        entry = lines_of[key].get(rec)
+        return None if entry is None else _get(entry[0], path)
+
+    best = {}
+    for budget in dict.fromkeys(b for m, b in lines_of if m != "dense"):
+        for rec, path in columns:
+            values = [v for (m, b) in lines_of if m != "dense" and b == budget
+                      for v in [value((m, b), rec, path)] if v is not None]
+            if values:
+                best[(budget, rec, path)] = max(values) if path[0] == "zero_shot_avg" else min(values)
+    head = ["method", "budget", "params (M)"]
+    for rec, path in columns:
+        name = "zero-shot avg" if path[0] == "zero_shot_avg" else f"{path[1]} ({path[2]})"
+        head.append(name + (", recovered" if rec else ""))
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, budget), entries in lines_of.items():
+        first, summary = entries.get(False) or entries[True]
+        name = f"{method} (median of {len(summary['seeds'])} seeds)" if summary else method
+        c = [name, "–" if method == "dense" else f"{budget:g}", _cell(first["params"] / 1e6 if first["params"] else None)]
+        for rec, path in columns:
+            v = value((method, budget), rec, path)
+            scale = 100 if path[0] == "zero_shot_avg" else 1
+            text = _cell(None if v is None else scale * v)
+            c.append(f"**{text}**" if v is not None and method != "dense" and v == best.get((budget, rec, path)) else text)
+        out.append("| " + " | ".join(c) + " |")
+    return out
+
+
 def markdown(report: dict) -> str:
     rows = report["rows"]
     dense = next((r["params"] for r in rows if r["method"] == "dense"), None)
@@ -175,7 +220,8 @@ def markdown(report: dict) -> str:
         return "| " + " | ".join(c) + " |"
 
     table_head = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines = [f"# Benchmark: {report['model']}", ""] + where + ["", "```bash", report["command"], "```", ""] + table_head
+    lines = [f"# Benchmark: {report['model']}", ""] + where + ["", "```bash", report["command"], "```", ""]
+    lines += ["## Summary", ""] + summary_lines(report) + ["", "## Every row", ""] + table_head
     lines += [line(r, summary) for r, summary in display_rows(report)]
     settings = report["settings"]
     notes = ["Perplexity: dms_llm.evaluation (non-overlapping windows; llm-pruner = 128 tokens, sparsegpt = 2048)"]
