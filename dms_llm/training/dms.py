@@ -289,7 +289,7 @@ def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSCon
                    f"{fit['params_before'] - fit['params']:,} parameters at once ({fit['rescaled']} scaled by {fit['scale']:.3f}) "
                    f"without the search adapting to it. A larger --budget-weight or more --steps make the search follow "
                    f"its schedule (LoRA/distillation searches resist pruning more); judge either on validation data: "
-                   f"on SmolLM2 at 80% the default recipe ends 1-3% over, and --budget-weight 4 scored worse than 2.")
+                   f"on SmolLM2 at 80% the default recipe ends 1-3% over, and neither 1 nor 4 beat its 2.")
     if fit["params"] > fit["params_before"]:
         engine.say(f"the search ended at {fit['params_before']:,} parameters, under the budget: MLP widths scaled by "
                    f"{fit['scale']:.4f} to use {fit['params'] - fit['params_before']:,} of the unused parameters")
