@@ -185,6 +185,18 @@ def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
     assert auto.row_name("dms", 0.7, 0) != one_shot["name"]
 
 
+def test_search_then_recovery_in_other_precision_in_one_process(setup):
+    """The search (fp32 here) and a recovery recipe with bf16 mixed precision run in one benchmark process:
+    each command gets its own Accelerate state (a second Accelerator with another precision was refused)."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-mp", setup["tmp"] / "work-mp"
+    recipe = setup["tmp"] / "recover-bf16.yaml"
+    recipe.write_text(f"mixed-precision: bf16\ndistill-weight: 0.0\ndataset: {setup['corpus']}\nseq-len: 16\nnum-samples: 8\n")
+    assert bench.main(_argv(setup, out, work, "dms", speed_reps=0, recovery_steps=2, recovery_config=recipe)) == 0
+    recovered = [json.loads(p.read_text()) for p in (work / "rows").glob("dms-*-rec2-*.json")]
+    assert len(recovered) == 1 and recovered[0]["ppl"]
+
+
 def test_a_search_folder_without_weights_is_a_clear_error(setup, capsys):
     """A cached DMS row whose folder lost its weights cannot be fine-tuned: one line says what to delete."""
     bench = _load_benchmark()
