@@ -565,3 +565,13 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--prune-from-files", "always")) == 2
     assert "--refit needs the source and the pruned model in memory" in capsys.readouterr().err
     assert not os.path.exists(tmp / "bad")  # refused before anything is loaded or written
+
+
+def test_runs_with_other_mixed_precision_follow_each_other_in_one_process():
+    """An fp32 run, then a bf16 one (a search, then its fine-tuning, in one Python session): Accelerate
+    refuses a second Accelerator of another precision unless each run starts from a fresh state."""
+    from dms_llm import RunSettings
+    from dms_llm.training.engine import Engine
+
+    assert Engine(RunSettings(mixed_precision="no"), verbose=False).acc.mixed_precision == "no"
+    assert Engine(RunSettings(mixed_precision="bf16"), verbose=False).acc.mixed_precision == "bf16"

@@ -31,18 +31,9 @@ def run_command(name: str, values: dict, config_path: str) -> None:
     from ..commands import main
 
     write_text_atomic(config_path, yaml.safe_dump(values, sort_keys=True))
-    _fresh_accelerator_state()
     code = main([name, "--config", config_path])
     if code != 0:
         raise RuntimeError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
-
-
-def _fresh_accelerator_state() -> None:
-    """Accelerate keeps one state per process and refuses an Accelerator with another mixed precision (an fp32
-    search, then a bf16 recovery); each command run here is a fresh start. The process group stays."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _restarts_of(folder: str) -> int | None:

@@ -137,9 +137,14 @@ class Engine:
     def __init__(self, settings: RunSettings, run_dir: str | None = None, state_name: str = "state",
                  verbose: bool = True):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
 
         self.s = settings
         self.run_dir = os.path.abspath(run_dir) if run_dir else None
+        # Accelerate keeps one state per process and refuses a second Accelerator with another mixed precision
+        # (an fp32 search, then a bf16 fine-tuning in one Python session or benchmark run): each run starts
+        # from a fresh one. The process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.acc = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
                                log_with=TRACKER if self.run_dir else None, project_dir=self.run_dir)
         self.state_dir = os.path.join(self.run_dir, state_name) if self.run_dir else None
