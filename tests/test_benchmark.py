@@ -602,3 +602,32 @@ def test_summary_pairs_one_shot_with_recovered_and_bolds_the_best_per_budget():
         "| dms (median of 3 seeds) | 0.8 | 80.00 | 130.00 | 41.00 | **95.00** | **42.00** |",  # the mean 128.33 would lose
         "| flap | 0.5 | 80.00 | **900.00** | – | – | – |"]
     assert "## Summary" in markdown(report)
+
+
+def test_plot_panels_per_perplexity_cell_with_collapsed_models_at_the_edge(tmp_path):
+    """A panel per main perplexity cell and one for zero-shot; a perplexity above OFF_SCALE x dense is drawn
+    at that line and flagged, so one collapsed model does not squash the others (values set by hand)."""
+    from dms_llm.benchmark.report import OFF_SCALE, plot, plot_panels, seed_summary
+
+    def row(method, budget, recovery, wt2, ptb, avg, seed=0):
+        return {"method": method, "budget": budget, "recovery": recovery, "seed": seed, "params": 1e8 * budget,
+                "ppl": {"wikitext2": {"llm-pruner": wt2}, "ptb": {"llm-pruner": ptb}}, "zero_shot": {}, "zero_shot_avg": avg}
+
+    rows = [row("dense", 1.0, 0, 50.0, 80.0, 0.5), row("magnitude", 0.8, 0, 1e6, 200.0, None),
+            row("magnitude", 0.8, 250, 900.0, 150.0, None)]
+    rows += [row("dms", 0.8, 0, wt2, 100.0, 0.4, seed) for seed, wt2 in enumerate((120.0, 130.0, 140.0))]
+    report = {"model": "m", "rows": rows, "seed_summary": seed_summary(rows),
+              "settings": {"ppl": ["wikitext2", "ptb"], "protocols": ["llm-pruner"]}}
+    panels = plot_panels(report)
+    assert [p["path"] for p in panels] == [("ppl", "wikitext2", "llm-pruner"), ("ppl", "ptb", "llm-pruner"), ("zero_shot_avg",)]
+    wt2 = {(s["method"], s["recovery"]): s for s in panels[0]["series"]}
+    assert panels[0]["dense"] == 50.0 and panels[0]["cap"] == OFF_SCALE * 50.0
+    assert wt2[("magnitude", False)]["y"] == [OFF_SCALE * 50.0] and wt2[("magnitude", False)]["off_scale"] == [True]
+    assert wt2[("magnitude", True)]["y"] == [900.0] and wt2[("magnitude", True)]["off_scale"] == [False]
+    assert wt2[("dms", False)]["y"] == [130.0]  # three seeds: their median
+    assert {(s["method"], s["recovery"]) for s in panels[1]["series"]} == set(wt2)
+    zs = panels[2]
+    assert zs["dense"] == 50.0 and zs["cap"] is None and [s["method"] for s in zs["series"]] == ["dms"]
+    assert zs["series"][0]["y"] == [pytest.approx(40.0)]
+    plot(report, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

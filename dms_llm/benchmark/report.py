@@ -265,50 +265,78 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+OFF_SCALE = 50.0  # perplexity panels end at this many times dense: one collapsed model would squash the rest
+
+
+def plot_panels(report: dict) -> list[dict]:
+    """What the plot draws: a panel per main perplexity cell (--ppl x --protocols) and one for the zero-shot
+    average, each with a series per method and recovery (DMS with several seeds: its median) against the
+    fraction of dense parameters. A perplexity above OFF_SCALE x dense is drawn at that line and flagged."""
+    rows = [r for r, _ in display_rows(report)]
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    dense_params = dense["params"] if dense else max((r["params"] or 0 for r in rows), default=0)
+    settings = report.get("settings", {})
+    cells = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    cells = cells or list(dict.fromkeys((d, p) for r in rows for d, by in r["ppl"].items() for p in by))
+    kinds = [("ppl", d, p) for d, p in cells] + [("zero_shot_avg",)]
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    panels = []
+    for path in kinds:
+        scale = 100.0 if path[0] == "zero_shot_avg" else 1.0
+        ref = _get(dense, path) if dense else None
+        cap = OFF_SCALE * ref if ref is not None and path[0] == "ppl" else None
+        series = []
+        for m in methods:
+            for rec in (False, True):
+                pts = sorted((r["params"] / dense_params, _get(r, path)) for r in rows
+                             if r["method"] == m and bool(r["recovery"]) == rec and r["params"] and _get(r, path) is not None)
+                if pts:
+                    series.append({"method": m, "recovery": rec, "x": [x for x, _ in pts],
+                                   "y": [scale * min(y, cap) if cap else scale * y for _, y in pts],
+                                   "off_scale": [cap is not None and y > cap for _, y in pts]})
+        panels.append({"path": path, "dense": None if ref is None else scale * ref, "cap": cap, "series": series})
+    return panels
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r, _ in display_rows(report)]  # DMS with several seeds: the median row
-    if not rows:
+    if not report["rows"]:
         return  # nothing measured yet: no plot
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    dense_params = dense["params"] if dense else max(r["params"] or 0 for r in rows)
-    first = next(((d, p) for r in rows for d, by in r["ppl"].items() for p in by), None)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    panels = plot_panels(report)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    methods = list(dict.fromkeys(s["method"] for p in panels for s in p["series"]))
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    for ax, what in zip(axes, ("ppl", "zs")):
-        for m in methods:
-            for rec in (False, True):
-                pts = sorted((r["params"] / dense_params, r) for r in rows if r["method"] == m and r["recovery"] == rec and r["params"])
-                ys = [(x, (r["ppl"].get(first[0], {}).get(first[1]) if first else None) if what == "ppl" else r["zero_shot_avg"]) for x, r in pts]
-                ys = [(x, y if what == "ppl" else 100 * y) for x, y in ys if y is not None]
-                if ys:
-                    ax.plot(*zip(*ys), marker="o", ls="--" if rec else "-", color=colors[m], label=m + (" + recovery" if rec else ""))
-        ref = None
-        if dense is not None:
-            ref = (dense["ppl"].get(first[0], {}).get(first[1]) if first else None) if what == "ppl" else (
-                100 * dense["zero_shot_avg"] if dense["zero_shot_avg"] is not None else None)
-        if ref is not None:
-            ax.plot([1.0], [ref], marker="*", ms=12, color="k", ls="", label="dense")
+    for ax, panel in zip(axes[0], panels):
+        for s in panel["series"]:
+            ax.plot(s["x"], s["y"], marker="o", ls="--" if s["recovery"] else "-", color=colors[s["method"]],
+                    label=s["method"] + (" + recovery" if s["recovery"] else ""))
+            off = [(x, y) for x, y, o in zip(s["x"], s["y"], s["off_scale"]) if o]
+            if off:
+                ax.plot(*zip(*off), marker="^", ms=10, ls="", color=colors[s["method"]])
+        if panel["dense"] is not None:
+            ax.plot([1.0], [panel["dense"]], marker="*", ms=12, color="k", ls="", label="dense")
         ax.set_xlabel("parameters (fraction of dense)")
-        if what == "ppl":
+        kind = panel["path"]
+        if kind[0] == "ppl":
             ax.set_yscale("log")
-            ax.set_ylabel(f"{first[0]} perplexity ({first[1]})" if first else "perplexity")
+            ax.set_ylabel(f"{kind[1]} perplexity ({kind[2]})")
+            if panel["cap"] is not None and any(any(s["off_scale"]) for s in panel["series"]):
+                ax.set_title(f"\u25b2: above {OFF_SCALE:g}x dense, drawn at that line", fontsize=8)
         else:
             ax.set_ylabel("zero-shot average accuracy (%)")
-            if not any(r["zero_shot_avg"] is not None for r in rows):
+            if not panel["series"] and panel["dense"] is None:
                 ax.text(0.5, 0.5, "no zero-shot tasks run", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
-    legend = {}  # one legend for both panels, beside them: inside, it hid points
-    for ax in axes:
+    legend = {}  # one legend for every panel, beside them: inside, it hid points
+    for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     fig.suptitle(f"{report['model']}: structured pruning at equal parameter budgets")
-    fig.tight_layout(rect=(0, 0, 0.85 if legend else 1, 1))
+    fig.tight_layout(rect=(0, 0, 0.87 if legend else 1, 1))
     if legend:
         fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=8)
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
