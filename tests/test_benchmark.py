@@ -590,7 +590,7 @@ def test_summary_pairs_one_shot_with_recovered_and_bolds_the_best_per_budget():
     rows = [row("dense", 1.0, 0, 50.0, 0.5), row("flap", 0.8, 0, 125.0, 0.45), row("flap", 0.8, 250, 100.0, 0.40)]
     rows += [row("dms", 0.8, 0, wt2, 0.41, seed) for seed, wt2 in enumerate((120.0, 130.0, 140.0))]
     rows += [row("dms", 0.8, 250, wt2, 0.42, seed) for seed, wt2 in enumerate((90.0, 95.0, 200.0))]
-    rows += [row("flap", 0.5, 0, 900.0, None)]
+    rows += [row("flap", 0.5, 0, 900.0, None), row("dms", 0.5, 0, 800.0, 0.38), row("dms", 0.5, 250, 300.0, None)]
     report = {"model": "m", "machine": "here", "command": "dms-llm benchmark", "rows": rows, "seed_summary": seed_summary(rows),
               "settings": {"ppl": ["wikitext2"], "protocols": ["llm-pruner"]}}
     lines = summary_lines(report)
@@ -600,7 +600,9 @@ def test_summary_pairs_one_shot_with_recovered_and_bolds_the_best_per_budget():
         "| dense | – | 100.00 | 50.00 | 50.00 | – | – |",  # dense is never bold, though it is the lowest
         "| flap | 0.8 | 80.00 | **125.00** | **45.00** | 100.00 | 40.00 |",  # DMS's median 130 loses, its best seed 120 would not
         "| dms (median of 3 seeds) | 0.8 | 80.00 | 130.00 | 41.00 | **95.00** | **42.00** |",  # the mean 128.33 would lose
-        "| flap | 0.5 | 80.00 | **900.00** | – | – | – |"]
+        "| flap | 0.5 | 80.00 | 900.00 | – | – | – |",
+        # zero-shot and recovered stay plain: FLAP has neither cell yet, so a best of the measured ones would mislead
+        "| dms | 0.5 | 80.00 | **800.00** | 38.00 | 300.00 | – |"]
     assert "## Summary" in markdown(report)
 
 

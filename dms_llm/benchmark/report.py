@@ -129,7 +129,8 @@ def _get(row: dict, path: tuple):
 def summary_lines(report: dict) -> list[str]:
     """The headline table: a line per method and budget with its one-shot and recovered perplexity (the main
     --ppl x --protocols cells) and zero-shot average side by side; DMS with several seeds as its median. The
-    best pruned value of each column at each budget is bold (lowest perplexity, highest accuracy)."""
+    best pruned value of each column at each budget is bold (lowest perplexity, highest accuracy) once every
+    method of that budget has it."""
     settings = report["settings"]
     main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
     shown = display_rows(report)
@@ -146,12 +147,11 @@ def summary_lines(report: dict) -> list[str]:
         entry = lines_of[key].get(rec)
         return None if entry is None else _get(entry[0], path)
 
-    best = {}
+    best = {}  # only where every method of the budget has the cell: a best of those measured so far would mislead
     for budget in dict.fromkeys(b for m, b in lines_of if m != "dense"):
         for rec, path in columns:
-            values = [v for (m, b) in lines_of if m != "dense" and b == budget
-                      for v in [value((m, b), rec, path)] if v is not None]
-            if values:
+            values = [value((m, b), rec, path) for (m, b) in lines_of if m != "dense" and b == budget]
+            if values and None not in values:
                 best[(budget, rec, path)] = max(values) if path[0] == "zero_shot_avg" else min(values)
     head = ["method", "budget", "params (M)"]
     for rec, path in columns:
