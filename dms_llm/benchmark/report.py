@@ -288,8 +288,9 @@ def plot_panels(report: dict) -> list[dict]:
         series = []
         for m in methods:
             for rec in (False, True):
-                pts = sorted((r["params"] / dense_params, _get(r, path)) for r in rows
-                             if r["method"] == m and bool(r["recovery"]) == rec and r["params"] and _get(r, path) is not None)
+                measured = ((r["params"], _get(r, path)) for r in rows
+                            if r["method"] == m and bool(r["recovery"]) == rec and r["params"])
+                pts = sorted((n / dense_params, y) for n, y in measured if y is not None)
                 if pts:
                     series.append({"method": m, "recovery": rec, "x": [x for x, _ in pts],
                                    "y": [scale * min(y, cap) if cap else scale * y for _, y in pts],
