@@ -351,6 +351,25 @@ def test_restarts_keep_the_search_with_the_lowest_heldout_loss(setup, capsys):
     assert not (tmp / "best.saving").exists() and not (tmp / "best.old").exists()
 
 
+def test_restarts_with_refit_rank_the_refit_models(setup):
+    from transformers import AutoModelForCausalLM
+
+    model_dir, corpus, tmp = setup
+    out = tmp / "refit-best"
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.5", "--heldout-samples", "8", "--restarts", "2",
+                      "--refit", "--refit-samples", "8")) == 0
+    record = json.load(open(out / "restarts.json"))
+    searches = record["searches"]
+    assert all("heldout_loss_before_refit" in s for s in searches)
+    assert record["chosen_by"] == "lowest heldout_loss (after the refit)"
+    assert record["chosen_seed"] == min(searches, key=lambda s: s["heldout_loss"])["seed"]
+    heldout = _heldout_blocks(model_dir, corpus, 16, 8)
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out)(input_ids=heldout).logits
+    kept = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), heldout[:, 1:].flatten()))
+    assert min(s["heldout_loss"] for s in searches) == pytest.approx(kept, rel=1e-4)
+
+
 def test_interrupted_restarts_resume_to_the_same_result(setup):
     model_dir, corpus, tmp = setup
     common = ("--target-ratio", "0.5", "--heldout-samples", "8", "--restarts", "2")
@@ -546,9 +565,12 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     from dms_llm.plan import PrunePlan
     from dms_llm.prune import prune_model
 
-    model_dir, corpus, tmp = setup
+    _, corpus, tmp = setup
+    # larger weights than the default initialisation: the logits, and so the held-out loss, follow the refit
+    model_dir = save_tiny_checkpoint(tmp / "peaky", "llama-gqa", initializer_range=0.2)
     out = tmp / "refit"
-    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--refit", "--refit-samples", "8")) == 0
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.6", "--refit", "--refit-samples", "8",
+                      "--heldout-samples", "8")) == 0
     summary = json.load(open(out / "search_summary.json"))
     refit = summary["refit"]
     assert refit["tokens"] == 8 * 32 and refit["sublayers"] > 0
@@ -559,6 +581,17 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
     changed = {n for n in saved if not torch.equal(saved[n], sliced[n])}
     assert changed and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in changed), changed
+    # the held-out loss is that of the saved (refit) model; the plain slice's is kept beside it
+    heldout = _heldout_blocks(model_dir, corpus, 16, 8)
+    losses = {}
+    for name, model in (("refit", AutoModelForCausalLM.from_pretrained(out)), ("sliced", prune_model(
+            AutoModelForCausalLM.from_pretrained(model_dir), plan))):
+        with torch.no_grad():
+            logits = model(input_ids=heldout).logits
+        losses[name] = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), heldout[:, 1:].flatten()))
+    assert abs(losses["refit"] - losses["sliced"]) > 1e-3  # the two can be told apart
+    assert summary["heldout_loss"] == pytest.approx(losses["refit"], rel=1e-4)
+    assert summary["heldout_loss_before_refit"] == pytest.approx(losses["sliced"], rel=1e-4)
     capsys.readouterr()
     assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--refit-alpha", "0")) == 2
     assert "--refit-alpha must be > 0" in capsys.readouterr().err and not os.path.exists(tmp / "bad")

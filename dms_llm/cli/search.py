@@ -248,6 +248,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     from ..data import load_calibration
     from ..prune import prune_model
     from ..training import Stopped, resolve_budget, search_plan
+    from ..training.dms import heldout_loss
     from .runs import evaluate_once, save_into_run_folder, start_run_folder
 
     dtype = training_dtype(cfg.dtype)
@@ -293,6 +294,9 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
             plan.metadata["refit"] = refit_output_projections(pruned, model, plan, blocks[:cfg.refit_samples],
                                                               alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
                                                               progress=state.is_main_process)
+            if len(heldout):  # restarts rank what they deliver: the refit model, not the plain slice
+                plan.metadata["heldout_loss_before_refit"] = plan.metadata["heldout_loss"]
+                plan.metadata["heldout_loss"] = heldout_loss(pruned, heldout, cfg.batch_size)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
@@ -303,8 +307,9 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
                "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
                "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
                "pruned_from_files": files is not None, "refit": plan.metadata.get("refit")}
-    if "heldout_loss" in plan.metadata:
-        summary["heldout_loss"] = plan.metadata["heldout_loss"]
+    for key in ("heldout_loss", "heldout_loss_before_refit"):
+        if key in plan.metadata:
+            summary[key] = plan.metadata[key]
     if state.is_main_process:
         if files is None:
             save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None, carry=carry,

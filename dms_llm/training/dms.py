@@ -145,14 +145,19 @@ def score(pruned, plan: PrunePlan, probe, masked_logits, heldout=None, batch_siz
     parity = check_pruned(pruned, probe, masked_logits, plan)
     plan.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
     if heldout is not None and len(heldout):
-        from ..evaluation import window_nll
-
-        nll, tokens = window_nll(pruned, heldout, batch_size=batch_size, progress=False)
-        plan.metadata["heldout_loss"] = nll / tokens
-        say(f"held-out calibration loss of the pruned model: {nll / tokens:.4f} ({len(heldout)} blocks)")
+        plan.metadata["heldout_loss"] = heldout_loss(pruned, heldout, batch_size)
+        say(f"held-out calibration loss of the pruned model: {plan.metadata['heldout_loss']:.4f} ({len(heldout)} blocks)")
     before, target = plan.params_before, plan.metadata["target_params"]
     say(f"pruned: {plan.params_after:,} parameters ({plan.params_after / before:.2%} of dense, "
         f"{(target - plan.params_after) / target:.3%} under target); masked vs pruned logits max diff {parity:.2e}")
+
+
+def heldout_loss(model, heldout: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token loss of `model` on the held-out calibration blocks (what --restarts ranks by)."""
+    from ..evaluation import window_nll
+
+    nll, tokens = window_nll(model, heldout, batch_size=batch_size, progress=False)
+    return nll / tokens
 
 
 class SearchLoop:
