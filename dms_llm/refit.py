@@ -16,6 +16,9 @@ are not rebuilt.
 
 Layers are refit in groups, front to back, one calibration pass per group, so each group sees the input
 that the refit layers before it produce, and the statistics held at once stay under `max_stat_bytes`.
+When the source does not fit in memory beside the pruned model (--prune-from-files), the source is its
+structure on the meta device and each group's source sublayers are read from the files before its pass
+and dropped after it; the bound then covers those weights too.
 """
 
 from __future__ import annotations
@@ -55,9 +58,22 @@ class _Sublayer:
         z = z.reshape(-1, z.shape[-1]).double()
         self.cov = z.T @ z if self.cov is None else self.cov.add_(z.T @ z)
 
-    def stat_bytes(self) -> int:
+    def stat_bytes(self, streamed: bool) -> int:
+        """Memory the sublayer holds during its pass: z z^T, and the source weights when they are read in."""
         n = self.out_source.in_features
-        return n * n * 8
+        weights = sum(p.numel() * p.element_size() for p in self.source.parameters()) if streamed else 0
+        return n * n * 8 + weights
+
+    def read_source(self, read, names: dict, like: torch.Tensor) -> None:
+        """Fill the source sublayer (on the meta device) from `read(tensor name)`, on `like`'s device and dtype."""
+        self.source.to_empty(device=like.device)
+        prefix = names[self.source]
+        with torch.no_grad():
+            for name, p in self.source.named_parameters():
+                p.copy_(read(f"{prefix}.{name}").to(device=like.device, dtype=p.dtype))
+
+    def drop_source(self) -> None:
+        self.source.to("meta")
 
 
 def _sublayers(pruned: nn.Module, source: nn.Module, plan: PrunePlan) -> list[_Sublayer]:
@@ -129,23 +145,30 @@ def _solve(sub: _Sublayer, hidden: torch.Tensor, alpha: float) -> tuple[float, f
 @torch.no_grad()
 def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePlan, blocks: torch.Tensor,
                              alpha: float = DEFAULT_ALPHA, batch_size: int = 8, max_stat_bytes: int = 4 << 30,
-                             progress: bool = False) -> dict:
+                             progress: bool = False, read_source=None) -> dict:
     """Refit, in place, the o_proj/down_proj weights of `pruned` (= prune_model(source, plan)) so that each kept
     sublayer reproduces the source sublayer's output on `blocks` (token ids, [n, seq_len]) as closely as its
     kept channels allow. Returns what was done: alpha, tokens, passes, the sublayers' mean relative output error
-    on `blocks` before and after, and the time it took."""
+    on `blocks` before and after, and the time it took.
+
+    `read_source(name)`, when given, returns the source's tensor `name` (a state-dict name) and `source` is
+    the source's structure on the meta device: each pass reads only its own sublayers' weights."""
     if not alpha > 0:
         raise ValueError(f"the refit's alpha must be > 0 (it keeps the solve well posed), got {alpha}")
+    streamed = read_source is not None
+    if streamed and any(p.device.type != "meta" for p in source.parameters()):
+        raise ValueError("with read_source, pass the source's structure on the meta device (its weights are read per pass)")
+    names = {module: name for name, module in source.named_modules()} if streamed else {}
     hidden = torch.as_tensor(plan.hidden_channels, dtype=torch.long)
     full_width = plan.shapes.hidden_size
     subs = _sublayers(pruned, source, plan)
     groups, group, size = [], [], 0
-    for sub in subs:  # front to back, each group's statistics within max_stat_bytes
-        if group and size + sub.stat_bytes() > max_stat_bytes:
+    for sub in subs:  # front to back, each group's memory within max_stat_bytes
+        if group and size + sub.stat_bytes(streamed) > max_stat_bytes:
             groups.append(group)
             group, size = [], 0
         group.append(sub)
-        size += sub.stat_bytes()
+        size += sub.stat_bytes(streamed)
     if group:
         groups.append(group)
     device = model_device(pruned)
@@ -157,6 +180,9 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
     bar = tqdm(total=len(groups) * per_pass, desc="refit", unit="batch", disable=not progress, dynamic_ncols=True)
     try:
         for group in groups:
+            if streamed:
+                for s in group:
+                    s.read_source(read_source, names, s.out_pruned.weight)
             hooks = [s.pruned.register_forward_pre_hook(_observe(s, hidden, full_width), with_kwargs=True) for s in group]
             with removed_after(hooks):
                 for ids in batches(blocks, batch_size):
@@ -165,8 +191,12 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
             for s in group:
                 errors.append(_solve(s, hidden, alpha))
                 s.cov = None
+                if streamed:
+                    s.drop_source()
     finally:
         bar.close()
+        if streamed:
+            source.to("meta")
         pruned.train(was_training[0])
         source.train(was_training[1])
     before = sum(e[0] for e in errors) / max(len(errors), 1)

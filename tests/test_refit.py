@@ -109,3 +109,44 @@ def test_refit_rejects_bad_input():
         refit_output_projections(pruned, source, plan, input_ids()[0])  # one sequence, not [n, seq_len]
     with pytest.raises(ValueError, match="pass the model the plan pruned"):
         refit_output_projections(pruned, tiny_model("llama-gqa", num_hidden_layers=4), plan, input_ids())
+
+
+@pytest.mark.parametrize("max_stat_bytes", [4 << 30, 1])
+def test_refit_with_the_source_read_from_its_files_matches_the_one_in_memory(family, max_stat_bytes, tmp_path):
+    """--prune-from-files: the source is structure only and each pass reads its own sublayers' tensors."""
+    from dms_llm.checkpoints.stream_prune import source_structure
+
+    source = tiny_model(family, num_hidden_layers=4)
+    source.save_pretrained(tmp_path)
+    plan = PrunePlan.dense(source.config)
+    plan.layers[1].attention_groups = plan.layers[1].attention_groups[:-1]
+    plan.layers[2].mlp_channels = list(range(0, 40, 3))
+    plan.layers[3].mlp_channels = []
+    plan = _checked(plan)
+    calibration = input_ids(batch=8, seq=16, seed=3)
+    in_memory, streamed = prune_model(source, plan), prune_model(source, plan)
+    sliced = {n: p.clone() for n, p in in_memory.named_parameters()}
+    refit_output_projections(in_memory, source, plan, calibration, max_stat_bytes=max_stat_bytes)
+    structure, files = source_structure(str(tmp_path), torch.float32)
+    structure.config._attn_implementation = source.config._attn_implementation  # the same kernel: equal sums
+    reads, passes = [], []
+
+    def read(name):
+        resident = {n for n, p in structure.named_parameters() if p.device.type != "meta"}
+        if not reads or reads[-1] not in resident:  # a new pass: the last one's sublayers were dropped
+            passes.append(set())
+        passes[-1].add(name)
+        reads.append(name)
+        return files.read(name)
+
+    info = refit_output_projections(streamed, structure, plan, calibration, max_stat_bytes=max_stat_bytes, read_source=read)
+    changed = [n for n, p in in_memory.named_parameters() if not torch.equal(p, sliced[n])]
+    assert changed  # the refit moved weights, so equal results are not equal slices
+    for name, p in in_memory.named_parameters():
+        assert torch.equal(p, dict(streamed.named_parameters())[name]), name
+    assert len(reads) == len(set(reads))  # every source tensor is read once
+    assert all(".layers." in n and (".self_attn." in n or ".mlp." in n) for n in reads)  # never embeddings or norms
+    assert len(passes) == info["passes"] == (1 if max_stat_bytes > 1 else info["sublayers"])
+    assert all(p.device.type == "meta" for p in structure.parameters())  # nothing of the source stays
+    with pytest.raises(ValueError, match="meta device"):
+        refit_output_projections(prune_model(source, plan), source, plan, calibration, read_source=read)

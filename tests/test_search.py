@@ -595,9 +595,39 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     capsys.readouterr()
     assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--refit-alpha", "0")) == 2
     assert "--refit-alpha must be > 0" in capsys.readouterr().err and not os.path.exists(tmp / "bad")
-    assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--prune-from-files", "always")) == 2
-    assert "--refit needs the source and the pruned model in memory" in capsys.readouterr().err
-    assert not os.path.exists(tmp / "bad")  # refused before anything is loaded or written
+
+
+def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path):
+    """--prune-from-files --refit: the source is never loaded whole; the refit reads its sublayers from the
+    files, and the saved checkpoint and scores are those of the in-memory path."""
+    from conftest import tiny_model, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from dms_llm.plan import PrunePlan
+    from dms_llm.prune import prune_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama-gqa", initializer_range=0.2).save_pretrained(model_dir, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpus = write_corpus(tmp_path / "calib.jsonl")
+    outs = {mode: tmp_path / mode for mode in ("never", "always")}
+    for mode, out in outs.items():
+        assert main(_args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4", "--refit",
+                          "--refit-samples", "8", "--prune-from-files", mode)) == 0
+    never, always = (json.load(open(out / "search_summary.json")) for out in outs.values())
+    assert (never["pruned_from_files"], always["pruned_from_files"]) == (False, True)
+    for key in ("params", "heldout_loss", "heldout_loss_before_refit"):
+        assert always[key] == pytest.approx(never[key], rel=1e-5), key
+    assert abs(always["heldout_loss"] - always["heldout_loss_before_refit"]) > 1e-3  # the refit changed the model
+    for key in ("tokens", "sublayers", "relative_error_before", "relative_error_after"):
+        assert always["refit"][key] == pytest.approx(never["refit"][key], rel=1e-6), key
+    weights = {mode: AutoModelForCausalLM.from_pretrained(out).state_dict() for mode, out in outs.items()}
+    sliced = prune_model(AutoModelForCausalLM.from_pretrained(model_dir), PrunePlan.from_json(str(outs["always"] / "dms_plan.json")))
+    refit = [n for n, w in weights["always"].items() if not torch.equal(w, sliced.state_dict()[n])]
+    assert refit and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in refit)
+    for name, w in weights["never"].items():
+        torch.testing.assert_close(weights["always"][name], w, rtol=1e-5, atol=1e-7)
+    assert json.load(open(outs["always"] / "dms_plan.json"))["metadata"]["refit"]["sublayers"] == always["refit"]["sublayers"]
 
 
 def test_runs_with_other_mixed_precision_follow_each_other_in_one_process():

@@ -136,6 +136,17 @@ def _meta_model(config, dtype):
     return model
 
 
+def source_structure(folder: str, dtype) -> tuple:
+    """The model of checkpoint `folder` on the meta device (structure only, no memory) in `dtype`, and its
+    `SourceFiles`, to read its weights one tensor at a time (the refit after pruning from the files)."""
+    from transformers import AutoConfig
+
+    from ..modeling import register_auto_classes
+
+    register_auto_classes()
+    return _meta_model(AutoConfig.from_pretrained(folder, local_files_only=True), dtype), SourceFiles(folder)
+
+
 @dataclass
 class _Output:
     """One tensor of the pruned checkpoint: its recipe and the shape the pruned config gives it."""

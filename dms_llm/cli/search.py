@@ -187,9 +187,6 @@ def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
                           "(accelerate launch --num_processes N, or torchrun --nproc_per_node N)")
     out = os.path.abspath(cfg.output_dir)
     source = resolve_model(cfg.model)
-    if cfg.refit and _prune_from_files(cfg, source) is not None:
-        raise ConfigError("--refit needs the source and the pruned model in memory together: add --prune-from-files never "
-                          "(or leave out --refit)")
     _check_output(cfg, out, source)
     _check_supported(source)
     dense_eval, pruned, tokenizer = None, None, None
@@ -288,19 +285,23 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     plan.metadata = {"search": dataclasses.asdict(cfg), **meta}
     card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
     carry = ("metrics.jsonl", "search_config.json", "tensorboard")
+
+    def refit(pruned_model, source_model, read_source=None):
+        plan.metadata["refit"] = refit_output_projections(pruned_model, source_model, plan, blocks[:cfg.refit_samples],
+                                                          alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
+                                                          progress=state.is_main_process, read_source=read_source)
+        if len(heldout):  # restarts rank what they deliver: the refit model, not the plain slice
+            plan.metadata["heldout_loss_before_refit"] = plan.metadata["heldout_loss"]
+            plan.metadata["heldout_loss"] = heldout_loss(pruned_model, heldout, cfg.batch_size)
+
     if files is None:
         pruned = prune_model(model, plan)
         if cfg.refit:
-            plan.metadata["refit"] = refit_output_projections(pruned, model, plan, blocks[:cfg.refit_samples],
-                                                              alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
-                                                              progress=state.is_main_process)
-            if len(heldout):  # restarts rank what they deliver: the refit model, not the plain slice
-                plan.metadata["heldout_loss_before_refit"] = plan.metadata["heldout_loss"]
-                plan.metadata["heldout_loss"] = heldout_loss(pruned, heldout, cfg.batch_size)
+            refit(pruned, model)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
-                                       every_rank=not cfg.fsdp)
+                                       every_rank=not cfg.fsdp, refit=refit if cfg.refit else None)
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
                "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
                "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
@@ -343,16 +344,18 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
 
 
 def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state,
-                          every_rank: bool = True):
+                          every_rank: bool = True, refit=None):
     """Write the checkpoint from the source files (memory: one shard) into the run folder, read the pruned
     model back and score it (parity with the masked model, held-out loss), recording both in its plan.
-    Without `every_rank` (a sharded search: no rank holds a model) only the main process reads it back."""
+    Without `every_rank` (a sharded search: no rank holds a model) only the main process reads it back.
+    `refit(pruned, source, read_source)`, when given, refits the model read back, its source read from the
+    files one pass's sublayers at a time, and the refit checkpoint replaces the sliced one."""
     import gc
 
     from transformers import AutoModelForCausalLM
 
     from ..checkpoints.save import DEFAULT_MAX_SHARD_SIZE
-    from ..checkpoints.stream_prune import prune_checkpoint
+    from ..checkpoints.stream_prune import prune_checkpoint, source_structure
     from ..plan import PrunePlan
     from ..training.dms import score
     from .runs import save_into_run_folder
@@ -371,7 +374,12 @@ def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe
     if every_rank or state.is_main_process:
         pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
         score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
-    if state.is_main_process:  # measured on the model read back from the written checkpoint: add it to its plan
+        if refit is not None:
+            source, source_files = source_structure(files, pruned.dtype)
+            refit(pruned, source, source_files.read)
+    if state.is_main_process and refit is not None:
+        save_into_run_folder(pruned, tokenizer, out, plan, card, files, carry=carry)
+    elif state.is_main_process:  # measured on the model read back from the written checkpoint: add it to its plan
         from ..checkpoints.save import PLAN_FILE
 
         saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
