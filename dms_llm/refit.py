@@ -65,7 +65,7 @@ class _Sublayer:
         return n * n * 8 + weights
 
     def read_source(self, read, names: dict, like: torch.Tensor) -> None:
-        """Fill the source sublayer (on the meta device) from `read(tensor name)`, on `like`'s device and dtype."""
+        """Fill the source sublayer (on the meta device) from `read(tensor name)`, on `like`'s device."""
         self.source.to_empty(device=like.device)
         prefix = names[self.source]
         with torch.no_grad():
