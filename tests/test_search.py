@@ -351,7 +351,7 @@ def test_restarts_keep_the_search_with_the_lowest_heldout_loss(setup, capsys):
     assert not (tmp / "best.saving").exists() and not (tmp / "best.old").exists()
 
 
-def test_restarts_with_refit_rank_the_refit_models(setup):
+def test_restarts_with_refit_rank_the_plain_slices_and_keep_the_refit_model(setup):
     from transformers import AutoModelForCausalLM
 
     model_dir, corpus, tmp = setup
@@ -360,14 +360,13 @@ def test_restarts_with_refit_rank_the_refit_models(setup):
                       "--refit", "--refit-samples", "8")) == 0
     record = json.load(open(out / "restarts.json"))
     searches = record["searches"]
-    assert all("heldout_loss_before_refit" in s for s in searches)
-    assert record["chosen_by"] == "lowest heldout_loss (after the refit)"
-    assert record["chosen_seed"] == min(searches, key=lambda s: s["heldout_loss"])["seed"]
+    best = min(searches, key=lambda s: s["heldout_loss"])
+    assert record["chosen_seed"] == best["seed"] and all("heldout_loss_after_refit" in s for s in searches)
     heldout = _heldout_blocks(model_dir, corpus, 16, 8)
     with torch.no_grad():
         logits = AutoModelForCausalLM.from_pretrained(out)(input_ids=heldout).logits
     kept = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), heldout[:, 1:].flatten()))
-    assert min(s["heldout_loss"] for s in searches) == pytest.approx(kept, rel=1e-4)
+    assert best["heldout_loss_after_refit"] == pytest.approx(kept, rel=1e-4)  # the kept weights are the refit ones
 
 
 def test_interrupted_restarts_resume_to_the_same_result(setup):
@@ -581,7 +580,7 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
     changed = {n for n in saved if not torch.equal(saved[n], sliced[n])}
     assert changed and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in changed), changed
-    # the held-out loss is that of the saved (refit) model; the plain slice's is kept beside it
+    # the held-out loss is the plain slice's (what restarts rank); the saved refit model's is kept beside it
     heldout = _heldout_blocks(model_dir, corpus, 16, 8)
     losses = {}
     for name, model in (("refit", AutoModelForCausalLM.from_pretrained(out)), ("sliced", prune_model(
@@ -590,8 +589,8 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
             logits = model(input_ids=heldout).logits
         losses[name] = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), heldout[:, 1:].flatten()))
     assert abs(losses["refit"] - losses["sliced"]) > 1e-3  # the two can be told apart
-    assert summary["heldout_loss"] == pytest.approx(losses["refit"], rel=1e-4)
-    assert summary["heldout_loss_before_refit"] == pytest.approx(losses["sliced"], rel=1e-4)
+    assert summary["heldout_loss_after_refit"] == pytest.approx(losses["refit"], rel=1e-4)
+    assert summary["heldout_loss"] == pytest.approx(losses["sliced"], rel=1e-4)
     capsys.readouterr()
     assert main(_args(model_dir, corpus, tmp / "bad", "--target-ratio", "0.6", "--refit", "--refit-alpha", "0")) == 2
     assert "--refit-alpha must be > 0" in capsys.readouterr().err and not os.path.exists(tmp / "bad")
@@ -616,9 +615,9 @@ def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path):
                           "--refit-samples", "8", "--prune-from-files", mode)) == 0
     never, always = (json.load(open(out / "search_summary.json")) for out in outs.values())
     assert (never["pruned_from_files"], always["pruned_from_files"]) == (False, True)
-    for key in ("params", "heldout_loss", "heldout_loss_before_refit"):
+    for key in ("params", "heldout_loss", "heldout_loss_after_refit"):
         assert always[key] == pytest.approx(never[key], rel=1e-5), key
-    assert abs(always["heldout_loss"] - always["heldout_loss_before_refit"]) > 1e-3  # the refit changed the model
+    assert abs(always["heldout_loss"] - always["heldout_loss_after_refit"]) > 1e-3  # the refit changed the model
     for key in ("tokens", "sublayers", "relative_error_before", "relative_error_after"):
         assert always["refit"][key] == pytest.approx(never["refit"][key], rel=1e-6), key
     weights = {mode: AutoModelForCausalLM.from_pretrained(out).state_dict() for mode, out in outs.items()}

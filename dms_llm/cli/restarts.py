@@ -2,8 +2,9 @@
 batch of a few blocks per step), so searches that differ only in their seed reach architectures whose
 test perplexities differ by tens of percent. Running N of them on the same calibration blocks and
 keeping the one with the lowest loss on held-out calibration blocks (never an evaluation split) costs N
-searches and removes most of that luck. With --refit each search is scored after its refit, so the
-ranking is of the models that would be delivered.
+searches and removes most of that luck. With --refit the searches are still ranked by the plain
+slice's loss, the architecture the search found: ranked after the refit, the 50% SmolLM2 searches would
+have kept a worse one on validation text (docs/RESULTS.md section 12).
 
 Each search is an ordinary run in OUT/restarts/seed-S (so each one checkpoints and resumes on its own);
 this module keeps the best of the finished ones: the winner's checkpoint becomes OUT, the others keep
@@ -27,7 +28,7 @@ def keep_best(out: str, candidates: list[dict]) -> dict:
     best = min(candidates, key=lambda c: c["heldout_loss"])
     summary = {k: v for k, v in best.items() if k not in ("seed", "folder")}
     summary.update(output_dir=out, search_time_s=sum(c["search_time_s"] for c in candidates), chosen_seed=best["seed"],
-                   restarts=[{k: c[k] for k in ("seed", "heldout_loss", "heldout_loss_before_refit", "params", "search_time_s")
+                   restarts=[{k: c[k] for k in ("seed", "heldout_loss", "heldout_loss_after_refit", "params", "search_time_s")
                                if k in c} for c in candidates])
     for c in candidates:
         mark = "  <- kept" if c is best else ""
@@ -56,8 +57,7 @@ def _install_winner(out: str, best: dict, candidates: list[dict], summary: dict)
                         ignore=lambda d, names: winner_weights(d, names) if os.path.samefile(d, best["folder"]) else set())
         # new files, not writes into hard-linked ones (those would change the searches' records too)
         write_json_atomic(os.path.join(staging, "search_summary.json"), summary)
-        chosen_by = "lowest heldout_loss" + (" (after the refit)" if "heldout_loss_before_refit" in best else "")
-        record = {"chosen_seed": best["seed"], "chosen_by": chosen_by, "searches": summary["restarts"]}
+        record = {"chosen_seed": best["seed"], "chosen_by": "lowest heldout_loss", "searches": summary["restarts"]}
         write_json_atomic(os.path.join(staging, RECORD_FILE), record)
 
     replace_folder(out, fill)

@@ -290,9 +290,8 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         plan.metadata["refit"] = refit_output_projections(pruned_model, source_model, plan, blocks[:cfg.refit_samples],
                                                           alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
                                                           progress=state.is_main_process, read_source=read_source)
-        if len(heldout):  # restarts rank what they deliver: the refit model, not the plain slice
-            plan.metadata["heldout_loss_before_refit"] = plan.metadata["heldout_loss"]
-            plan.metadata["heldout_loss"] = heldout_loss(pruned_model, heldout, cfg.batch_size)
+        if len(heldout):  # recorded only: restarts rank the plain slices (the architectures; docs/CLI.md)
+            plan.metadata["heldout_loss_after_refit"] = heldout_loss(pruned_model, heldout, cfg.batch_size)
 
     if files is None:
         pruned = prune_model(model, plan)
@@ -308,7 +307,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
                "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
                "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
                "pruned_from_files": files is not None, "refit": plan.metadata.get("refit")}
-    for key in ("heldout_loss", "heldout_loss_before_refit"):
+    for key in ("heldout_loss", "heldout_loss_after_refit"):
         if key in plan.metadata:
             summary[key] = plan.metadata[key]
     if state.is_main_process:
