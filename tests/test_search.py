@@ -202,6 +202,26 @@ def _torchrun(args, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def test_the_process_group_waits_for_the_main_process_hours_not_minutes(tmp_path):
+    """The other ranks wait at barriers while the main process alone evaluates, writes and refits: the
+    process group (created by the search's Accelerate engine when nothing made it first) has a timeout
+    of hours; NCCL's default is 10 minutes."""
+    from dms_llm.training.engine import BARRIER_TIMEOUT
+
+    script = tmp_path / "timeout.py"
+    script.write_text("import torch\nimport torch.distributed as dist\nfrom dms_llm import RunSettings\n"
+                      "from dms_llm.training.engine import Engine\nEngine(RunSettings(), verbose=False)\n"
+                      "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
+                      "print('timeout', dist.get_rank(), backend.options._timeout.total_seconds())\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seconds = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("timeout"))
+    assert seconds == [["0", str(BARRIER_TIMEOUT.total_seconds())], ["1", str(BARRIER_TIMEOUT.total_seconds())]]
+    assert BARRIER_TIMEOUT.total_seconds() >= 3600
+
+
 def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
     """FSDP (the weights sharded over two gloo processes) against DDP (replicated) with the same seed and
     global batch: the same losses and counts at every step, the same plan; and an FSDP search stopped and
@@ -231,6 +251,42 @@ def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
     assert summaries["fsdp"]["params"] == summaries["ddp"]["params"] == summaries["resumed"]["params"]
     assert summaries["fsdp"]["num_processes"] == 2 and summaries["fsdp"]["pruned_from_files"]
     assert summaries["fsdp"]["parity_max_abs_diff"] < 1e-5  # the checkpoint written from the files
+
+
+def test_two_processes_refit_and_save_the_same_model_in_memory_and_from_the_files(tmp_path):
+    """Data parallel with --refit (the main process alone builds, refits and saves the pruned model), in memory
+    and read back from the files: both save the same refit weights, which differ from the plain slice in
+    o_proj/down_proj only, and record the same scores."""
+    from conftest import tiny_model, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from dms_llm.plan import PrunePlan
+    from dms_llm.prune import prune_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama-gqa", initializer_range=0.2).save_pretrained(model_dir, max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpus = write_corpus(tmp_path / "calib.jsonl")
+    outs = {mode: tmp_path / mode for mode in ("never", "always")}
+    for mode, out in outs.items():
+        proc = _torchrun(_args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4", "--refit",
+                               "--refit-samples", "8", "--prune-from-files", mode, steps=4))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = {mode: json.load(open(out / "search_summary.json")) for mode, out in outs.items()}
+    never, always = summaries["never"], summaries["always"]
+    assert (never["pruned_from_files"], always["pruned_from_files"]) == (False, True)
+    assert never["num_processes"] == always["num_processes"] == 2
+    assert never["plan_sha256_per_rank"] == always["plan_sha256_per_rank"]
+    for key in ("params", "heldout_loss", "heldout_loss_after_refit"):
+        assert always[key] == pytest.approx(never[key], rel=1e-5), key
+    assert abs(always["heldout_loss"] - always["heldout_loss_after_refit"]) > 1e-3  # the refit changed the model
+    weights = {mode: AutoModelForCausalLM.from_pretrained(out).state_dict() for mode, out in outs.items()}
+    sliced = prune_model(AutoModelForCausalLM.from_pretrained(model_dir), PrunePlan.from_json(str(outs["never"] / "dms_plan.json")))
+    for mode in outs:
+        refit = [n for n, w in weights[mode].items() if not torch.equal(w, sliced.state_dict()[n])]
+        assert refit and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in refit), mode
+    for name, w in weights["never"].items():
+        torch.testing.assert_close(weights["always"][name], w, rtol=1e-5, atol=1e-7)
 
 
 def test_fsdp_needs_processes_and_frozen_weights(setup, capsys):

@@ -293,14 +293,18 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         if len(heldout):  # recorded only: restarts rank the plain slices (the architectures; docs/CLI.md)
             plan.metadata["heldout_loss_after_refit"] = heldout_loss(pruned_model, heldout, cfg.batch_size)
 
+    # The plan is the same on every rank; only the main process, which saves and evaluates, builds the pruned
+    # model (and refits it): the other ranks would each hold and refit a copy for nothing.
+    pruned = None
     if files is None:
-        pruned = prune_model(model, plan)
-        if cfg.refit:
-            refit(pruned, model)
+        if state.is_main_process:
+            pruned = prune_model(model, plan)
+            if cfg.refit:
+                refit(pruned, model)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
-                                       every_rank=not cfg.fsdp, refit=refit if cfg.refit else None)
+                                       refit=refit if cfg.refit else None)
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
                "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
                "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
@@ -343,12 +347,12 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
 
 
 def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state,
-                          every_rank: bool = True, refit=None):
-    """Write the checkpoint from the source files (memory: one shard) into the run folder, read the pruned
-    model back and score it (parity with the masked model, held-out loss), recording both in its plan.
-    Without `every_rank` (a sharded search: no rank holds a model) only the main process reads it back.
-    `refit(pruned, source, read_source)`, when given, refits the model read back, its source read from the
-    files one pass's sublayers at a time, and the refit checkpoint replaces the sliced one."""
+                          refit=None):
+    """On the main process (None elsewhere): write the checkpoint from the source files (memory: one shard)
+    into the run folder, read the pruned model back and score it (parity with the masked model, held-out
+    loss), recording both in its plan. `refit(pruned, source, read_source)`, when given, refits the model
+    read back, its source read from the files one pass's sublayers at a time, and the refit checkpoint
+    replaces the sliced one."""
     import gc
 
     from transformers import AutoModelForCausalLM
@@ -360,31 +364,31 @@ def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe
     from .runs import save_into_run_folder
 
     gc.collect()
-    say = (lambda *a: print(*a, flush=True)) if state.is_main_process else (lambda *a: None)
-    say(f"writing the pruned checkpoint from the files of {files}")
+    pruned = None
     if state.is_main_process:
+        def say(*args):
+            print(*args, flush=True)
+
+        say(f"writing the pruned checkpoint from the files of {files}")
+
         def save(model_, tok, out_dir, plan_, info, source_dir, write_weights):
             save_into_run_folder(model_, tok, out_dir, plan_, info, source_dir, carry=carry, write_weights=write_weights)
 
         prune_checkpoint(plan, files, out, dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, model_card_info=card,
                          tokenizer=tokenizer, save=save)
-    state.wait_for_everyone()
-    pruned = None
-    if every_rank or state.is_main_process:
         pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
         score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
         if refit is not None:
             source, source_files = source_structure(files, pruned.dtype)
             refit(pruned, source, source_files.read)
-    if state.is_main_process and refit is not None:
-        save_into_run_folder(pruned, tokenizer, out, plan, card, files, carry=carry)
-    elif state.is_main_process:  # measured on the model read back from the written checkpoint: add it to its plan
-        from ..checkpoints.save import PLAN_FILE
+            save_into_run_folder(pruned, tokenizer, out, plan, card, files, carry=carry)
+        else:  # measured on the model read back from the written checkpoint: add it to its plan
+            from ..checkpoints.save import PLAN_FILE
 
-        saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
-        saved.metadata.update({k: plan.metadata[k] for k in ("masked_vs_pruned_max_abs_logit_diff", "heldout_loss")
-                               if k in plan.metadata})
-        saved.to_json(os.path.join(out, PLAN_FILE))
+            saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
+            saved.metadata.update({k: plan.metadata[k] for k in ("masked_vs_pruned_max_abs_logit_diff", "heldout_loss")
+                                   if k in plan.metadata})
+            saved.to_json(os.path.join(out, PLAN_FILE))
     state.wait_for_everyone()
     return pruned
 

@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -70,12 +71,19 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.kl_div(log_s.flatten(0, 1), log_t.flatten(0, 1), log_target=True, reduction="batchmean") * t * t
 
 
+# The other processes wait at a barrier while the main one alone evaluates (before and after a search),
+# writes the pruned checkpoint and refits it; under NCCL's default timeout of 10 minutes a 7B run evaluating
+# the seven zero-shot tasks would be aborted. A collective that really hangs is reported this much later.
+BARRIER_TIMEOUT = timedelta(hours=6)
+
+
 def process_state():
-    """Accelerate's process state (rank, main process, barriers). On a machine without CUDA it must be
-    created as CPU state, or torchrun's processes each believe they are the only one."""
+    """Accelerate's process state (rank, main process, barriers), its process group created with
+    BARRIER_TIMEOUT. On a machine without CUDA it must be created as CPU state, or torchrun's processes each
+    believe they are the only one."""
     from accelerate import PartialState
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
@@ -145,6 +153,7 @@ class Engine:
         # (an fp32 search, then a bf16 fine-tuning in one Python session or benchmark run): each run starts
         # from a fresh one. The process group (PartialState) stays.
         AcceleratorState._reset_state(reset_partial_state=False)
+        process_state()  # the process group, with its timeout, if nothing created it yet
         self.acc = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
                                log_with=TRACKER if self.run_dir else None, project_dir=self.run_dir)
         self.state_dir = os.path.join(self.run_dir, state_name) if self.run_dir else None
