@@ -253,42 +253,6 @@ def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
     assert summaries["fsdp"]["parity_max_abs_diff"] < 1e-5  # the checkpoint written from the files
 
 
-def test_two_processes_refit_and_save_the_same_model_in_memory_and_from_the_files(tmp_path):
-    """Data parallel with --refit (the main process alone builds, refits and saves the pruned model), in memory
-    and read back from the files: both save the same refit weights, which differ from the plain slice in
-    o_proj/down_proj only, and record the same scores."""
-    from conftest import tiny_model, tiny_tokenizer
-    from transformers import AutoModelForCausalLM
-
-    from dms_llm.plan import PrunePlan
-    from dms_llm.prune import prune_model
-
-    model_dir = tmp_path / "model"
-    tiny_model("llama-gqa", initializer_range=0.2).save_pretrained(model_dir, max_shard_size="20KB")
-    tiny_tokenizer().save_pretrained(model_dir)
-    corpus = write_corpus(tmp_path / "calib.jsonl")
-    outs = {mode: tmp_path / mode for mode in ("never", "always")}
-    for mode, out in outs.items():
-        proc = _torchrun(_args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4", "--refit",
-                               "--refit-samples", "8", "--prune-from-files", mode, steps=4))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    summaries = {mode: json.load(open(out / "search_summary.json")) for mode, out in outs.items()}
-    never, always = summaries["never"], summaries["always"]
-    assert (never["pruned_from_files"], always["pruned_from_files"]) == (False, True)
-    assert never["num_processes"] == always["num_processes"] == 2
-    assert never["plan_sha256_per_rank"] == always["plan_sha256_per_rank"]
-    for key in ("params", "heldout_loss", "heldout_loss_after_refit"):
-        assert always[key] == pytest.approx(never[key], rel=1e-5), key
-    assert abs(always["heldout_loss"] - always["heldout_loss_after_refit"]) > 1e-3  # the refit changed the model
-    weights = {mode: AutoModelForCausalLM.from_pretrained(out).state_dict() for mode, out in outs.items()}
-    sliced = prune_model(AutoModelForCausalLM.from_pretrained(model_dir), PrunePlan.from_json(str(outs["never"] / "dms_plan.json")))
-    for mode in outs:
-        refit = [n for n, w in weights[mode].items() if not torch.equal(w, sliced.state_dict()[n])]
-        assert refit and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in refit), mode
-    for name, w in weights["never"].items():
-        torch.testing.assert_close(weights["always"][name], w, rtol=1e-5, atol=1e-7)
-
-
 def test_fsdp_needs_processes_and_frozen_weights(setup, capsys):
     model_dir, corpus, tmp = setup
     assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.5", "--fsdp", "--train-weights", "lora")) == 2
@@ -655,9 +619,11 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     assert "--refit-alpha must be > 0" in capsys.readouterr().err and not os.path.exists(tmp / "bad")
 
 
-def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path, processes):
     """--prune-from-files --refit: the source is never loaded whole; the refit reads its sublayers from the
-    files, and the saved checkpoint and scores are those of the in-memory path."""
+    files, and the saved checkpoint and scores are those of the in-memory path. With two processes (data
+    parallel) the main process alone builds, refits and saves the pruned model, on either path."""
     from conftest import tiny_model, tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -670,10 +636,17 @@ def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path):
     corpus = write_corpus(tmp_path / "calib.jsonl")
     outs = {mode: tmp_path / mode for mode in ("never", "always")}
     for mode, out in outs.items():
-        assert main(_args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4", "--refit",
-                          "--refit-samples", "8", "--prune-from-files", mode)) == 0
+        args = _args(str(model_dir), corpus, out, "--target-ratio", "0.6", "--heldout-samples", "4", "--refit",
+                     "--refit-samples", "8", "--prune-from-files", mode, steps=4)
+        if processes == 1:
+            assert main(args) == 0
+        else:
+            proc = _torchrun(args)
+            assert proc.returncode == 0, proc.stderr[-3000:]
     never, always = (json.load(open(out / "search_summary.json")) for out in outs.values())
     assert (never["pruned_from_files"], always["pruned_from_files"]) == (False, True)
+    assert never["num_processes"] == always["num_processes"] == processes
+    assert never["plan_sha256_per_rank"] == always["plan_sha256_per_rank"]
     for key in ("params", "heldout_loss", "heldout_loss_after_refit"):
         assert always[key] == pytest.approx(never[key], rel=1e-5), key
     assert abs(always["heldout_loss"] - always["heldout_loss_after_refit"]) > 1e-3  # the refit changed the model
@@ -681,8 +654,9 @@ def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path):
         assert always["refit"][key] == pytest.approx(never["refit"][key], rel=1e-6), key
     weights = {mode: AutoModelForCausalLM.from_pretrained(out).state_dict() for mode, out in outs.items()}
     sliced = prune_model(AutoModelForCausalLM.from_pretrained(model_dir), PrunePlan.from_json(str(outs["always"] / "dms_plan.json")))
-    refit = [n for n, w in weights["always"].items() if not torch.equal(w, sliced.state_dict()[n])]
-    assert refit and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in refit)
+    for mode in outs:  # the refit model, not the slice, is what each path saved
+        refit = [n for n, w in weights[mode].items() if not torch.equal(w, sliced.state_dict()[n])]
+        assert refit and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in refit), mode
     for name, w in weights["never"].items():
         torch.testing.assert_close(weights["always"][name], w, rtol=1e-5, atol=1e-7)
     assert json.load(open(outs["always"] / "dms_plan.json"))["metadata"]["refit"]["sublayers"] == always["refit"]["sublayers"]
