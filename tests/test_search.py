@@ -181,25 +181,22 @@ def test_source_folder_is_never_written(setup):
     assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(model_dir, "*"))} == before
 
 
+def _torchrun(args, timeout=300, script=os.path.join(REPO, "dms_llm", "search.py")):
+    """`script` with `args` in two processes (torchrun, gloo on CPU), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def test_two_processes_agree_on_the_plan(setup):
     model_dir, corpus, tmp = setup
     out = tmp / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "dms_llm", "search.py"), *_args(model_dir, corpus, out, "--target-ratio", "0.5", steps=4)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = _torchrun(_args(model_dir, corpus, out, "--target-ratio", "0.5", steps=4))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.load(open(out / "search_summary.json"))
     assert summary["num_processes"] == 2
     assert len(set(summary["plan_sha256_per_rank"])) == 1
     assert len(_read_metrics(out)) == 4  # one writer: each step logged once
-
-
-def _torchrun(args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "dms_llm", "search.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def test_the_process_group_waits_for_the_main_process_hours_not_minutes(tmp_path):
@@ -213,9 +210,7 @@ def test_the_process_group_waits_for_the_main_process_hours_not_minutes(tmp_path
                       "from dms_llm.training.engine import Engine\nEngine(RunSettings(), verbose=False)\n"
                       "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
                       "print('timeout', dist.get_rank(), backend.options._timeout.total_seconds())\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO},
-                          timeout=300)
+    proc = _torchrun([], script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seconds = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("timeout"))
     assert seconds == [["0", str(BARRIER_TIMEOUT.total_seconds())], ["1", str(BARRIER_TIMEOUT.total_seconds())]]
