@@ -505,7 +505,10 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
               str(repo / "recipes" / "smollm2-135m-default.yaml"), "--recovery-config",
               str(repo / "recipes" / "finetune" / "smollm2-135m-recover.yaml")]
     if importlib.util.find_spec("llama_cpp") is None:
-        preset.append("--no-llamacpp")  # the preset asks for llama.cpp columns; without the extra they are refused
+        with pytest.raises(SystemExit):  # the preset asks for llama.cpp columns; without the extra they are refused
+            bench.parse_args(preset)
+        assert bench.parse_args(preset + ["--report-only"]).llamacpp  # ... but their cached values can be reported
+        preset.append("--no-llamacpp")
     a = bench.parse_args(preset)
     assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
     assert a.methods == ["dense", "magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt", "dms", "dms-restarts", "dms-lora"]

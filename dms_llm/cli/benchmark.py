@@ -202,7 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
         from ..export.gguf import OUTTYPES
 
-        if importlib.util.find_spec("llama_cpp") is None:
+        # --report-only reads the cached timings; only measuring them needs llama.cpp
+        if importlib.util.find_spec("llama_cpp") is None and not args.report_only:
             p.error("--llamacpp needs llama-cpp-python: pip install '.[llamacpp]' (builds llama.cpp, 15-30 min), "
                     "or --no-llamacpp")
         if args.llamacpp_outtype not in OUTTYPES:
