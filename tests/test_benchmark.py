@@ -69,7 +69,7 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     dense = rows["dense"]["params"]
     assert rows["dense"]["prefill_speedup"] == 1.0 and rows["dense"]["time_s"] == 0
     for name, r in rows.items():
-        assert set(r) == {"method", "budget", "recovery", "params", "ppl", "zero_shot", "zero_shot_avg",
+        assert set(r) == {"name", "method", "budget", "recovery", "params", "ppl", "zero_shot", "zero_shot_avg",
                           "prefill_speedup", "decode_speedup", "time_s", "machines",
                           # what every row records: seed, dtypes, calibration tokens, evaluation times
                           "seed", "zero_shot_avg_stderr", "eval_time_s", "dtype", "train_dtype", "calib_tokens",
@@ -117,6 +117,85 @@ def test_benchmark_end_to_end_then_cached(setup, monkeypatch):
     assert bench.main(_argv(setup, empty_out, setup["tmp"] / "no-work", methods, report_only="")) == 0
     assert json.loads((empty_out / f"{label}.json").read_text())["rows"] == []
     assert not (empty_out / f"{label}.png").exists()
+
+
+def test_a_results_file_fills_an_empty_cache_and_rebuilt_models_are_checked(setup, monkeypatch, capsys):
+    """--from-results: an empty cache takes a results file's measurements without measuring anything again; a
+    new cell rebuilds the models it needs, each checked against the file, and a model that disagrees with the
+    file (here: a tampered value) stops the run and leaves its row as restored."""
+    import copy
+
+    import dms_llm.baselines as baselines
+    import dms_llm.evaluation as evaluation
+    import dms_llm.evaluation.speed as speed
+
+    bench = _load_benchmark()
+    label = Path(setup["model"]).name
+    methods, base = "dense,magnitude,dms", dict(tasks="boolq", limit=4, recovery_steps=2)
+    out = setup["tmp"] / "restore-source"
+    assert bench.main(_argv(setup, out, setup["tmp"] / "restore-source-work", methods, **base)) == 0
+    published = out / f"{label}.json"
+    report = json.loads(published.read_text())
+    assert len(report["rows"]) == 5 and all(r["name"] for r in report["rows"])
+
+    def boom(*a, **k):
+        raise AssertionError("measured or built a restored row")
+
+    with monkeypatch.context() as m:
+        m.setitem(baselines.METHODS, "magnitude", boom)
+        m.setattr(evaluation, "evaluate_model", boom)
+        m.setattr(rows_module, "run_command", boom)
+        m.setattr(speed, "relative_speed", boom)
+        again = setup["tmp"] / "restore-report"
+        argv = _argv(setup, again, setup["tmp"] / "restore-report-work", methods, from_results=published, **base)
+        assert bench.main(argv + ["--report-only"]) == 0
+        assert json.loads((again / f"{label}.json").read_text())["rows"] == report["rows"]
+        assert bench.main(argv) == 0  # nothing missing: nothing built or measured either
+
+    # a new cell: the pruned models are built again (each once), checked, then measured; the file's cells stay
+    built = []
+    real_run, real_plan = rows_module.run_command, baselines.METHODS["magnitude"]
+    monkeypatch.setattr(rows_module, "run_command", lambda name, *a: built.append(name) or real_run(name, *a))
+    monkeypatch.setitem(baselines.METHODS, "magnitude", lambda *a, **k: built.append("magnitude") or real_plan(*a, **k))
+    import dms_llm.benchmark.report as report_module
+
+    monkeypatch.setattr(report_module, "machine", lambda: "another machine")  # the new cells are measured elsewhere
+    extended = setup["tmp"] / "restore-extended"
+    work = setup["tmp"] / "restore-extended-work"
+    assert bench.main(_argv(setup, extended, work, methods, from_results=published, ppl_extra="wikitext2:llm-pruner:2",
+                            **base)) == 0
+    assert sorted(built) == ["finetune", "finetune", "magnitude", "search"]
+    rows = json.loads((extended / f"{label}.json").read_text())["rows"]
+    for old, new in zip(report["rows"], rows):
+        assert new["ppl"]["wikitext2"]["llm-pruner"] == old["ppl"]["wikitext2"]["llm-pruner"]
+        assert new["zero_shot"] == old["zero_shot"] and new["time_s"] == old["time_s"]
+        assert new["ppl"]["wikitext2"]["llm-pruner@2"] > 1
+        # the row's machines stay the file's, and the new cell names its own
+        assert new["machines"] == {**old["machines"], "ppl/wikitext2/llm-pruner@2": "another machine"}
+    cached = [json.loads(p.read_text()) for p in (work / "rows").glob("*.json")]
+    rebuilt = [r["rebuilt"] for r in cached if r["method"] != "dense"]
+    assert len(rebuilt) == 4 and all(r["machine"] == "another machine" for r in rebuilt)
+    assert all(r["check"]["measured"] == pytest.approx(r["check"]["published"], rel=1e-4) for r in rebuilt)
+
+    # a file whose value the rebuilt model does not reproduce
+    tampered = copy.deepcopy(report)
+    row = next(r for r in tampered["rows"] if r["method"] == "magnitude" and not r["recovery"])
+    row["ppl"]["wikitext2"]["llm-pruner"] *= 1.01
+    tampered_path = setup["tmp"] / "tampered.json"
+    tampered_path.write_text(json.dumps(tampered))
+    work = setup["tmp"] / "restore-tampered-work"
+    capsys.readouterr()
+    assert bench.main(_argv(setup, setup["tmp"] / "restore-tampered", work, "dense,magnitude",
+                            from_results=tampered_path, ppl_extra="wikitext2:llm-pruner:2", **base)) != 0
+    assert "the rebuilt model is not the one in" in capsys.readouterr().err
+    left = json.loads((work / "rows" / f"{row['name']}.json").read_text())
+    assert left["artifact"] is None and "rebuilt" not in left and left["params"] == row["params"]
+
+    # a file without cache names, or not a results file: refused before any work
+    for text in (json.dumps({**report, "rows": [{k: v for k, v in r.items() if k != "name"} for r in report["rows"]]}), "[]"):
+        tampered_path.write_text(text)
+        with pytest.raises(SystemExit):
+            bench.parse_args(_argv(setup, out, work, methods, from_results=tampered_path))
 
 
 def test_rerun_with_a_new_budget_computes_only_the_new_rows(setup, monkeypatch):

@@ -64,10 +64,11 @@ class RowMeasurements:
                             row["ppl"][self.ppl_key(detail["dataset"], protocol, max_windows)] = {
                                 "label": label, "value": detail["ppl"], "n_windows": detail.get("n_windows"),
                                 "time_s": times.get("ppl", {}).get(label, {}).get(protocol)}
+                            column = next(c.column for c in self.ppl_cells
+                                          if (c.dataset, c.protocol, c.max_windows) == (detail["dataset"], protocol, max_windows))
+                            note_machine(row, "ppl", cell=f"{label}/{column}")
                     for task, metrics in results.get("zero_shot", {}).items():
                         row["zero_shot"][self.task_key(task)] = {**metrics, "time_s": times.get("zero_shot", {}).get(task)}
-                    if results.get("ppl_details"):
-                        note_machine(row, "ppl")
                     if results.get("zero_shot"):
                         note_machine(row, "zero_shot")
                     self.save_row(row)
@@ -145,7 +146,7 @@ class RowMeasurements:
         avg, avg_se = zero_shot_average([zs.get(t) for t in a.tasks])
         sp = row["speed"].get(self.speed_key()) or {}
         dense_speed = 1.0 if row["method"] == "dense" else None
-        out = {"method": row["method"], "budget": row["budget"], "recovery": row["recovery"], "seed": row.get("seed"),
+        out = {"name": row["name"], "method": row["method"], "budget": row["budget"], "recovery": row["recovery"], "seed": row.get("seed"),
                "params": row["params"], "ppl": ppl, "zero_shot": zs, "zero_shot_avg": avg, "zero_shot_avg_stderr": avg_se,
                "prefill_speedup": sp.get("prefill_speedup", dense_speed), "decode_speedup": sp.get("decode_speedup", dense_speed),
                "time_s": row["time_s"], "eval_time_s": eval_time, "machines": row.get("machines", {}),

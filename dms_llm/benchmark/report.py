@@ -12,9 +12,15 @@ import sys
 from ..files import write_atomic, write_json_atomic, write_text_atomic
 
 
-def note_machine(row: dict, part: str) -> None:
-    """Which machine measured this part of the row (ppl, zero_shot, speed): a cache can be filled on several."""
-    row.setdefault("machines", {})[part] = machine()
+def note_machine(row: dict, part: str, cell: str | None = None) -> None:
+    """Which machine built or measured this part of the row (build, ppl, zero_shot, speed): a cache can be
+    filled on several. A perplexity `cell` (e.g. `ptb/sparsegpt`) measured on another machine than the
+    row's earlier cells is named on its own (`ppl/ptb/sparsegpt`)."""
+    machines = row.setdefault("machines", {})
+    if cell is not None and machines.get(part, machine()) != machine():
+        machines[f"{part}/{cell}"] = machine()
+    else:
+        machines[part] = machine()
 
 
 @functools.lru_cache(maxsize=1)
@@ -354,7 +360,8 @@ def write_outputs(bench, rows: list[dict], argv) -> dict:
               "command": "dms-llm benchmark " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "settings": {k: getattr(a, k) for k in ("budgets", "methods", "calib_dataset", "calib_samples", "seq_len", "ppl",
                                                        "protocols", "max_windows", "tasks", "limit", "dms_config", "dms_restarts",
-                                                       "recovery_steps", "recovery_config", "speed_reps", "dtype", "train_dtype",
+                                                       "recovery_steps", "recovery_config", "speed_reps", "speed_seq_len",
+                                                       "speed_new_tokens", "dtype", "train_dtype",
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
     report["settings"].update(dms_seeds=list(getattr(a, "dms_seeds", None) or [a.seed]), align=a.align,

@@ -283,6 +283,47 @@ class Benchmark(RowMeasurements):
         if summary.get("chosen_seed") is not None:
             row["info"]["chosen_seed"] = summary["chosen_seed"]
 
+    def rebuild(self, row: dict) -> None:
+        """A row restored from a results file (`--from-results`) has measurements but no model: builds it again
+        and measures one of its restored perplexity cells (the one with the fewest windows) to check that it is
+        the published model. The row keeps the published build time and machine, and records the rebuild's; on
+        a disagreement it is left as it was restored and the run stops."""
+        import copy
+
+        from ..evaluation import evaluate_model
+        from .restore import REBUILD_RTOL
+
+        restored = copy.deepcopy(row)
+        cells = [c for c in self.ppl_cells if self.ppl_key(c.dataset, c.protocol, c.max_windows) in row["ppl"]]
+        if not cells:
+            raise RuntimeError(f"{row['name']} was restored from {row.get('restored_from')} without a perplexity cell "
+                               f"to check a rebuilt model against; delete {self.row_path(row['name'])} to measure it anew")
+        cell = min(cells, key=lambda c: c.max_windows or float("inf"))
+        published = row["ppl"][self.ppl_key(cell.dataset, cell.protocol, cell.max_windows)]["value"]
+        print(f"[benchmark] {row['name']}: rebuilding the restored row's model, then checking its {cell.dataset} "
+              f"({cell.column}) perplexity against the results file", flush=True)
+        self.build(row)
+        results = evaluate_model(self.materialize(row), self.tokenizer(), ppl=[cell.dataset], protocols=[cell.protocol],
+                                 data_dir=self.args.data_dir, batch_size=self.args.batch_size, max_windows=cell.max_windows,
+                                 seed=self.args.seed, model_name=row["name"], progress=False)
+        (measured,) = [detail["ppl"] for by_protocol in results["ppl_details"].values() for detail in by_protocol.values()]
+        if row["params"] != restored["params"] or abs(measured - published) > REBUILD_RTOL * published:
+            self.save_row(restored)
+            raise RuntimeError(
+                f"{row['name']}: the rebuilt model is not the one in {restored.get('restored_from')} ({row['params']:,} "
+                f"parameters, {cell.dataset} {measured:.4f}; the file: {restored['params']:,}, {published:.4f}), so "
+                f"new cells cannot join its measurements (another library version, recipe or machine took another "
+                f"path); delete {self.row_path(row['name'])} to measure the whole row here")
+        row["rebuilt"] = {"time_s": row["time_s"], "machine": (row.get("machines") or {}).get("build"),
+                          "check": {"cell": cell.describe(), "published": published, "measured": measured}}
+        row["time_s"] = restored["time_s"]
+        row["machines"] = restored["machines"]
+        self.save_row(row)
+
+    def ensure_model(self, row: dict) -> None:
+        if row["method"] != "dense" and row.get("artifact") is None:
+            self.rebuild(row)
+
     def checkpoint_of(self, base: dict) -> str:
         """A saved checkpoint folder of a row (fine-tuning and the GGUF export read a folder)."""
         work = self.args.work
@@ -290,6 +331,7 @@ class Benchmark(RowMeasurements):
             from ..checkpoints.loading import resolve_model
 
             return resolve_model(self.args.model)
+        self.ensure_model(base)
         if base["method"] in DMS_METHODS or base["recovery"]:
             folder = os.path.join(work, base["artifact"])
             if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
@@ -342,6 +384,7 @@ class Benchmark(RowMeasurements):
         """The row's model in memory: the dense model, a baseline plan applied to it, or a saved checkpoint."""
         if row["method"] == "dense":
             return self.dense()
+        self.ensure_model(row)
         path = os.path.join(self.args.work, row["artifact"])
         if row["method"] in BASELINES and not row["recovery"]:
             from ..plan import PrunePlan

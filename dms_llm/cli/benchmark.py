@@ -20,6 +20,8 @@ Everything is cached under `--work` (default runs/benchmark/<model>): each (meth
 row is its own JSON in rows/, holding the plan or checkpoint path, the parameter count, the wall time
 and every evaluation result keyed by its settings. A rerun, after an interruption or with more datasets
 or tasks, computes only what is missing. Outputs: <out>/<model>.json, <model>.md and <model>.png.
+`--from-results <out>/<model>.json` fills an empty cache from such a file, on another machine too
+(dms_llm.benchmark.restore).
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("eval", "results"), help="folder of <model>.json/.md/.png")
     p.add_argument("--work", default=None, help="cache folder (default: runs/benchmark/<model>, under the current folder)")
+    p.add_argument("--from-results", default=None, metavar="FILE",
+                   help="first fill the cache with the rows of a results file this command wrote (e.g. the published "
+                        "eval/results/smollm2-135m.json) that it lacks: their measurements are taken as they are, and a "
+                        "row's model is built again only when a missing cell needs it, then checked against the file")
     p.add_argument("--report-only", action="store_true",
                    help="write the table, JSON and plot from the cached rows; compute nothing (missing cells stay empty)")
     config = _apply_config(p, argv)
@@ -210,6 +216,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--llamacpp-outtype: choose from {sorted(OUTTYPES)}")
         if min(args.llamacpp_threads, args.llamacpp_reps, args.llamacpp_pp, args.llamacpp_tg) < 1:
             p.error("--llamacpp-threads, -reps, -pp and -tg must be at least 1")
+    if args.from_results:
+        from ..benchmark.restore import read_results
+
+        try:
+            read_results(args.from_results)
+        except ValueError as e:
+            p.error(str(e))
     args.adopted = {}
     for spec in args.adopt:
         try:
@@ -267,6 +280,13 @@ def run_benchmark(args, argv) -> int:
         print("[benchmark] no --dms-config: DMS rows use the SearchConfig defaults with the benchmark's calibration settings",
               flush=True)
     bench = Benchmark(args)
+    if args.from_results:
+        from ..benchmark.restore import restore_rows
+
+        planned = [(m, b, r, seed) for m, b, r in plan_rows(args) for seed in bench.seeds(m)]
+        count = restore_rows(bench, args.from_results, planned)
+        print(f"[benchmark] {count} row(s) restored from {args.from_results}: their measurements as they are; a model "
+              "is built again only where a missing cell needs it", flush=True)
     done = []
     for method, budget, recovery in plan_rows(args):
         for seed in bench.seeds(method):  # dms: a row per --dms-seeds seed

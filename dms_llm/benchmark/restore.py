@@ -1,0 +1,88 @@
+"""Filling an empty benchmark cache from a results file (`--from-results eval/results/<model>.json`), so that a
+published table can be extended on another machine without measuring its rows again.
+
+A restored row holds the file's measurements and no model. A model is built again only when a missing cell
+needs it (`Benchmark.rebuild`), and then checked to be the published one: one of its restored perplexity cells
+is measured again and must agree with the file, else the row is left as it was and the run stops."""
+
+from __future__ import annotations
+
+import json
+
+# Relative agreement a rebuilt model's perplexity must reach with the file's. Baseline plans rebuilt on another
+# CPU (Intel Xeon, the file's rows from an AMD EPYC) reproduced their 128-token perplexity to 4e-8; a DMS search
+# with the same seed there took another path (its rounding differs) and ended 13% higher.
+REBUILD_RTOL = 1e-4
+
+
+def read_results(path: str) -> dict:
+    """The results file, checked for what restoring needs: rows that carry their cache name."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--from-results {path}: not a readable JSON file ({e})") from None
+    rows = results.get("rows") if isinstance(results, dict) else None
+    if not isinstance(rows, list) or not isinstance(results.get("settings"), dict):
+        raise ValueError(f"--from-results {path}: not a benchmark results file (no rows and settings)")
+    if any("name" not in r for r in rows):
+        raise ValueError(f"--from-results {path}: its rows carry no cache names (a file written before restoring "
+                         "existed); regenerate it with --report-only from the cache that made it")
+    return results
+
+
+def _row_from_report(bench, row: dict, published: dict, settings: dict) -> None:
+    """The inverse of `RowMeasurements.report_row`: the published row's measurements under this run's cache
+    keys. A cell is taken only where the file measured it with the settings this run asks for."""
+    a = bench.args
+    times = published.get("eval_time_s") or {}
+    described = set(settings.get("ppl_cells") or [])
+    for cell in bench.ppl_cells:
+        value = (published["ppl"].get(cell.dataset) or {}).get(cell.column)
+        if value is not None and cell.describe() in described:
+            row["ppl"][bench.ppl_key(cell.dataset, cell.protocol, cell.max_windows)] = {
+                "label": cell.dataset, "value": value, "time_s": times.get(f"ppl/{cell.dataset}/{cell.column}")}
+    if settings.get("limit") == a.limit:
+        for task, metrics in published["zero_shot"].items():
+            # the reported metric is the one whose value and standard error the report copied
+            reported = next(k for k in metrics if k not in ("value", "stderr") and metrics[k] == metrics["value"]
+                            and metrics.get(f"{k}_stderr") == metrics["stderr"])
+            row["zero_shot"][bench.task_key(task)] = {**{k: v for k, v in metrics.items() if k != "stderr"},
+                                                      "reported_metric": reported, "time_s": times.get(f"zero_shot/{task}")}
+    speed = [settings.get(k) for k in ("speed_reps", "speed_seq_len", "speed_new_tokens")]
+    if published["method"] != "dense" and published.get("prefill_speedup") is not None \
+            and speed == [a.speed_reps, a.speed_seq_len, a.speed_new_tokens]:
+        row["speed"][bench.speed_key()] = {k: published[k] for k in ("prefill_speedup", "decode_speedup")}
+    timing = settings.get("llamacpp")
+    if published["method"] != "dense" and published.get("llamacpp_pp_speedup") is not None and getattr(a, "llamacpp", False) \
+            and timing == {"outtype": a.llamacpp_outtype, "threads": a.llamacpp_threads, "reps": a.llamacpp_reps,
+                           "pp": a.llamacpp_pp, "tg": a.llamacpp_tg}:
+        row["llamacpp"][bench.llamacpp_key()] = {
+            "pp_speedup": published["llamacpp_pp_speedup"], "tg_speedup": published["llamacpp_tg_speedup"],
+            "pp": published["llamacpp_pp"], "tg": published["llamacpp_tg"]}
+    row.update(params=published["params"], time_s=published["time_s"], machines=dict(published.get("machines") or {}))
+    for key in ("dtype", "train_dtype", "calib_tokens", "recovery_tokens"):
+        if published.get(key) is not None:
+            row[key] = published[key]
+    if published.get("chosen_seed") is not None:
+        row["info"] = {"chosen_seed": published["chosen_seed"]}
+
+
+def restore_rows(bench, path: str, planned: list[tuple[str, float, int, int]]) -> int:
+    """Writes a cache row for every planned (method, budget, recovery steps, seed) row that the file holds
+    (same cache name: same model, settings and recipes) and the cache does not. Returns how many."""
+    import os
+
+    results = read_results(path)
+    by_name = {r["name"]: r for r in results["rows"]}
+    restored = 0
+    for method, budget, recovery, seed in planned:
+        row = bench.load_row(method, budget, recovery, seed)
+        published = by_name.get(row["name"])
+        if published is None or os.path.isfile(bench.row_path(row["name"])):
+            continue  # not in the file, or cached already (the cache wins)
+        _row_from_report(bench, row, published, results["settings"])
+        row["restored_from"] = os.path.abspath(path)
+        bench.save_row(row)
+        restored += 1
+    return restored
