@@ -362,6 +362,37 @@ def test_speed_helpers_measure_positive_rates_and_relative_speed():
         relative_speed({"a": small}, reference="b")
 
 
+@pytest.mark.parametrize("non_uniform", [False, True], ids=["llama", "dms_llama"])
+def test_decode_passes_the_cache_under_the_name_the_model_declares(non_uniform):
+    """Every timed decode step gets one new token and the KV cache, under the forward keyword this transformers
+    declares (5.24 renamed `past_key_values` to `cache` and warns about the old name: no warning may escape)."""
+    import inspect
+    import warnings
+
+    from conftest import tiny_model
+
+    from dms_llm.evaluation.speed import time_decode
+    from dms_llm.plan import PrunePlan
+    from dms_llm.prune import prune_model
+
+    model = tiny_model("llama-gqa", num_hidden_layers=2)
+    if non_uniform:
+        plan = PrunePlan.dense(model.config)
+        plan.layers[0].mlp_channels = plan.layers[0].mlp_channels[:16]
+        plan.validate()
+        model = prune_model(model, plan)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    declared = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        time_decode(model, prompt_len=4, new_tokens=3)
+    prompt, *steps = calls
+    assert prompt["input_ids"].shape[1] == 4 and len(steps) == 3
+    for step in steps:
+        assert step["input_ids"].shape[1] == 1 and step.get(declared) is not None
+
+
 def test_decode_without_any_attention_recomputes_the_sequence():
     """A dms_llama model that kept no attention has no cache; decoding must still work."""
     from conftest import tiny_model

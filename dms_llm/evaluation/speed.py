@@ -13,12 +13,24 @@ and the ratios stay meaningful.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 
 import torch
 
 from ..passes import model_device
+
+
+def _cache_keyword(model) -> str:
+    """The forward keyword of the KV cache: `cache` from transformers 5.24 (which still takes
+    `past_key_values`, with a deprecation warning), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    """The KV cache a forward returned, under either name (the output field was renamed with the keyword)."""
+    return out.get("cache", out.get("past_key_values"))
 
 
 def _sync(device: torch.device) -> None:
@@ -54,14 +66,15 @@ def time_decode(model, prompt_len: int = 32, new_tokens: int = 32, batch: int = 
     device = model_device(model)
     use_cache = bool(getattr(model.config, "use_cache", True))
     out = model(input_ids=ids, use_cache=use_cache)
-    cache = out.past_key_values if use_cache else None
+    cache = _output_cache(out) if use_cache else None
+    keyword = _cache_keyword(model)
     nxt = out.logits[:, -1:].argmax(-1)
     _sync(device)
     start = time.perf_counter()
     for _ in range(new_tokens):
         if cache is not None:
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **{keyword: cache})
+            cache = _output_cache(out)
         else:
             ids = torch.cat([ids, nxt], dim=1)
             out = model(input_ids=ids, use_cache=False)
