@@ -151,6 +151,12 @@ def test_a_results_file_fills_an_empty_cache_and_rebuilt_models_are_checked(setu
         assert bench.main(argv + ["--report-only"]) == 0
         assert json.loads((again / f"{label}.json").read_text())["rows"] == report["rows"]
         assert bench.main(argv) == 0  # nothing missing: nothing built or measured either
+        # restored by a run that asks for less (no tasks, no timing): the file's results are kept all the same
+        narrow = setup["tmp"] / "restore-narrow-work"
+        assert bench.main(_argv(setup, setup["tmp"] / "restore-narrow", narrow, methods, from_results=published,
+                                **{**base, "tasks": "none"}, speed_reps=0)) == 0
+        assert bench.main(_argv(setup, again, narrow, methods, **base) + ["--report-only"]) == 0
+        assert json.loads((again / f"{label}.json").read_text())["rows"] == report["rows"]
 
     # a new cell: the pruned models are built again (each once), checked, then measured; the file's cells stay
     built = []
@@ -192,7 +198,9 @@ def test_a_results_file_fills_an_empty_cache_and_rebuilt_models_are_checked(setu
     assert left["artifact"] is None and "rebuilt" not in left and left["params"] == row["params"]
 
     # a file without cache names, or not a results file: refused before any work
-    for text in (json.dumps({**report, "rows": [{k: v for k, v in r.items() if k != "name"} for r in report["rows"]]}), "[]"):
+    unnamed = {**report, "rows": [{k: v for k, v in r.items() if k != "name"} for r in report["rows"]]}
+    no_cells = {**report, "settings": {k: v for k, v in report["settings"].items() if k != "ppl_cell_specs"}}
+    for text in (json.dumps(unnamed), json.dumps(no_cells), "[]"):
         tampered_path.write_text(text)
         with pytest.raises(SystemExit):
             bench.parse_args(_argv(setup, out, work, methods, from_results=tampered_path))

@@ -16,15 +16,16 @@ class RowMeasurements:
     def ppl_key(self, dataset: str, protocol: str, max_windows="main") -> str:
         return f"{dataset}|{protocol}|mw={self.args.max_windows if max_windows == 'main' else max_windows}"
 
-    def task_key(self, task: str) -> str:
-        return f"{task}|limit={self.args.limit}"
+    # The cache keys of a row's results, from this run's settings or (`settings`) those of a results file.
+    def task_key(self, task: str, settings=None) -> str:
+        return f"{task}|limit={(settings or self.args).limit}"
 
-    def speed_key(self) -> str:
-        a = self.args
+    def speed_key(self, settings=None) -> str:
+        a = settings or self.args
         return f"reps={a.speed_reps}|prefill={a.speed_seq_len}|decode=32+{a.speed_new_tokens}"
 
-    def llamacpp_key(self) -> str:
-        a = self.args
+    def llamacpp_key(self, settings=None) -> str:
+        a = settings or self.args
         return f"{a.llamacpp_outtype}|threads={a.llamacpp_threads}|pp={a.llamacpp_pp}|tg={a.llamacpp_tg}|reps={a.llamacpp_reps}"
 
     def missing(self, row: dict) -> tuple[list, list, bool, bool]:

@@ -3,6 +3,7 @@ perplexity and zero-shot average against the parameter fraction."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -365,7 +366,8 @@ def write_outputs(bench, rows: list[dict], argv) -> dict:
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
     report["settings"].update(dms_seeds=list(getattr(a, "dms_seeds", None) or [a.seed]), align=a.align,
-                              ppl_cells=[cell.describe() for cell in bench.ppl_cells])
+                              ppl_cells=[cell.describe() for cell in bench.ppl_cells],
+                              ppl_cell_specs=[dataclasses.asdict(cell) for cell in bench.ppl_cells])
     if getattr(a, "llamacpp", False):
         report["settings"]["llamacpp"] = {"outtype": a.llamacpp_outtype, "threads": a.llamacpp_threads, "reps": a.llamacpp_reps,
                                           "pp": a.llamacpp_pp, "tg": a.llamacpp_tg}

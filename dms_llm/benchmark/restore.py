@@ -8,6 +8,7 @@ is measured again and must agree with the file, else the row is left as it was a
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 # Relative agreement a rebuilt model's perplexity must reach with the file's. Baseline plans rebuilt on another
 # CPU (Intel Xeon, the file's rows from an AMD EPYC) reproduced their 128-token perplexity to 4e-8; a DMS search
@@ -16,7 +17,8 @@ REBUILD_RTOL = 1e-4
 
 
 def read_results(path: str) -> dict:
-    """The results file, checked for what restoring needs: rows that carry their cache name."""
+    """The results file, checked for what restoring needs: rows that carry their cache name, and the
+    perplexity cells it measured."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -25,39 +27,39 @@ def read_results(path: str) -> dict:
     rows = results.get("rows") if isinstance(results, dict) else None
     if not isinstance(rows, list) or not isinstance(results.get("settings"), dict):
         raise ValueError(f"--from-results {path}: not a benchmark results file (no rows and settings)")
-    if any("name" not in r for r in rows):
-        raise ValueError(f"--from-results {path}: its rows carry no cache names (a file written before restoring "
-                         "existed); regenerate it with --report-only from the cache that made it")
+    if any("name" not in r for r in rows) or "ppl_cell_specs" not in results["settings"]:
+        raise ValueError(f"--from-results {path}: its rows carry no cache names or its settings no perplexity cells "
+                         "(a file written before restoring existed); regenerate it with --report-only from the cache "
+                         "that made it")
     return results
 
 
 def _row_from_report(bench, row: dict, published: dict, settings: dict) -> None:
-    """The inverse of `RowMeasurements.report_row`: the published row's measurements under this run's cache
-    keys. A cell is taken only where the file measured it with the settings this run asks for."""
-    a = bench.args
+    """The inverse of `RowMeasurements.report_row`: every measurement of the published row under the cache key
+    of the settings the file measured it with (which need not be this run's: `--tasks none` here does not
+    drop the file's zero-shot results)."""
+    from .cells import PPLCell
+
+    measured_with = SimpleNamespace(**{k: settings.get(k) for k in ("limit", "speed_reps", "speed_seq_len", "speed_new_tokens")},
+                                    **{f"llamacpp_{k}": v for k, v in (settings.get("llamacpp") or {}).items()})
     times = published.get("eval_time_s") or {}
-    described = set(settings.get("ppl_cells") or [])
-    for cell in bench.ppl_cells:
+    for spec in settings["ppl_cell_specs"]:
+        cell = PPLCell(**{**spec, "budgets": tuple(spec["budgets"]) if spec["budgets"] is not None else None})
         value = (published["ppl"].get(cell.dataset) or {}).get(cell.column)
-        if value is not None and cell.describe() in described:
+        if value is not None and cell.applies(published["method"], published["budget"]):
             row["ppl"][bench.ppl_key(cell.dataset, cell.protocol, cell.max_windows)] = {
                 "label": cell.dataset, "value": value, "time_s": times.get(f"ppl/{cell.dataset}/{cell.column}")}
-    if settings.get("limit") == a.limit:
-        for task, metrics in published["zero_shot"].items():
-            # the reported metric is the one whose value and standard error the report copied
-            reported = next(k for k in metrics if k not in ("value", "stderr") and metrics[k] == metrics["value"]
-                            and metrics.get(f"{k}_stderr") == metrics["stderr"])
-            row["zero_shot"][bench.task_key(task)] = {**{k: v for k, v in metrics.items() if k != "stderr"},
-                                                      "reported_metric": reported, "time_s": times.get(f"zero_shot/{task}")}
-    speed = [settings.get(k) for k in ("speed_reps", "speed_seq_len", "speed_new_tokens")]
-    if published["method"] != "dense" and published.get("prefill_speedup") is not None \
-            and speed == [a.speed_reps, a.speed_seq_len, a.speed_new_tokens]:
-        row["speed"][bench.speed_key()] = {k: published[k] for k in ("prefill_speedup", "decode_speedup")}
-    timing = settings.get("llamacpp")
-    if published["method"] != "dense" and published.get("llamacpp_pp_speedup") is not None and getattr(a, "llamacpp", False) \
-            and timing == {"outtype": a.llamacpp_outtype, "threads": a.llamacpp_threads, "reps": a.llamacpp_reps,
-                           "pp": a.llamacpp_pp, "tg": a.llamacpp_tg}:
-        row["llamacpp"][bench.llamacpp_key()] = {
+    for task, metrics in published["zero_shot"].items():
+        # the reported metric is the one whose value and standard error the report copied (none: no stderr)
+        reported = next((k for k in metrics if k not in ("value", "stderr") and metrics[k] == metrics["value"]
+                         and metrics.get(f"{k}_stderr") == metrics["stderr"]), None)
+        row["zero_shot"][bench.task_key(task, measured_with)] = {**{k: v for k, v in metrics.items() if k != "stderr"},
+                                                                 "reported_metric": reported,
+                                                                 "time_s": times.get(f"zero_shot/{task}")}
+    if published["method"] != "dense" and published.get("prefill_speedup") is not None:
+        row["speed"][bench.speed_key(measured_with)] = {k: published[k] for k in ("prefill_speedup", "decode_speedup")}
+    if published["method"] != "dense" and published.get("llamacpp_pp_speedup") is not None:
+        row["llamacpp"][bench.llamacpp_key(measured_with)] = {
             "pp_speedup": published["llamacpp_pp_speedup"], "tg_speedup": published["llamacpp_tg_speedup"],
             "pp": published["llamacpp_pp"], "tg": published["llamacpp_tg"]}
     row.update(params=published["params"], time_s=published["time_s"], machines=dict(published.get("machines") or {}))
