@@ -182,6 +182,15 @@ def test_a_results_file_fills_an_empty_cache_and_rebuilt_models_are_checked(setu
     rebuilt = [r["rebuilt"] for r in cached if r["method"] != "dense"]
     assert len(rebuilt) == 4 and all(r["machine"] == "another machine" for r in rebuilt)
     assert all(r["check"]["measured"] == pytest.approx(r["check"]["published"], rel=1e-4) for r in rebuilt)
+    # a rebuild interrupted before its check (the model saved, no `rebuilt` yet) is checked before it is used
+    magnitude = next(p for p in (work / "rows").glob("magnitude-*.json") if "-rec" not in p.name)
+    interrupted = json.loads(magnitude.read_text())
+    del interrupted["rebuilt"]
+    magnitude.write_text(json.dumps(interrupted))
+    built.clear()
+    assert bench.main(_argv(setup, extended, work, "dense,magnitude", from_results=published,
+                            ppl_extra="wikitext2:llm-pruner:3", **{**base, "recovery_steps": 0})) == 0
+    assert built == ["magnitude"] and "rebuilt" in json.loads(magnitude.read_text())
 
     # a file whose value the rebuilt model does not reproduce
     tampered = copy.deepcopy(report)

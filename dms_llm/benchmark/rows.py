@@ -303,7 +303,7 @@ class Benchmark(RowMeasurements):
         print(f"[benchmark] {row['name']}: rebuilding the restored row's model, then checking its {cell.dataset} "
               f"({cell.column}) perplexity against the results file", flush=True)
         self.build(row)
-        results = evaluate_model(self.materialize(row), self.tokenizer(), ppl=[cell.dataset], protocols=[cell.protocol],
+        results = evaluate_model(self.load_model(row), self.tokenizer(), ppl=[cell.dataset], protocols=[cell.protocol],
                                  data_dir=self.args.data_dir, batch_size=self.args.batch_size, max_windows=cell.max_windows,
                                  seed=self.args.seed, model_name=row["name"], progress=False)
         (measured,) = [detail["ppl"] for by_protocol in results["ppl_details"].values() for detail in by_protocol.values()]
@@ -321,7 +321,8 @@ class Benchmark(RowMeasurements):
         self.save_row(row)
 
     def ensure_model(self, row: dict) -> None:
-        if row["method"] != "dense" and row.get("artifact") is None:
+        # a restored row whose rebuild was not checked yet (none, or interrupted before the check) is rebuilt
+        if row["method"] != "dense" and (row.get("artifact") is None or (row.get("restored_from") and "rebuilt" not in row)):
             self.rebuild(row)
 
     def checkpoint_of(self, base: dict) -> str:
@@ -382,9 +383,13 @@ class Benchmark(RowMeasurements):
 
     def materialize(self, row: dict, with_plan: bool = False):
         """The row's model in memory: the dense model, a baseline plan applied to it, or a saved checkpoint."""
+        self.ensure_model(row)
+        return self.load_model(row, with_plan)
+
+    def load_model(self, row: dict, with_plan: bool = False):
+        """`materialize` without the rebuild of a restored row (the rebuild's own check loads it this way)."""
         if row["method"] == "dense":
             return self.dense()
-        self.ensure_model(row)
         path = os.path.join(self.args.work, row["artifact"])
         if row["method"] in BASELINES and not row["recovery"]:
             from ..plan import PrunePlan
