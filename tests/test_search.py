@@ -206,14 +206,16 @@ def test_the_process_group_waits_for_the_main_process_hours_not_minutes(tmp_path
     from dms_llm.training.engine import BARRIER_TIMEOUT
 
     script = tmp_path / "timeout.py"
-    script.write_text("import torch\nimport torch.distributed as dist\nfrom dms_llm import RunSettings\n"
+    # each rank writes its own file: two processes printing to one pipe at once can lose or merge a line
+    script.write_text("import sys, torch\nimport torch.distributed as dist\nfrom dms_llm import RunSettings\n"
                       "from dms_llm.training.engine import Engine\nEngine(RunSettings(), verbose=False)\n"
                       "backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
-                      "print('timeout', dist.get_rank(), backend.options._timeout.total_seconds())\n")
-    proc = _torchrun([], script=script)
+                      "with open(f'{sys.argv[1]}/timeout-{dist.get_rank()}.txt', 'w') as f:\n"
+                      "    f.write(str(backend.options._timeout.total_seconds()))\n")
+    proc = _torchrun([str(tmp_path)], script=script)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seconds = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("timeout"))
-    assert seconds == [["0", str(BARRIER_TIMEOUT.total_seconds())], ["1", str(BARRIER_TIMEOUT.total_seconds())]]
+    seconds = [float((tmp_path / f"timeout-{rank}.txt").read_text()) for rank in (0, 1)]
+    assert seconds == [BARRIER_TIMEOUT.total_seconds()] * 2
     assert BARRIER_TIMEOUT.total_seconds() >= 3600
 
 
