@@ -8,6 +8,7 @@ is measured again and must agree with the file, else the row is left as it was a
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 # Relative agreement a rebuilt model's perplexity must reach with the file's. Baseline plans rebuilt on another
@@ -73,8 +74,6 @@ def _row_from_report(bench, row: dict, published: dict, settings: dict) -> None:
 def restore_rows(bench, path: str, planned: list[tuple[str, float, int, int]]) -> int:
     """Writes a cache row for every planned (method, budget, recovery steps, seed) row that the file holds
     (same cache name: same model, settings and recipes) and the cache does not. Returns how many."""
-    import os
-
     results = read_results(path)
     by_name = {r["name"]: r for r in results["rows"]}
     restored = 0
