@@ -71,10 +71,10 @@ def _row_from_report(bench, row: dict, published: dict, settings: dict) -> None:
         row["info"] = {"chosen_seed": published["chosen_seed"]}
 
 
-def restore_rows(bench, path: str, planned: list[tuple[str, float, int, int]]) -> int:
-    """Writes a cache row for every planned (method, budget, recovery steps, seed) row that the file holds
-    (same cache name: same model, settings and recipes) and the cache does not. Returns how many."""
-    results = read_results(path)
+def restore_rows(bench, results: dict, path: str, planned: list[tuple[str, float, int, int]]) -> int:
+    """Writes a cache row for every planned (method, budget, recovery steps, seed) row that the file at `path`
+    (read by `read_results`) holds, under the same cache name (same model, settings and recipes), and the
+    cache does not. Returns how many."""
     by_name = {r["name"]: r for r in results["rows"]}
     restored = 0
     for method, budget, recovery, seed in planned:

@@ -220,7 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         from ..benchmark.restore import read_results
 
         try:
-            read_results(args.from_results)
+            args.published = read_results(args.from_results)  # read once, checked before any work
         except ValueError as e:
             p.error(str(e))
     args.adopted = {}
@@ -284,7 +284,7 @@ def run_benchmark(args, argv) -> int:
         from ..benchmark.restore import restore_rows
 
         planned = [(m, b, r, seed) for m, b, r in plan_rows(args) for seed in bench.seeds(m)]
-        count = restore_rows(bench, args.from_results, planned)
+        count = restore_rows(bench, args.published, args.from_results, planned)
         print(f"[benchmark] {count} row(s) restored from {args.from_results}: their measurements as they are; a model "
               "is built again only where a missing cell needs it", flush=True)
     done = []
