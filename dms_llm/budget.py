@@ -94,9 +94,11 @@ class ParameterCounter:
             return int(round(float(self.masked(masks))))
 
 
-def budget_loss(current: torch.Tensor, target: float, weight: float) -> torch.Tensor:
-    """lambda_res * max(0, log(R_current / R_target)): zero once the architecture fits the budget."""
-    return weight * torch.clamp(torch.log(current / target), min=0.0)
+def budget_loss(current: torch.Tensor, target: float, weight: float, two_sided: bool = False) -> torch.Tensor:
+    """lambda_res * max(0, log(R_current / R_target)): zero once the architecture fits the budget. With
+    `two_sided`, lambda_res * |log(R_current / R_target)|: an architecture under the budget is pulled back up."""
+    log_ratio = torch.log(current / target)
+    return weight * (log_ratio.abs() if two_sided else torch.clamp(log_ratio, min=0.0))
 
 
 def resolve_target(dense: int, minimum: int, target_params: float | None = None, target_ratio: float | None = None,

@@ -96,10 +96,11 @@ class ModelMasks(nn.Module):
         for _, topk in self.named_structures():
             topk.clamp_()
 
-    def freeze_discrete(self) -> None:
-        """Refine phase: heads and depth gates become binary (straight-through) and stop moving."""
+    def freeze_discrete(self, hidden: bool = False) -> None:
+        """Refine phase: heads and depth gates (and with `hidden` the hidden width) become binary
+        (straight-through) and stop moving."""
         for name, topk in self.named_structures():
-            if topk.kind in ("head", "layer"):
+            if topk.kind in ("head", "layer") or (hidden and name == "hidden"):
                 topk.frozen = True
 
     # ----- per-forward masks -------------------------------------------------------------------

@@ -43,6 +43,10 @@ class DMSConfig:
     ratio_lr: float = 1e-2  # Adam, constant, no weight decay, on the kept ratios
     budget_weight: float = 2.0  # lambda_res
     schedule_fraction: float = 0.8  # the target descends over this fraction of the steps; then refine
+    # The refine phase holds the budget: the hidden width freezes with heads and depth (one aligned step of
+    # it is several percent of the model, so near the target it flips between two widths and the last step
+    # decides), and the budget term becomes two-sided, so the MLP widths settle onto the target from either side
+    hold_budget: bool = False
     fit_budget: bool = True  # at the end, rescale the kept ratios so the hard count meets the budget
     # Taylor importances start as the mean over this many calibration blocks (the unmasked model's),
     # instead of from zero: the first masks then rank elements on more tokens than one step sees

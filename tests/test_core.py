@@ -295,6 +295,17 @@ def test_backward_populates_importance_and_reaches_every_ratio(family):
     assert sum(float(g.abs()) > 0 for g in task.values()) >= len(task) - 1
 
 
+def test_two_sided_budget_loss_also_penalises_an_architecture_under_the_budget():
+    over, under = torch.tensor(0.9), torch.tensor(0.6, requires_grad=True)
+    assert float(budget_loss(under.detach(), 0.8, 2.0)) == 0.0
+    assert float(budget_loss(over, 0.8, 2.0)) == pytest.approx(2.0 * math.log(0.9 / 0.8))
+    assert float(budget_loss(over, 0.8, 2.0, two_sided=True)) == pytest.approx(2.0 * math.log(0.9 / 0.8))
+    loss = budget_loss(under, 0.8, 2.0, two_sided=True)
+    assert float(loss.detach()) == pytest.approx(2.0 * math.log(0.8 / 0.6))
+    loss.backward()
+    assert float(under.grad) < 0  # descending the loss grows the architecture back to the budget
+
+
 def test_importance_update_is_skipped_when_not_finite():
     model = tiny_model("llama-gqa")
     masks = ModelMasks(model.config, structures="channels")

@@ -78,6 +78,25 @@ def test_a_search_that_misses_its_budget_warns_before_the_final_cut(setup, capsy
     assert "WARNING: the search ended" not in capsys.readouterr().out
 
 
+def test_hold_budget_freezes_the_hidden_width_and_pulls_the_count_back_up_in_the_refine_phase(setup):
+    model_dir, corpus, tmp = setup
+    # a heavy budget term drives the tiny model far under its target before the refine phase (the last 8 of 40
+    # steps); the one-sided term then lets it drift further down
+    args = ["--target-ratio", "0.6", "--budget-weight", "20", "--ratio-lr", "0.05"]
+    refine = {}
+    for hold in (False, True):
+        out = tmp / f"hold-{hold}"
+        assert main(_args(model_dir, corpus, out, *args, *(["--hold-budget"] if hold else []), steps=40)) == 0
+        metrics = _read_metrics(out)
+        refine[hold] = [m for m in metrics if m["phase"] == "refine"]
+        target = metrics[0]["target_params"]
+        assert len(refine[hold]) == 8 and refine[hold][0]["params"] < target
+    assert refine[False][-1]["params"] < refine[False][0]["params"]
+    counts = [m["params"] for m in refine[True]]
+    assert counts == sorted(counts) and counts[-1] > counts[0]  # back up towards the budget, never away from it
+    assert len({m["hidden_kept"] for m in refine[True]}) == 1  # the coarse hidden width no longer moves
+
+
 def test_resume_equals_uninterrupted_run(setup):
     model_dir, corpus, tmp = setup
     common = ("--target-ratio", "0.5", "--train-weights", "lora", "--distill")

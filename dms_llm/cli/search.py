@@ -57,6 +57,8 @@ class SearchConfig(RunOptions):
                                                  "calibration blocks (0: from zero, as the paper)")
     weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
     budget_weight: float = option(M.budget_weight, "lambda_res, weight of the budget loss")
+    hold_budget: bool = option(M.hold_budget, "in the refine phase, pull an architecture under the budget back up "
+                                              "to it (two-sided budget term) instead of leaving that to the final fit")
     train_weights: str = option(M.train_weights, "model weights during the search: none (frozen), lora, full")
     lora_r: int = option(M.lora_r, "LoRA rank (with --train-weights lora)")
     lora_alpha: int = option(M.lora_alpha, "LoRA alpha")
@@ -115,7 +117,7 @@ class SearchConfig(RunOptions):
             return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
                              align=self.align,
                              steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
-                             warmup_blocks=self.warmup_blocks,
+                             hold_budget=self.hold_budget, warmup_blocks=self.warmup_blocks,
                              train_weights=self.train_weights, weight_lr=self.weight_lr, lora_r=self.lora_r,
                              lora_alpha=self.lora_alpha, distill=self.distill, distill_weight=self.distill_weight,
                              distill_temperature=self.distill_temperature)

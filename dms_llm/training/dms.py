@@ -178,14 +178,16 @@ class SearchLoop:
 
     def step(self, step: int) -> dict:
         c, engine = self.c, self.engine
-        if step >= self.refine_start:  # refine: heads and depth are binarised and stop moving
-            self.masks.freeze_discrete()
+        refining = step >= self.refine_start
+        if refining:  # refine: heads and depth (with hold_budget the hidden width too) are binarised and stop moving
+            self.masks.freeze_discrete(hidden=c.hold_budget)
         p = min(1.0, step / max(1.0, c.schedule_fraction * c.steps))
         target_ratio = self.final_ratio**p  # t(p) = final ** p, descending over the scheduled steps
         budget = {}
 
         def budget_term() -> torch.Tensor:  # once per step: the masks are shared by every micro-batch
-            budget["loss"] = budget_loss(self.counter.masked(self.masks) / self.dense, target_ratio, c.budget_weight)
+            budget["loss"] = budget_loss(self.counter.masked(self.masks) / self.dense, target_ratio, c.budget_weight,
+                                         two_sided=c.hold_budget and refining)
             return budget["loss"].float()
 
         teacher = self.teacher if c.distill else None
@@ -203,10 +205,13 @@ class SearchLoop:
         self.masks.clamp_()
         params = self.counter.hard(self.masks)
         bl = float(budget["loss"].detach())
-        return {"loss": totals["task_loss"] + c.distill_weight * totals["distill_loss"] + bl, **totals,
-                "budget_loss": bl, "params": params, "params_ratio": params / self.dense,
-                "target_ratio_now": target_ratio, "target_params": self.target,
-                "phase": "refine" if step + 1 > self.refine_start else "search"}
+        metrics = {"loss": totals["task_loss"] + c.distill_weight * totals["distill_loss"] + bl, **totals,
+                   "budget_loss": bl, "params": params, "params_ratio": params / self.dense,
+                   "target_ratio_now": target_ratio, "target_params": self.target,
+                   "phase": "refine" if step + 1 > self.refine_start else "search"}
+        if self.masks.hidden is not None:  # the coarsest width: one aligned step of it moves `params` by percents
+            metrics["hidden_kept"] = self.masks.hidden.kept()
+        return metrics
 
 
 def prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
