@@ -57,8 +57,8 @@ class SearchConfig(RunOptions):
                                                  "calibration blocks (0: from zero, as the paper)")
     weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
     budget_weight: float = option(M.budget_weight, "lambda_res, weight of the budget loss")
-    hold_budget: bool = option(M.hold_budget, "in the refine phase, pull an architecture under the budget back up "
-                                              "to it (two-sided budget term) instead of leaving that to the final fit")
+    hold_budget: bool = option(M.hold_budget, "in the refine phase, freeze the hidden width with heads and depth and "
+                                              "pull the count onto the budget from either side (two-sided budget term)")
     train_weights: str = option(M.train_weights, "model weights during the search: none (frozen), lora, full")
     lora_r: int = option(M.lora_r, "LoRA rank (with --train-weights lora)")
     lora_alpha: int = option(M.lora_alpha, "LoRA alpha")
