@@ -208,7 +208,7 @@ class SearchLoop:
         metrics = {"loss": totals["task_loss"] + c.distill_weight * totals["distill_loss"] + bl, **totals,
                    "budget_loss": bl, "params": params, "params_ratio": params / self.dense,
                    "target_ratio_now": target_ratio, "target_params": self.target,
-                   "phase": "refine" if step + 1 > self.refine_start else "search"}
+                   "phase": "refine" if refining else "search"}
         if self.masks.hidden is not None:  # the coarsest width: one aligned step of it moves `params` by percents
             metrics["hidden_kept"] = self.masks.hidden.kept()
         return metrics
