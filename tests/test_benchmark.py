@@ -638,6 +638,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
         preset.append("--no-llamacpp")
     a = bench.parse_args(preset)
     assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
+    assert a.dms_steps == {0.5: 480}
     assert a.methods == ["dense", "magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt", "dms", "dms-restarts", "dms-lora"]
     assert a.tasks == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] and a.limit == 500
     assert [(c.dataset, c.protocol, c.max_windows, c.budgets) for c in a.ppl_cells] == [
@@ -666,6 +667,29 @@ def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):
     assert settings["warmup_blocks"] == 2 and settings["align"] == 2
     assert saved["dms"]["identity"]["align"] == saved["magnitude"]["identity"]["align"] == 2
     assert saved["dms"]["identity"]["recipe"]["warmup_blocks"] == 2  # a new warmup is a new search
+
+
+def test_dms_steps_replace_the_recipe_steps_for_one_budget_only(setup):
+    """--dms-steps 0.5=N: the DMS searches at 0.5 run N steps, a new row; the other budget's row keeps the
+    recipe's steps and its name, so its cached measurements stay valid. A malformed value or a budget that
+    is not benchmarked is refused before any work."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-steps", setup["tmp"] / "work-steps"
+    recipe_steps = 4  # the fixture recipe's
+    argv = _argv(setup, out, work, "dms", speed_reps=0, budgets="0.7,0.5")
+    for bad in ("0.5", "0.5=x", "0.6=4", "0.5=0"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv + ["--dms-steps", bad])
+    plain, stepped = bench.Benchmark(bench.parse_args(argv)), bench.Benchmark(bench.parse_args(argv + ["--dms-steps", "0.5=3"]))
+    assert stepped.row_name("dms", 0.7, 0) == plain.row_name("dms", 0.7, 0)
+    assert stepped.row_name("dms", 0.5, 0) != plain.row_name("dms", 0.5, 0)
+    assert bench.main(argv + ["--dms-steps", "0.5=3"]) == 0
+    steps = {}
+    for path in (work / "rows").glob("*.json"):
+        row = json.loads(path.read_text())
+        steps[row["budget"]] = len((work / row["artifact"] / "metrics.jsonl").read_text().splitlines())
+    assert steps == {0.5: 3, 0.7: recipe_steps}
+    assert json.loads((out / f"{Path(setup['model']).name}.json").read_text())["settings"]["dms_steps"] == {"0.5": 3}
 
 
 def test_llamacpp_columns_from_gguf_files_of_every_row(setup, tmp_path, monkeypatch):

@@ -366,6 +366,7 @@ def write_outputs(bench, rows: list[dict], argv) -> dict:
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
     report["settings"].update(dms_seeds=list(getattr(a, "dms_seeds", None) or [a.seed]), align=a.align,
+                              dms_steps={f"{b:g}": n for b, n in (getattr(a, "dms_steps", None) or {}).items()},
                               ppl_cells=[cell.describe() for cell in bench.ppl_cells],
                               ppl_cell_specs=[dataclasses.asdict(cell) for cell in bench.ppl_cells])
     if getattr(a, "llamacpp", False):

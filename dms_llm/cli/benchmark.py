@@ -103,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dms-seeds", default=None,
                    help="the dms rows: one search per seed (comma list); the table shows their median per cell with the "
                         "smallest and largest value (default: --seed, --seed+1, --seed+2)")
+    p.add_argument("--dms-steps", default=None, metavar="BUDGET=STEPS[,...]",
+                   help="search steps for the DMS rows of a budget, in place of the --dms-config recipe's, e.g. 0.5=480 "
+                        "(a search far below the dense size needs more steps to follow its budget)")
     p.add_argument("--dms-restarts", type=int, default=3,
                    help="searches behind a dms-restarts row; the lowest held-out calibration loss is kept (default 3)")
     p.add_argument("--adopt", action="append", default=[], metavar="METHOD@BUDGET=DIR",
@@ -203,6 +206,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dms-seeds must be a comma list of integers, got {args.dms_seeds!r}")
     if not args.dms_seeds or len(set(args.dms_seeds)) != len(args.dms_seeds):
         p.error(f"--dms-seeds must name at least one seed, each once; got {args.dms_seeds}")
+    args.dms_steps = _budget_steps(p, args.dms_steps, args.budgets)
     if args.llamacpp:
         import importlib.util
 
@@ -255,6 +259,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.work = os.path.abspath(args.work or os.path.join("runs", "benchmark", args.label))
     args.data_dir = data_dir_default(args.data_dir)
     return args
+
+
+def _budget_steps(p: argparse.ArgumentParser, spec, budgets) -> dict[float, int]:
+    """--dms-steps BUDGET=STEPS[,...] as {budget: steps}; each budget one of --budgets."""
+    steps = {}
+    for item in str(spec or "").split(","):
+        if not item.strip():
+            continue
+        try:
+            budget, n = item.split("=")
+            budget, n = float(budget), int(n)
+        except ValueError:
+            p.error(f"--dms-steps: expected BUDGET=STEPS[,...], e.g. 0.5=480; got {spec!r}")
+        if budget not in budgets or n < 1:
+            p.error(f"--dms-steps {item.strip()}: the budget must be one of --budgets {','.join(f'{b:g}' for b in budgets)} "
+                    f"and the steps at least 1")
+        steps[budget] = n
+    return steps
 
 
 def plan_rows(args) -> list[tuple[str, float, int]]:
