@@ -122,8 +122,9 @@ class Benchmark(RowMeasurements):
                 ident.update(adopted=adopted, summary=_digest(json.load(f)))
         elif method in DMS_METHODS:
             ident.update(recipe=self.dms_recipe, seed=seed)  # a dms row per --dms-seeds seed; the others --seed
-            if self.dms_steps(budget) is not None:  # absent otherwise, so rows without --dms-steps keep their names
-                ident.update(steps=self.dms_steps(budget))
+            steps = self.dms_steps(budget)
+            if steps is not None:  # absent otherwise, so rows without --dms-steps keep their names
+                ident.update(steps=steps)
             if method == "dms-restarts":
                 ident.update(restarts=a.dms_restarts)
             if self.dms_recipe is None:  # the search then calibrates like the baselines
@@ -264,8 +265,9 @@ class Benchmark(RowMeasurements):
         values = dict(self.dms_recipe or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
         values.update(model=a.model, target_ratio=row["budget"], target_params=None, output_dir=out, no_eval=True,
                       push_to_hub=None, seed=seed, stop_after=None, dtype=a.train_dtype, align=a.align)
-        if self.dms_steps(row["budget"]) is not None:
-            values["steps"] = self.dms_steps(row["budget"])
+        steps = self.dms_steps(row["budget"])
+        if steps is not None:
+            values["steps"] = steps
         if a.data_dir:
             values["data_dir"] = a.data_dir
         if row["method"] == "dms-lora":
