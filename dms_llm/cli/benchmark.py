@@ -11,8 +11,8 @@ one-shot baselines (dms_llm.baselines) all calibrate on the same blocks (`--cali
 train sample; never an evaluation split). `dms` is one DMS search with frozen weights, `dms-restarts` the
 best of `--dms-restarts` such searches by held-out calibration loss (`dms-llm search --restarts`),
 `dms-lora` one search with LoRA and distillation from the unpruned model, each a `dms-llm search` run with
-the `--dms-config` recipe (its budget replaced by each --budgets value; evaluation switched off there and
-done here). `--recovery-steps N` adds, for every pruned model, a row fine-tuned for N steps (a
+the `--dms-config` recipe (its budget replaced by each --budgets value, its steps by `--dms-steps` where that
+names the budget; evaluation switched off there and done here). `--recovery-steps N` adds, for every pruned model, a row fine-tuned for N steps (a
 `dms-llm finetune` run, LoRA + distillation on the calibration dataset by default) with the same
 settings for every method.
 
