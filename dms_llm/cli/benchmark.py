@@ -12,9 +12,9 @@ train sample; never an evaluation split). `dms` is one DMS search with frozen we
 best of `--dms-restarts` such searches by held-out calibration loss (`dms-llm search --restarts`),
 `dms-lora` one search with LoRA and distillation from the unpruned model, each a `dms-llm search` run with
 the `--dms-config` recipe (its budget replaced by each --budgets value, its steps by `--dms-steps` where that
-names the budget; evaluation switched off there and done here). `--recovery-steps N` adds, for every pruned model, a row fine-tuned for N steps (a
-`dms-llm finetune` run, LoRA + distillation on the calibration dataset by default) with the same
-settings for every method.
+names the budget; evaluation switched off there and done here). `--recovery-steps N` adds, for every pruned
+model, a row fine-tuned for N steps (a `dms-llm finetune` run, LoRA + distillation on the calibration dataset
+by default) with the same settings for every method.
 
 Everything is cached under `--work` (default runs/benchmark/<model>): each (method, budget, recovery)
 row is its own JSON in rows/, holding the plan or checkpoint path, the parameter count, the wall time
