@@ -639,6 +639,9 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     a = bench.parse_args(preset)
     assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
     assert a.dms_steps == {0.5: 480}
+    assert bench.parse_args(preset + ["--budgets", "0.8"]).dms_steps == {}  # the file's 0.5=480 names no row here
+    with pytest.raises(SystemExit):  # ... but given on the command line, a budget not benchmarked is a typo
+        bench.parse_args(preset + ["--budgets", "0.8", "--dms-steps", "0.5=480"])
     assert a.methods == ["dense", "magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt", "dms", "dms-restarts", "dms-lora"]
     assert a.tasks == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] and a.limit == 500
     assert [(c.dataset, c.protocol, c.max_windows, c.budgets) for c in a.ppl_cells] == [

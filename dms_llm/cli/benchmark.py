@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..benchmark.report import markdown, write_outputs
@@ -206,7 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dms-seeds must be a comma list of integers, got {args.dms_seeds!r}")
     if not args.dms_seeds or len(set(args.dms_seeds)) != len(args.dms_seeds):
         p.error(f"--dms-seeds must name at least one seed, each once; got {args.dms_seeds}")
-    args.dms_steps = _budget_steps(p, args.dms_steps, args.budgets)
+    given = any(a == "--dms-steps" or a.startswith("--dms-steps=") for a in (sys.argv[1:] if argv is None else argv))
+    args.dms_steps = _budget_steps(p, args.dms_steps, args.budgets, strict=given)
     if args.llamacpp:
         import importlib.util
 
@@ -261,8 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _budget_steps(p: argparse.ArgumentParser, spec, budgets) -> dict[float, int]:
-    """--dms-steps BUDGET=STEPS[,...] as {budget: steps}; each budget one of --budgets."""
+def _budget_steps(p: argparse.ArgumentParser, spec, budgets, strict: bool = True) -> dict[float, int]:
+    """--dms-steps BUDGET=STEPS[,...] as {budget: steps}. A budget that is not one of --budgets is an error when
+    `strict` (given on the command line: likely a typo); from a --config file it is dropped with a note, so that
+    a preset still runs with fewer --budgets."""
     steps = {}
     for item in str(spec or "").split(","):
         if not item.strip():
@@ -272,9 +276,13 @@ def _budget_steps(p: argparse.ArgumentParser, spec, budgets) -> dict[float, int]
             budget, n = float(budget), int(n)
         except ValueError:
             p.error(f"--dms-steps: expected BUDGET=STEPS[,...], e.g. 0.5=480; got {spec!r}")
-        if budget not in budgets or n < 1:
+        if n < 1 or (strict and budget not in budgets):
             p.error(f"--dms-steps {item.strip()}: the budget must be one of --budgets {','.join(f'{b:g}' for b in budgets)} "
                     f"and the steps at least 1")
+        if budget not in budgets:
+            print(f"[benchmark] dms-steps {item.strip()} (--config) left out: {budget:g} is not one of --budgets "
+                  f"{','.join(f'{b:g}' for b in budgets)}")
+            continue
         steps[budget] = n
     return steps
 
