@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from ..benchmark.report import markdown, write_outputs
@@ -207,8 +206,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dms-seeds must be a comma list of integers, got {args.dms_seeds!r}")
     if not args.dms_seeds or len(set(args.dms_seeds)) != len(args.dms_seeds):
         p.error(f"--dms-seeds must name at least one seed, each once; got {args.dms_seeds}")
-    given = any(a == "--dms-steps" or a.startswith("--dms-steps=") for a in (sys.argv[1:] if argv is None else argv))
-    args.dms_steps = _budget_steps(p, args.dms_steps, args.budgets, strict=given)
+    given = argparse.ArgumentParser(add_help=False)  # on the command line (abbreviated too), not from --config
+    given.add_argument("--dms-steps")
+    args.dms_steps = _budget_steps(p, args.dms_steps, args.budgets,
+                                   strict=given.parse_known_args(argv)[0].dms_steps is not None)
     if args.llamacpp:
         import importlib.util
 
@@ -267,7 +268,7 @@ def _budget_steps(p: argparse.ArgumentParser, spec, budgets, strict: bool = True
     """--dms-steps BUDGET=STEPS[,...] as {budget: steps}. A budget that is not one of --budgets is an error when
     `strict` (given on the command line: likely a typo); from a --config file it is dropped with a note, so that
     a preset still runs with fewer --budgets."""
-    steps = {}
+    steps, names = {}, ",".join(f"{b:g}" for b in budgets)
     for item in str(spec or "").split(","):
         if not item.strip():
             continue
@@ -277,11 +278,10 @@ def _budget_steps(p: argparse.ArgumentParser, spec, budgets, strict: bool = True
         except ValueError:
             p.error(f"--dms-steps: expected BUDGET=STEPS[,...], e.g. 0.5=480; got {spec!r}")
         if n < 1 or (strict and budget not in budgets):
-            p.error(f"--dms-steps {item.strip()}: the budget must be one of --budgets {','.join(f'{b:g}' for b in budgets)} "
+            p.error(f"--dms-steps {item.strip()}: the budget must be one of --budgets {names} "
                     f"and the steps at least 1")
         if budget not in budgets:
-            print(f"[benchmark] dms-steps {item.strip()} (--config) left out: {budget:g} is not one of --budgets "
-                  f"{','.join(f'{b:g}' for b in budgets)}")
+            print(f"[benchmark] dms-steps {item.strip()} (--config) left out: {budget:g} is not one of --budgets {names}")
             continue
         steps[budget] = n
     return steps
