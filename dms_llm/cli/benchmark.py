@@ -206,10 +206,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--dms-seeds must be a comma list of integers, got {args.dms_seeds!r}")
     if not args.dms_seeds or len(set(args.dms_seeds)) != len(args.dms_seeds):
         p.error(f"--dms-seeds must name at least one seed, each once; got {args.dms_seeds}")
-    given = argparse.ArgumentParser(add_help=False)  # on the command line (abbreviated too), not from --config
-    given.add_argument("--dms-steps")
+    command_line = argparse.ArgumentParser(add_help=False)  # --dms-steps typed (abbreviated too), not from --config
+    command_line.add_argument("--dms-steps")
     args.dms_steps = _budget_steps(p, args.dms_steps, args.budgets,
-                                   strict=given.parse_known_args(argv)[0].dms_steps is not None)
+                                   strict=command_line.parse_known_args(argv)[0].dms_steps is not None)
     if args.llamacpp:
         import importlib.util
 
