@@ -326,6 +326,53 @@ def test_adopting_a_finished_search_folder(setup, monkeypatch, capsys):
     assert "its target is" in capsys.readouterr().err
 
 
+def test_an_adopted_search_of_the_recipe_is_restored_without_its_folder(setup, monkeypatch):
+    """A row whose adopted search is exactly the benchmark recipe's records the name it has without --adopt, so
+    that --from-results restores it where the folder is absent; a folder searched otherwise records none."""
+    import shutil
+
+    bench = _load_benchmark()
+    label = Path(setup["model"]).name
+    made, made_work = setup["tmp"] / "recipe-made", setup["tmp"] / "recipe-made-work"
+    assert bench.main(_argv(setup, made, made_work, "dms", speed_reps=0, recovery_steps=2)) == 0
+    searched = {r["recovery"]: r for r in json.loads((made / f"{label}.json").read_text())["rows"]}
+    assert all("recipe_name" not in r for r in searched.values())  # not adopted: its name is the recipe's already
+    folder = setup["tmp"] / "recipe-search"  # the search, moved out of the cache as if made by `dms-llm search`
+    shutil.copytree(made_work / "dms" / searched[False]["name"], folder)
+
+    adopted_out, adopted_work = setup["tmp"] / "recipe-adopted", setup["tmp"] / "recipe-adopted-work"
+    assert bench.main(_argv(setup, adopted_out, adopted_work, "dms", speed_reps=0, recovery_steps=2,
+                            adopt=f"dms@0.7={folder}")) == 0
+    published = adopted_out / f"{label}.json"
+    adopted = {r["recovery"]: r for r in json.loads(published.read_text())["rows"]}
+    for recovery in (False, True):
+        assert adopted[recovery]["name"] != searched[recovery]["name"]  # named by its folder
+        assert adopted[recovery]["recipe_name"] == searched[recovery]["name"]
+
+    shutil.rmtree(folder)  # another machine: no folder, no --adopt; restored, nothing searched or fine-tuned again
+    monkeypatch.setattr(rows_module, "run_command", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built again")))
+    restored_out = setup["tmp"] / "recipe-restored"
+    assert bench.main(_argv(setup, restored_out, setup["tmp"] / "recipe-restored-work", "dms", speed_reps=0,
+                            recovery_steps=2, from_results=published)) == 0
+    restored = {r["recovery"]: r for r in json.loads((restored_out / f"{label}.json").read_text())["rows"]}
+    for recovery in (False, True):
+        assert restored[recovery]["name"] == searched[recovery]["name"]
+        assert restored[recovery]["ppl"] == adopted[recovery]["ppl"]
+
+    from dms_llm.cli import search  # a search of other settings (3 steps, the default structures) is not the recipe's
+
+    other = setup["tmp"] / "other-search"
+    assert search.main(["--model", setup["model"], "--dataset", setup["corpus"], "--output-dir", str(other),
+                        "--seq-len", "16", "--num-samples", "8", "--steps", "3", "--target-ratio", "0.7", "--no-eval"]) == 0
+    args = bench.parse_args(_argv(setup, adopted_out, adopted_work, "dms", adopt=f"dms@0.7={other}"))
+    assert bench.Benchmark(args).recipe_name("dms", 0.7, 0, 0) is None
+    recorded = json.loads((other / "search_config.json").read_text())
+    expected = bench.Benchmark(args).dms_search_values("dms", 0.7, 0, str(other))
+    assert not rows_module.same_search(recorded, expected)
+    assert rows_module.same_search({**recorded, **expected, "output_dir": "elsewhere"}, expected)
+    assert not rows_module.same_search({**recorded, **expected, "seed": 1}, expected)
+
+
 def test_dms_restarts_row_keeps_the_best_of_its_searches(setup, capsys):
     """A dms-restarts row is a search.py --restarts run; a folder that is not one cannot be adopted for it."""
     bench = _load_benchmark()

@@ -160,4 +160,9 @@ class RowMeasurements:
                        llamacpp_pp=lc.get("pp"), llamacpp_tg=lc.get("tg"))
         if (row.get("info") or {}).get("chosen_seed") is not None:
             out["chosen_seed"] = row["info"]["chosen_seed"]
+        if row["method"] != "dense":
+            recipe_name = self.recipe_name(row["method"], row["budget"], (row.get("identity") or {}).get("recovery_steps", 0),
+                                           row.get("seed", a.seed))
+            if recipe_name:
+                out["recipe_name"] = recipe_name
         return out

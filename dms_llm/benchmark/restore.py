@@ -73,9 +73,11 @@ def _row_from_report(bench, row: dict, published: dict, settings: dict) -> None:
 
 def restore_rows(bench, results: dict, path: str, planned: list[tuple[str, float, int, int]]) -> int:
     """Writes a cache row for every planned (method, budget, recovery steps, seed) row that the file at `path`
-    (read by `read_results`) holds, under the same cache name (same model, settings and recipes), and the
-    cache does not. Returns how many."""
-    by_name = {r["name"]: r for r in results["rows"]}
+    (read by `read_results`) holds, under the same cache name (same model, settings and recipes; for an adopted
+    search, its `recipe_name`), and the cache does not. Returns how many."""
+    # an adopted search's row also answers to the name it has without --adopt when it is that recipe's search
+    by_name = {r["recipe_name"]: r for r in results["rows"] if r.get("recipe_name")}
+    by_name.update({r["name"]: r for r in results["rows"]})
     restored = 0
     for method, budget, recovery, seed in planned:
         row = bench.load_row(method, budget, recovery, seed)

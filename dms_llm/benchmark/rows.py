@@ -47,6 +47,32 @@ def _restarts_of(folder: str) -> int | None:
         return len(json.load(f)["searches"])
 
 
+# `dms-llm search` settings that do not change the searched model: where it is written, how it is checkpointed,
+# evaluated or published, and how the source is read.
+_OUTSIDE_THE_SEARCH = {"output_dir", "overwrite", "resume", "stop_after", "checkpoint_every", "data_dir", "no_eval",
+                       "eval_ppl", "eval_protocol", "eval_max_windows", "eval_tasks", "eval_limit", "push_to_hub",
+                       "hub_private", "gradient_checkpointing", "fsdp", "prune_from_files"}
+
+
+def same_search(recorded: dict, values: dict) -> bool:
+    """Whether a search folder's `search_config.json` (`recorded`) is the search that the recipe `values` runs:
+    every setting that shapes the result agrees, each absent one taken at its default."""
+    import dataclasses
+
+    from ..cli.search import DEFAULT_HELDOUT_SAMPLES, SearchConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+
+    def settings(given: dict) -> dict:
+        full = {**defaults, **{k.replace("-", "_"): v for k, v in given.items()}}
+        if full["heldout_samples"] is None:  # the search's own default
+            full["heldout_samples"] = DEFAULT_HELDOUT_SAMPLES if full["restarts"] > 1 else 0
+        full["prune"] = sorted(str(full["prune"]).replace(" ", "").split(","))
+        return {k: v for k, v in full.items() if k in defaults and k not in _OUTSIDE_THE_SEARCH}
+
+    return settings(recorded) == settings(values)
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -106,7 +132,9 @@ class Benchmark(RowMeasurements):
         seed = a.seed if seed is None else seed
         return a.adopted.get((method, budget, seed)) or (a.adopted.get((method, budget)) if seed == a.seed else None)
 
-    def identity(self, method: str, budget: float, recovery: int, seed: int | None = None) -> dict:
+    def identity(self, method: str, budget: float, recovery: int, seed: int | None = None, as_recipe: bool = False) -> dict:
+        """What a row's results depend on (its cache name is a digest of it). An adopted search is named by its
+        folder; `as_recipe` gives the identity the row has when the benchmark runs the search itself."""
         a = self.args
         seed = a.seed if seed is None else seed
         ident = {"model": a.model, "dtype": a.dtype, "method": method, "budget": budget}
@@ -116,7 +144,7 @@ class Benchmark(RowMeasurements):
             ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len, a.seed])
             if VERSIONS[method] > 1:  # version 1 is left out so that the first cached rows stay valid
                 ident.update(version=VERSIONS[method])
-        adopted = self.adopted_folder(method, budget, seed)
+        adopted = None if as_recipe else self.adopted_folder(method, budget, seed)
         if adopted:
             with open(os.path.join(adopted, "search_summary.json")) as f:
                 ident.update(adopted=adopted, summary=_digest(json.load(f)))
@@ -139,12 +167,25 @@ class Benchmark(RowMeasurements):
                 ident.update(recovery_recipe=self.recovery_recipe)
         return ident
 
-    def row_name(self, method: str, budget: float, recovery: int, seed: int | None = None) -> str:
+    def row_name(self, method: str, budget: float, recovery: int, seed: int | None = None, as_recipe: bool = False) -> str:
         seed = self.args.seed if seed is None else seed
         # A dms row of another seed than 0 says so; the seed-0 row's key has no seed, so cached rows stay valid.
         tag = "dms" + (f"-seed{seed}" if seed != 0 else "") if method == "dms" else method
         tag = "dense" if method == "dense" else f"{tag}-b{budget:g}" + (f"-rec{recovery}" if recovery else "")
-        return f"{tag}-{_digest(self.identity(method, budget, recovery, seed))}"
+        return f"{tag}-{_digest(self.identity(method, budget, recovery, seed, as_recipe))}"
+
+    def recipe_name(self, method: str, budget: float, recovery: int, seed: int) -> str | None:
+        """For a row whose search was adopted: the name the row has without `--adopt`, when the adopted folder's
+        search settings are the ones the benchmark would have run (so that `--from-results` on another machine,
+        without the folder, restores the row instead of searching again); else None."""
+        folder = self.adopted_folder(method, budget, seed)
+        path = os.path.join(folder, "search_config.json") if folder else None
+        if path is None or not os.path.isfile(path):
+            return None
+        expected = self.dms_search_values(method, budget, seed, out=folder)
+        if not same_search(read_json(path), expected):
+            return None
+        return self.row_name(method, budget, recovery, seed, as_recipe=True)
 
     def row_path(self, name: str) -> str:
         return os.path.join(self.args.work, "rows", name + ".json")
@@ -244,6 +285,25 @@ class Benchmark(RowMeasurements):
                 row.setdefault("train_dtype", info["recovery"]["dtype"])
         return before != {k: row.get(k) for k in before}
 
+    def dms_search_values(self, method: str, budget: float, seed: int, out: str) -> dict:
+        """The `dms-llm search` recipe that builds the DMS row (method, budget, seed) into the folder `out`."""
+        a = self.args
+        values = dict(self.dms_recipe or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
+        values.update(model=a.model, target_ratio=budget, target_params=None, output_dir=out, no_eval=True,
+                      push_to_hub=None, seed=seed, stop_after=None, dtype=a.train_dtype, align=a.align)
+        steps = self.dms_steps(budget)
+        if steps is not None:
+            values["steps"] = steps
+        if a.data_dir:
+            values["data_dir"] = a.data_dir
+        if method == "dms-lora":
+            values.update(train_weights="lora", distill=True)
+        else:
+            values["train_weights"] = "none"
+        if method == "dms-restarts":
+            values["restarts"] = a.dms_restarts
+        return values
+
     def build_dms(self, row: dict) -> None:
         a = self.args
         seed = row.get("seed", a.seed)
@@ -262,20 +322,7 @@ class Benchmark(RowMeasurements):
                 row["info"]["chosen_seed"] = summary["chosen_seed"]
             return
         out = os.path.join(a.work, "dms", row["name"])
-        values = dict(self.dms_recipe or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
-        values.update(model=a.model, target_ratio=row["budget"], target_params=None, output_dir=out, no_eval=True,
-                      push_to_hub=None, seed=seed, stop_after=None, dtype=a.train_dtype, align=a.align)
-        steps = self.dms_steps(row["budget"])
-        if steps is not None:
-            values["steps"] = steps
-        if a.data_dir:
-            values["data_dir"] = a.data_dir
-        if row["method"] == "dms-lora":
-            values.update(train_weights="lora", distill=True)
-        else:
-            values["train_weights"] = "none"
-        if row["method"] == "dms-restarts":
-            values["restarts"] = a.dms_restarts
+        values = self.dms_search_values(row["method"], row["budget"], seed, out)
         summary_path = os.path.join(out, "search_summary.json")
         if not os.path.isfile(summary_path):
             from ..cli.search import resumable
