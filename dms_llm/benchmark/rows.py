@@ -56,21 +56,24 @@ _OUTSIDE_THE_SEARCH = {"output_dir", "overwrite", "resume", "stop_after", "check
 
 def same_search(recorded: dict, values: dict) -> bool:
     """Whether a search folder's `search_config.json` (`recorded`) is the search that the recipe `values` runs:
-    every setting that shapes the result agrees, each absent one taken at its default."""
+    both read as `dms-llm search` reads its settings (defaults and derived values filled in, names
+    normalised), every setting that shapes the result agrees."""
     import dataclasses
 
-    from ..cli.search import DEFAULT_HELDOUT_SAMPLES, SearchConfig
+    from ..cli.options import ConfigError
+    from ..cli.search import SearchConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
+    fields = {f.name for f in dataclasses.fields(SearchConfig)}
 
-    def settings(given: dict) -> dict:
-        full = {**defaults, **{k.replace("-", "_"): v for k, v in given.items()}}
-        if full["heldout_samples"] is None:  # the search's own default
-            full["heldout_samples"] = DEFAULT_HELDOUT_SAMPLES if full["restarts"] > 1 else 0
-        full["prune"] = sorted(str(full["prune"]).replace(" ", "").split(","))
-        return {k: v for k, v in full.items() if k in defaults and k not in _OUTSIDE_THE_SEARCH}
+    def settings(given: dict) -> dict | None:
+        try:
+            config = SearchConfig(**{k.replace("-", "_"): v for k, v in given.items() if k.replace("-", "_") in fields})
+        except (ConfigError, TypeError):
+            return None  # not settings a search accepts (today)
+        return {k: v for k, v in dataclasses.asdict(config).items() if k not in _OUTSIDE_THE_SEARCH}
 
-    return settings(recorded) == settings(values)
+    expected = settings(values)
+    return expected is not None and settings(recorded) == expected
 
 
 def _digest(obj) -> str:
