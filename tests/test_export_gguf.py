@@ -1,22 +1,25 @@
 """GGUF export: what the file holds, checked by reading it back and by independent implementations
 (transformers' own GGUF loader; the rotary convention llama.cpp documents). Running the files in
-llama.cpp itself is in test_llamacpp.py (slow, needs the llamacpp extra)."""
+llama.cpp itself, and the k-quants its quantizer writes, are in test_llamacpp.py and test_export_kquant.py
+(slow, need the llamacpp extra)."""
 
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import WORDS, input_ids, tiny_model
-from gguf import GGMLQuantizationType, GGUFReader, TokenType
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, TokenType
 from gguf.quants import dequantize
 from test_modeling import _save, sliced_model
 
 from dms_llm.cli.export import main as export_main
 from dms_llm.export.gguf import GGUFExportError, _interleave_rotary_halves, export_gguf
 from dms_llm.export.gguf_vocab import vocab_from_tokenizer
+from dms_llm.export.quantize import KQUANTS
 
 VOCAB = 320  # the tiny tokenizers below have ~300 tokens; the rest are padding rows
 
@@ -282,6 +285,85 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert code == 2 and "--overwrite" in captured.err and out.read_text() == "keep me"
     code, captured = run_cli([ckpt, "--output", str(out), "--overwrite", "--outtype", "q8_0"], capsys)
     assert code == 0 and "llama architecture" in captured.out and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_kquants_without_llamacpp_are_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_model("llama-gqa", vocab_size=VOCAB))
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # what `import llama_cpp` meets without the extra
+    out = tmp_path / "m.gguf"
+    for outtype in KQUANTS:
+        code, captured = run_cli([ckpt, "--outtype", outtype, "--output", str(out)], capsys)
+        assert code == 2 and captured.err.count("\n") == 1, captured.err
+        assert captured.err.startswith(f"error: --outtype {outtype} ")
+        assert "pip install 'dms_llm[llamacpp]'" in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    code, _ = run_cli([ckpt, "--outtype", "q8_0", "--output", str(out)], capsys)  # the other types need no llama.cpp
+    assert code == 0 and out.exists()
+
+
+def test_outtype_and_threads_are_checked(tmp_path, capsys):
+    for argv in (["--outtype", "q4_k"], ["--outtype", "Q4_K_M"], ["--outtype", "q4_k_m", "--threads", "-1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main([str(tmp_path), "--output", str(tmp_path / "m.gguf"), *argv])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'q4_k'" in err and "--threads must be 0" in err
+    with pytest.raises(GGUFExportError, match="choose one of f32, f16, bf16, q8_0, q6_k, .*, q2_k"):
+        export_gguf(str(tmp_path), str(tmp_path / "m.gguf"), "q4_k")
+    assert not list(tmp_path.iterdir())
+
+
+def test_fallback_report_reads_the_file(tmp_path):
+    """The matrices named as stored in a fallback type: rows not a multiple of 256 and a type other than
+    the outtype's own (read from the file; tests/test_export_kquant.py checks it against llama.cpp's log)."""
+    from gguf import GGUFWriter
+    from gguf.quants import quant_shape_to_byte_shape
+
+    from dms_llm.export.quantize import describe_fallback, fallback_tensors
+
+    writer = GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    tensors = {"blk.0.ffn_down.weight": ((576, 1536), "Q4_K"), "blk.0.ffn_up.weight": ((1536, 576), "Q5_0"),
+               "blk.1.ffn_up.weight": ((1536, 576), "Q5_0"), "blk.0.attn_v.weight": ((192, 576), "Q8_0"),
+               "blk.0.attn_q.weight": ((576, 576), "Q4_0"), "token_embd.weight": ((320, 576), "Q8_0"),
+               "blk.0.ffn_gate.weight": ((512, 512), "Q6_K"), "blk.0.ffn_norm.weight": ((576,), "F32")}  # fmt: skip
+    for name, (shape, qtype) in tensors.items():
+        qtype = GGMLQuantizationType[qtype]
+        dtype = np.float32 if qtype == GGMLQuantizationType.F32 else np.uint8
+        data = np.zeros(quant_shape_to_byte_shape(shape, qtype) if dtype == np.uint8 else shape, dtype=dtype)
+        writer.add_tensor(name, data, raw_dtype=None if dtype == np.float32 else qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    kquant = {"blk.0.ffn_up.weight": "q5_0", "blk.1.ffn_up.weight": "q5_0", "blk.0.attn_v.weight": "q8_0",
+              "blk.0.attn_q.weight": "q4_0", "token_embd.weight": "q8_0"}  # fmt: skip
+    assert fallback_tensors(str(tmp_path / "m.gguf"), "q4_k_m") == (kquant, 7)
+    # q4_0 blocks are 32 wide: rows of 576 are q4_0's own type; q8_0 and q5_0 there are fallbacks
+    assert fallback_tensors(str(tmp_path / "m.gguf"), "q4_0")[0] == {k: v for k, v in kquant.items() if v != "q4_0"}
+    line = describe_fallback(kquant, 7, "q4_k_m")
+    assert line.startswith("5 of 7 matrices are not q4_k: their rows are not a multiple of 256")
+    assert "ffn_up.weight q5_0 x2" in line and "token_embd.weight q8_0" in line and "\n" not in line
+
+
+def test_a_failed_quantization_leaves_no_file(tmp_path, monkeypatch):
+    from dms_llm.export import gguf
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny_model("llama-gqa", vocab_size=VOCAB))
+    seen = {}
+
+    def failing(source, output, outtype, threads):
+        seen["source"] = GGUFReader(source).fields["general.file_type"].contents()  # the f16 file, complete
+        with open(output, "wb") as f:
+            f.write(b"GGUF half")
+        raise RuntimeError("llama.cpp could not quantize")
+
+    monkeypatch.setattr(gguf, "require_llama_cpp", lambda outtype: None)  # runs without the extra
+    monkeypatch.setattr(gguf, "quantize_gguf", failing)
+    with pytest.raises(RuntimeError, match="could not quantize"):
+        export_gguf(ckpt, str(tmp_path / "m.gguf"), "q4_k_m", progress=False)
+    assert seen["source"] == LlamaFileType.MOSTLY_F16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_unsupported_settings_fail_before_writing(tmp_path):

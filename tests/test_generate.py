@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA, input_ids
 from safetensors.torch import load_file
-from test_modeling import env_without_dms_llm, logits, sliced_model
+from test_modeling import KEEP, env_without_dms_llm, logits, sliced_model
 
 import dms_llm.modeling  # noqa: F401  (registers dms_llama with the Auto classes)
 
@@ -65,6 +65,24 @@ def test_generate_logits_equal_full_forward_at_every_step(sliding_window):
     assert (no_context[:, 1:] - expected[:, 1:]).abs().max() > 0.05
 
 
+# Where the attention-free layers sit decides which cache slots are dummies; generate reads slot 0.
+NO_ATTENTION, NO_MLP, NARROW, WIDE = KEEP
+
+
+@pytest.mark.parametrize(
+    "keep",
+    [[NARROW, NO_MLP, NO_ATTENTION, WIDE], [NARROW, NO_MLP, WIDE, NO_ATTENTION], [NO_ATTENTION, NO_ATTENTION, NARROW, WIDE]],
+    ids=["middle", "last", "first-two"],
+)
+def test_generate_with_attention_free_layers_anywhere(keep):
+    model, _ = sliced_model(keep=keep)
+    prompt = input_ids(batch=2, seq=6)
+    assert_context_matters(model, prompt, at_least=0.05)
+    sequences, step_logits = generate_with_logits(model, prompt, STEPS, use_cache=True)
+    expected = full_forward_step_logits(model, sequences, prompt.shape[1])
+    torch.testing.assert_close(step_logits, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
 def test_manual_decode_loop_accepts_either_cache_keyword(keyword):
     from transformers import DynamicCache
@@ -78,7 +96,7 @@ def test_manual_decode_loop_accepts_either_cache_keyword(keyword):
         stepped = [out.logits[:, -1]]
         for i in range(6, 10):
             stepped.append(model(ids[:, i : i + 1], use_cache=True, **{keyword: cache}).logits[:, -1])
-    assert cache.get_seq_length(1) == 10
+    assert cache.get_seq_length() == 10
     torch.testing.assert_close(torch.stack(stepped, 1), logits(model, ids)[:, 5:], rtol=0, atol=1e-5)
 
 
@@ -187,6 +205,22 @@ def test_remote_code_generate_equals_full_forward(tmp_path):
     sequences, step_logits = generate_through_remote_code(tmp_path / "ckpt", prompt, STEPS, tmp_path)
     expected = full_forward_step_logits(model, sequences, prompt.shape[1])
     torch.testing.assert_close(step_logits, expected, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_with_stale_modeling_files_generates_through_dms_llm(tmp_path):
+    from test_modeling import _save
+    from transformers import AutoModelForCausalLM
+
+    # A checkpoint saved by an older dms_llm carries older modeling files; where dms_llm is imported, the
+    # library's registered classes load it instead, so such a file never runs.
+    model, _ = sliced_model(tie=False)
+    _save(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "modeling_dms_llama.py").write_text("raise ImportError('stale modeling file')\n")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    assert type(loaded).__module__.startswith("dms_llm.")
+    prompt = input_ids(batch=1, seq=6)
+    sequences, step_logits = generate_with_logits(loaded, prompt, STEPS, use_cache=True)
+    torch.testing.assert_close(step_logits, full_forward_step_logits(model, sequences, prompt.shape[1]), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

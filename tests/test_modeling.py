@@ -126,33 +126,34 @@ def _stock_source(tie=True, sliding_window=None, **extra):
     return tiny_model(family, **overrides)
 
 
-def sliced_model(tie=True, sliding_window=None, **extra):
+def sliced_model(tie=True, sliding_window=None, keep=KEEP, **extra):
     """A non-uniform DMS model sliced from a stock one, and the stock model with the removed
-    structures' outputs zeroed: the two must compute the same function. `extra`: config overrides."""
+    structures' outputs zeroed: the two must compute the same function. `keep`: what each layer keeps,
+    like KEEP; `extra`: config overrides."""
     stock = _stock_source(tie, sliding_window, **extra)
     c = stock.config
     n_rep, hd = c.num_attention_heads // c.num_key_value_heads, c.head_dim
     config = dms_config_from(
         c,
-        layer_num_key_value_heads=[len(k["groups"]) for k in KEEP],
-        layer_num_attention_heads=[len(k["groups"]) * n_rep for k in KEEP],
-        layer_intermediate_sizes=[len(k["channels"]) for k in KEEP],
+        layer_num_key_value_heads=[len(k["groups"]) for k in keep],
+        layer_num_attention_heads=[len(k["groups"]) * n_rep for k in keep],
+        layer_intermediate_sizes=[len(k["channels"]) for k in keep],
     )
     sd = {k: v.clone() for k, v in stock.state_dict().items()}
     new = {k: v for k, v in sd.items() if not k.startswith("model.layers.")}
-    for i, keep in enumerate(KEEP):
+    for i, layer in enumerate(keep):
         p = f"model.layers.{i}."
         none = [torch.zeros(0, dtype=int)]
-        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep["groups"]] or none)
-        q_rows = torch.cat([torch.arange(g * n_rep * hd, (g + 1) * n_rep * hd) for g in keep["groups"]] or none)
-        ch = torch.tensor(keep["channels"], dtype=int)
-        if keep["groups"]:
+        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in layer["groups"]] or none)
+        q_rows = torch.cat([torch.arange(g * n_rep * hd, (g + 1) * n_rep * hd) for g in layer["groups"]] or none)
+        ch = torch.tensor(layer["channels"], dtype=int)
+        if layer["groups"]:
             new[p + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
             new[p + "self_attn.q_proj.weight"] = sd[p + "self_attn.q_proj.weight"][q_rows]
             new[p + "self_attn.k_proj.weight"] = sd[p + "self_attn.k_proj.weight"][kv_rows]
             new[p + "self_attn.v_proj.weight"] = sd[p + "self_attn.v_proj.weight"][kv_rows]
             new[p + "self_attn.o_proj.weight"] = sd[p + "self_attn.o_proj.weight"][:, q_rows]
-        if keep["channels"]:
+        if layer["channels"]:
             new[p + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
             new[p + "mlp.gate_proj.weight"] = sd[p + "mlp.gate_proj.weight"][ch]
             new[p + "mlp.up_proj.weight"] = sd[p + "mlp.up_proj.weight"][ch]
@@ -185,7 +186,9 @@ def test_nonuniform_structure_and_parameter_names(nonuniform):
     assert not any(n.startswith(("model.layers.0.self_attn", "model.layers.0.input_layernorm")) for n in names)
     assert not any(n.startswith(("model.layers.1.mlp", "model.layers.1.post_attention_layernorm")) for n in names)
     assert "model.layers.3.self_attn.o_proj.weight" in names and "model.layers.0.mlp.down_proj.weight" in names
-    assert nonuniform.config.layer_types == ["moe", "full_attention", "full_attention", "full_attention"]
+    # Cache slots: the three attention layers first, the attention-free layer 0 last.
+    assert nonuniform.config.layer_types == ["full_attention", "full_attention", "full_attention", "moe"]
+    assert [layer.self_attn.layer_idx for layer in layers[1:]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("sliding_window", [None, 5])
@@ -220,22 +223,23 @@ def test_cache_skips_attention_free_layers(nonuniform):
     with torch.no_grad():
         out = nonuniform(ids, use_cache=True)
     cache = out.past_key_values
-    assert cache.is_dummy[0] and not any(cache.is_dummy[1:])
-    # Layer 0 holds nothing, yet the cache reports the real length (positions of the next step).
+    # Layer 0 has no attention: the cache holds a slot for each of the other three, and a dummy slot.
+    assert cache.is_dummy == [False, False, False, True]
+    # Slot 0 is the first attention layer's, where `generate` reads the length (positions of the next step).
     assert cache.get_seq_length() == 5
-    assert [cache.layers[i].keys.shape[1] for i in (1, 2, 3)] == [2, 1, 3]
+    assert [cache.layers[i].keys.shape[1] for i in (0, 1, 2)] == [2, 1, 3]
 
 
 def test_cache_built_without_config_decodes_correctly(nonuniform):
     from transformers import DynamicCache
 
-    # Without the config the cache appends plain layers lazily, so slot 0 exists but stays empty.
+    # Without the config the cache appends plain layers lazily, one per attention layer.
     ids = input_ids(seq=10)
     cache = DynamicCache()
     with torch.no_grad():
         nonuniform(ids[:, :6], past_key_values=cache, use_cache=True)
         stepped = nonuniform(ids[:, 6:], past_key_values=cache, use_cache=True).logits
-    assert cache.get_seq_length(1) == 10
+    assert len(cache.layers) == 3 and cache.get_seq_length() == 10
     torch.testing.assert_close(stepped, logits(nonuniform, ids)[:, 6:], rtol=1e-5, atol=1e-5)
 
 

@@ -11,12 +11,14 @@ Two behaviours of `deci` would silently change a pruned model, so the file carri
   gets one head whose weights are zero (its attention output is exactly zero).
 
 Tensors are read, converted and written one at a time, so exporting needs about one tensor of memory.
-The file is written beside the output and renamed into place when complete.
+The file is written beside the output and renamed into place when complete. The k-quants (q4_k_m, ...)
+are llama.cpp's own quantizer run on an f16 file written first beside the output (export/quantize.py).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +31,7 @@ from ..arch import arch_spec, model_shapes
 from ..files import write_atomic
 from .checkpoint import Checkpoint
 from .gguf_vocab import vocab_from_tokenizer
+from .quantize import KQUANTS, describe_fallback, fallback_tensors, quantize_gguf, require_llama_cpp
 
 OUTTYPES = {
     "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
@@ -268,9 +271,17 @@ def _write_file(writer, path: str, plan: "GGUFPlan", checkpoint_dir: str, vocab,
         writer.write_tensor_data(_encode(t.load(), t.qtype))
 
 
-def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrite: bool = False, progress: bool = True) -> dict:
+def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrite: bool = False, progress: bool = True,
+                threads: int = 0) -> dict:  # fmt: skip
     """Write `checkpoint_dir` as a GGUF file at `output`; returns a summary (architecture, tensors,
-    notes). Every check runs before anything is written; the file appears complete or not at all."""
+    notes; for a k-quant also `fallback`, {tensor: type} of the matrices whose rows no k-quant holds).
+    Every check runs before anything is written; the file appears complete or not at all. `threads`:
+    llama.cpp's quantizer threads for the k-quants (0: every core)."""
+    if outtype not in OUTTYPES and outtype not in KQUANTS:
+        raise GGUFExportError(f"--outtype {outtype!r}: choose one of {', '.join([*OUTTYPES, *KQUANTS])}")
+    quantized = outtype in KQUANTS
+    if quantized:
+        require_llama_cpp(outtype)
     output = os.path.abspath(output)
     if os.path.isdir(output):
         raise GGUFExportError(f"--output {output} is a folder; name the .gguf file to write")
@@ -279,18 +290,30 @@ def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrit
     if not os.path.isdir(os.path.dirname(output)):
         raise GGUFExportError(f"the folder of --output {output} does not exist")
     checkpoint = Checkpoint(checkpoint_dir)
-    plan = GGUFPlan(checkpoint, outtype)
+    # llama.cpp quantizes from f16, as its own convert-then-quantize route does
+    plan = GGUFPlan(checkpoint, "f16" if quantized else outtype)
     vocab = vocab_from_tokenizer(checkpoint.tokenizer(), plan.shapes.vocab_size)  # before anything is written
 
-    def write(tmp: str) -> None:
+    def write_plan(path: str) -> None:
         writer = GGUFWriter(path=None, arch=plan.arch)
         try:
-            _write_file(writer, tmp, plan, checkpoint_dir, vocab, progress)
+            _write_file(writer, path, plan, checkpoint_dir, vocab, progress)
         finally:
             writer.close()
 
-    write_atomic(output, write)
-    return {
+    def write_quantized(tmp: str) -> None:
+        source = f"{tmp}.f16"  # beside the output too, and removed whatever happens
+        try:
+            write_plan(source)
+            if progress:
+                print(f"quantizing to {outtype} with llama.cpp", file=sys.stderr, flush=True)
+            quantize_gguf(source, tmp, outtype, threads)
+        finally:
+            if os.path.exists(source):
+                os.unlink(source)
+
+    write_atomic(output, write_quantized if quantized else write_plan)
+    summary = {
         "output": output,
         "architecture": plan.arch,
         "outtype": outtype,
@@ -302,3 +325,8 @@ def export_gguf(checkpoint_dir: str, output: str, outtype: str = "f16", overwrit
         },
         "notes": plan.notes,
     }
+    if quantized:
+        summary["fallback"], matrices = fallback_tensors(output, outtype)
+        if summary["fallback"]:
+            summary["notes"].append(describe_fallback(summary["fallback"], matrices, outtype))
+    return summary

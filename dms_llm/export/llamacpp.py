@@ -126,8 +126,9 @@ def checkpoint_parameters(folder: str) -> int:
     return total
 
 
-def gguf_file(work: str, name: str, folder: str, outtype: str) -> str:
-    """WORK/NAME-KEY-OUTTYPE.gguf exported from `folder` (once: the key changes with the checkpoint's files)."""
+def gguf_file(work: str, name: str, folder: str, outtype: str, threads: int = 0) -> str:
+    """WORK/NAME-KEY-OUTTYPE.gguf exported from `folder` (once: the key changes with the checkpoint's files).
+    `threads`: llama.cpp's quantizer threads for the k-quants (0: every core)."""
     import os
 
     from .gguf import export_gguf
@@ -135,7 +136,7 @@ def gguf_file(work: str, name: str, folder: str, outtype: str) -> str:
     path = os.path.join(work, f"{name}-{checkpoint_key(folder)}-{outtype}.gguf")
     if not os.path.isfile(path):
         os.makedirs(work, exist_ok=True)
-        export_gguf(folder, path, outtype, progress=False)
+        export_gguf(folder, path, outtype, progress=False, threads=threads)
     return path
 
 

@@ -118,18 +118,26 @@ class DMSLlamaConfig(LlamaConfig):
 
     @property
     def layer_types(self) -> list[str] | None:
-        """Derived, never serialised. transformers' caches and mask helpers read it: "moe" is the
-        attention-free layer type they know (mapped to a `DummyLayer` in `DynamicCache`), so a
-        layer without attention stores nothing and `get_seq_length()` skips it even at index 0."""
+        """The types of the KV-cache slots, read by transformers' caches and mask helpers; derived, never
+        serialised. Attention layers take the first slots in order (`attention_cache_slot`) and the
+        remaining slots are "moe", the attention-free type the caches know (a `DummyLayer` that stores
+        nothing). Slot 0 thus caches whenever any layer has attention, which is where `generate` reads
+        the cached length; transformers 5.25 no longer looks past an attention-free slot 0."""
         kv = self.__dict__.get("layer_num_key_value_heads")
         if kv is None:
             return None
         attention = "full_attention" if self.__dict__.get("sliding_window") is None else "sliding_attention"
-        return [attention if k else "moe" for k in kv]
+        with_attention = sum(1 for k in kv if k)
+        return [attention] * with_attention + ["moe"] * (len(kv) - with_attention)
 
     @property
     def attention_layer_indices(self) -> list[int]:
         return [i for i, k in enumerate(self.layer_num_key_value_heads) if k]
+
+    def attention_cache_slot(self, layer_idx: int) -> int:
+        """The KV-cache slot of decoder layer `layer_idx`, which must have attention: its rank among the
+        attention layers."""
+        return self.attention_layer_indices.index(layer_idx)
 
 
 __all__ = ["DMSLlamaConfig"]

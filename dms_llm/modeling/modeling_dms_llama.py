@@ -61,8 +61,9 @@ class DMSLlamaAttention(nn.Module):
     def __init__(self, config: DMSLlamaConfig, layer_idx: int):
         super().__init__()
         self.config = config
-        # The cache slot: this (pruned) model's layer index, matching `config.layer_types`.
-        self.layer_idx = layer_idx
+        # What attention functions and `cache.update` call the layer index is the KV-cache slot, which
+        # skips attention-free layers (`config.layer_types` describes the slots).
+        self.layer_idx = config.attention_cache_slot(layer_idx)
         self.head_dim = config.head_dim
         self.num_heads = config.layer_num_attention_heads[layer_idx]
         self.num_key_value_heads = config.layer_num_key_value_heads[layer_idx]
@@ -216,24 +217,21 @@ class DMSLlamaModel(DMSLlamaPreTrainedModel):
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        attention_layers = config.attention_layer_indices
-        if checkpointing or not attention_layers:
+        if checkpointing or not config.attention_layer_indices:
             # A checkpointed layer runs twice, which would write the cache twice. Without attention
             # nothing would be cached, and transformers' caches cannot report a length then.
             use_cache, cache = False, None
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
 
-        # Lengths and masks are read from the first layer that really caches: with a cache built
-        # without the config (layers appended lazily), slot 0 may be an empty stand-in.
-        cache_layer = attention_layers[0] if attention_layers else 0
+        # Lengths and masks are read from cache slot 0, the first attention layer's.
         if position_ids is None:
-            past_seen_tokens = cache.get_seq_length(cache_layer) if cache is not None else 0
+            past_seen_tokens = cache.get_seq_length(0) if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
         if isinstance(attention_mask, dict):  # already prepared per layer type, e.g. by `generate`
-            causal_mask = attention_mask.get(config.layer_types[cache_layer])
+            causal_mask = attention_mask.get(config.layer_types[0])
         else:
             make_mask = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
             causal_mask = make_mask(
@@ -241,7 +239,7 @@ class DMSLlamaModel(DMSLlamaPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                layer_idx=cache_layer,
+                layer_idx=0,
                 **{_MASK_CACHE_KEYWORD: cache},
             )
 
