@@ -1,4 +1,5 @@
-"""Least-squares refit of a pruned model's output projections (o_proj, down_proj) on calibration text.
+"""Compensation of a pruned model on calibration text: which heads and channels each layer keeps, and a
+least-squares refit of its output projections (o_proj, down_proj).
 
 Pruning heads or MLP channels drops their share of a sublayer's output. With the source model at hand,
 much of that share can be rebuilt from the channels that stay: every kept sublayer of the source is run on
@@ -9,21 +10,28 @@ the kept hidden channels:
     W' = W[H, :] C[:, K] (C[K, K] + alpha * mean(diag C[K, K]) I)^-1,    C = sum over tokens of z z^T,
 
 z being the source sublayer's input to its output projection (every head or channel), K the kept ones and
-H the kept hidden channels. When no head or channel was pruned, W' = W[H, K] (up to the ridge term).
-Shapes do not change: a refit model saves, reloads and exports like any pruned one (its weights are no
-longer a slice of the source's, which the plan's metadata records). Sublayers the plan removes entirely
-are not rebuilt.
+H the kept hidden channels. When no head or channel was pruned, W' = W[H, K] (up to the ridge term). A
+projection with a bias (a plan that adds output biases, as FLAP's do) gets an intercept, unregularised.
 
-Layers are refit in groups, front to back, one calibration pass per group, so each group sees the input
-that the refit layers before it produce, and the statistics held at once stay under `max_stat_bytes`.
+`select="reconstruction"` also chooses K, keeping each layer's counts: heads (whole KV groups) and channels
+are removed greedily by the least increase of that error, the optimal-brain-surgeon rule on the same
+statistics (removing column set S from the fit costs tr(W_S (H^-1)_SS^-1 W_S^T), after which W and H^-1
+are updated as if S had never been there), a few units at a time. The plan is updated in place.
+
+The layers are compensated front to back on the pruned prefix: the hidden states of every calibration
+token are kept between sublayers, so each sublayer is fit on the input that the compensated layers before
+it produce, and one pruned forward plus one pass of each source sublayer is the whole cost. Shapes do not
+change: a refit model saves, reloads and exports like any pruned one (its weights are no longer a slice
+of the source's, which the plan's metadata records). Sublayers the plan removes entirely are not rebuilt.
 When the source does not fit in memory beside the pruned model (--prune-from-files), the source is its
-structure on the meta device and each group's source sublayers are read from the files before its pass
-and dropped after it; the bound then covers those weights too.
+structure on the meta device and each sublayer's weights are read from the files before its pass and
+dropped after it.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import torch
@@ -33,36 +41,52 @@ from tqdm.auto import tqdm
 from .arch import ModelParts
 from .passes import batches, model_device, removed_after
 from .plan import PrunePlan
-from .prune import head_rows
+from .prune import PlanSlicer, head_rows
 
 # alpha of the ridge term, chosen on WikiText-2 and PTB validation perplexity (docs/RESULTS.md section 11).
 DEFAULT_ALPHA = 1e-4
+SELECTIONS = ("plan", "reconstruction")
+# Greedy removal takes this many rounds per sublayer at most (units leave in equal chunks): one unit per
+# round is the exact greedy rule, and on SmolLM2 rounds of a few channels lost nothing measurable.
+_SELECTION_ROUNDS = 64
 
 
-def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """The named arguments of a forward call, however the caller passed them."""
-    return inspect.signature(module.forward).bind(*args, **kwargs).arguments
+class _Stop(Exception):
+    """Raised by a capturing hook to end a forward pass early."""
+
+
+def _attention_call(attention: nn.Module, hidden: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
+    """Run an attention module (stock or dms_llama) outside its decoder layer; its output projection's output."""
+    kwargs = {}
+    for name, p in inspect.signature(attention.forward).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        value = {"hidden_states": hidden, "position_embeddings": position_embeddings, "attention_mask": attention_mask}
+        if name in value:
+            kwargs[name] = value[name]
+        elif p.default is p.empty:  # the KV cache, under whichever name: none here
+            kwargs[name] = None
+    return attention(**kwargs)[0]
 
 
 class _Sublayer:
-    """One kept sublayer: the pruned module whose input is observed, the source module that is run on that
-    input, and the running sum of z z^T over the source's output-projection input z."""
+    """One kept sublayer: source and pruned modules, the source's output projection (whose input z is
+    observed) and the pruned one (which is refit), the norm in front of it, and the kept units (KV groups
+    or channels) as column indices of z."""
 
-    def __init__(self, kind: str, pruned: nn.Module, source: nn.Module, out_pruned: nn.Linear, out_source: nn.Linear,
-                 kept: torch.Tensor):
-        self.kind, self.pruned, self.source, self.out_pruned, self.out_source, self.kept = (
-            kind, pruned, source, out_pruned, out_source, kept)
-        self.cov: torch.Tensor | None = None
+    def __init__(self, kind: str, source_layer: int, pruned_layer: int, pruned: nn.Module, source: nn.Module,
+                 norm: nn.Module, out_pruned: nn.Linear, out_source: nn.Linear, unit_width: int, kept_units: list[int]):
+        self.kind, self.source_layer, self.pruned_layer = kind, source_layer, pruned_layer
+        self.pruned, self.source, self.norm, self.out_pruned, self.out_source = pruned, source, norm, out_pruned, out_source
+        self.unit_width, self.kept_units = unit_width, kept_units
 
-    def add(self, z: torch.Tensor) -> None:
-        z = z.reshape(-1, z.shape[-1]).double()
-        self.cov = z.T @ z if self.cov is None else self.cov.add_(z.T @ z)
+    @property
+    def units(self) -> int:
+        return self.out_source.in_features // self.unit_width
 
-    def stat_bytes(self, streamed: bool) -> int:
-        """Memory the sublayer holds during its pass: z z^T, and the source weights when they are read in."""
-        n = self.out_source.in_features
-        weights = sum(p.numel() * p.element_size() for p in self.source.parameters()) if streamed else 0
-        return n * n * 8 + weights
+    def columns(self, units: list[int]) -> torch.Tensor:
+        u = torch.as_tensor(units, dtype=torch.long)
+        return (u[:, None] * self.unit_width + torch.arange(self.unit_width)).flatten()
 
     def read_source(self, read, names: dict, like: torch.Tensor) -> None:
         """Fill the source sublayer (on the meta device) from `read(tensor name)`, on `like`'s device."""
@@ -79,7 +103,7 @@ class _Sublayer:
 def _sublayers(pruned: nn.Module, source: nn.Module, plan: PrunePlan) -> list[_Sublayer]:
     parts, src = ModelParts(pruned), ModelParts(source)
     shapes = plan.shapes
-    kept_layers = [i for i, lp in enumerate(plan.layers) if not lp.removed]
+    kept_layers = plan.kept_layers()
     if len(kept_layers) != len(parts.layers) or len(src.layers) != len(plan.layers):
         raise ValueError(f"the plan keeps {len(kept_layers)} of {len(plan.layers)} layers, but the pruned model has "
                          f"{len(parts.layers)} and the source {len(src.layers)}: pass the model the plan pruned and its source")
@@ -87,119 +111,247 @@ def _sublayers(pruned: nn.Module, source: nn.Module, plan: PrunePlan) -> list[_S
     for j, i in enumerate(kept_layers):
         lp = plan.layers[i]
         if lp.has_attention:
-            kept = head_rows(lp.attention_groups, shapes.n_rep(i), shapes.head_dim)
-            out.append(_Sublayer("attention", parts.attn(j), src.attn(i), parts.attn_proj(j, "o"), src.attn_proj(i, "o"), kept))
+            out.append(_Sublayer("attention", i, j, parts.attn(j), src.attn(i), parts.norm(j, "attn_norm"),
+                                 parts.attn_proj(j, "o"), src.attn_proj(i, "o"), shapes.n_rep(i) * shapes.head_dim,
+                                 list(lp.attention_groups)))
         if lp.has_mlp:
-            kept = torch.as_tensor(lp.mlp_channels, dtype=torch.long)
-            out.append(_Sublayer("mlp", parts.mlp(j), src.mlp(i), parts.mlp_proj(j, "down"), src.mlp_proj(i, "down"), kept))
+            out.append(_Sublayer("mlp", i, j, parts.mlp(j), src.mlp(i), parts.norm(j, "mlp_norm"),
+                                 parts.mlp_proj(j, "down"), src.mlp_proj(i, "down"), 1, list(lp.mlp_channels)))
     return out
 
 
-def _observe(sub: _Sublayer, hidden: torch.Tensor, full_width: int):
-    """A pre-hook on the pruned sublayer: run the source sublayer on the same input, widened to the source's
-    hidden size with zeros, and add its output projection's input to the statistics."""
+class _Statistics:
+    """Second moments of [z, 1] over the calibration tokens: each batch's product in the model's precision
+    (float32 at least), summed in float64."""
+
+    def __init__(self):
+        self.cov: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, z: torch.Tensor) -> None:
+        z = z.reshape(-1, z.shape[-1])
+        z = torch.cat([z.float(), z.new_ones(z.shape[0], 1, dtype=torch.float32)], dim=1)
+        prod = (z.T @ z).double()
+        self.cov = prod if self.cov is None else self.cov.add_(prod)
+        self.tokens += z.shape[0]
+
+
+def _relative_error(w: torch.Tensor, cov: torch.Tensor, cols: torch.Tensor, wk: torch.Tensor) -> float:
+    """E|w [z;1] - wk [z;1]_cols|^2 / E|w [z;1]|^2, from the second moments."""
+    total = (w @ cov * w).sum()
+    cross = (wk * (w @ cov[:, cols])).sum()
+    own = (wk @ cov[cols][:, cols] * wk).sum()
+    return float(((total - 2 * cross + own) / total).clamp_min(0))
+
+
+def _ridge(cov: torch.Tensor, cols: torch.Tensor, alpha: float, intercept: torch.Tensor | None) -> torch.Tensor:
+    """alpha * mean(diag) on the diagonal of cov[cols, cols], except on the intercept's column."""
+    d = cov[cols, cols].clone()
+    free = torch.ones_like(d, dtype=torch.bool) if intercept is None else cols != intercept
+    shift = alpha * d[free].mean() + torch.finfo(torch.float64).tiny
+    return torch.diag(torch.where(free, shift, torch.zeros_like(d)))
+
+
+def _select_units(sub: _Sublayer, w: torch.Tensor, cov: torch.Tensor, alpha: float, keep: int,
+                  intercept: torch.Tensor | None) -> list[int]:
+    """The `keep` units whose removal costs the least reconstruction error, by greedy optimal-brain-surgeon
+    removal in rounds (see the module docstring)."""
+    h_inv = torch.linalg.inv(cov + _ridge(cov, torch.arange(cov.shape[0]), alpha, intercept))
+    w = w.clone()
+    alive = torch.arange(sub.units)
+    per_round = max(1, math.ceil((sub.units - keep) / _SELECTION_ROUNDS))
+    while len(alive) > keep:
+        cols = sub.columns(alive.tolist()).view(len(alive), sub.unit_width)
+        blocks = h_inv[cols[:, :, None], cols[:, None, :]]  # [units, width, width]
+        wu = w[:, cols].permute(1, 0, 2)  # [units, rows, width]
+        costs = (wu * torch.linalg.solve(blocks, wu.transpose(1, 2)).transpose(1, 2)).sum((1, 2))
+        drop = torch.topk(costs, min(per_round, len(alive) - keep), largest=False).indices
+        s = cols[drop].flatten()
+        block_inv = torch.linalg.inv(h_inv[s][:, s])
+        w -= (w[:, s] @ block_inv) @ h_inv[s, :]
+        h_inv -= (h_inv[:, s] @ block_inv) @ h_inv[s, :]
+        alive = alive[~torch.isin(alive, alive[drop])]
+    return alive.tolist()
+
+
+def _solve(sub: _Sublayer, stats: _Statistics, hidden: torch.Tensor, alpha: float, select: bool) -> tuple[float, float, list[int]]:
+    """Choose the kept units (or keep the plan's) and the refit weight; write them into the pruned sublayer's
+    output projection. Returns the relative output error on the calibration tokens before (the plan's
+    units, sliced weights) and after, and the kept units."""
+    cov = stats.cov
+    n = sub.out_source.in_features
+    out_w = sub.out_source.weight.detach()
+    rows = hidden.to(out_w.device)
+    bias = sub.out_source.bias.detach()[rows].double() if sub.out_source.bias is not None else torch.zeros(len(rows), dtype=torch.float64)
+    w = torch.cat([out_w[rows].double().cpu(), bias.cpu()[:, None]], dim=1).to(cov.device)
+    fit_bias = sub.out_pruned.bias is not None
+    intercept = torch.tensor(n) if fit_bias else None
+
+    def with_intercept(cols: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cols, torch.tensor([n])]) if fit_bias else cols
+
+    plan_cols = with_intercept(sub.columns(sub.kept_units))
+    sliced = sub.out_pruned.weight.detach().double().cpu()
+    if fit_bias:
+        sliced = torch.cat([sliced, sub.out_pruned.bias.detach().double().cpu()[:, None]], dim=1)
+    # With no intercept the constant column is left out of the fit; its share of the target (the source
+    # bias) is then not a term the kept columns could match, so it counts in neither error.
+    target = w if fit_bias else w[:, :n]
+    target_cov = cov if fit_bias else cov[:n, :n]
+    before = _relative_error(target, target_cov, plan_cols, sliced.to(cov.device))
+
+    units = sub.kept_units
+    if select:
+        units = _select_units(sub, target, target_cov, alpha, len(sub.kept_units), intercept)
+    cols = with_intercept(sub.columns(units))
+    cov_kk = target_cov[cols][:, cols]
+    cross = target @ target_cov[:, cols]
+    new = torch.linalg.solve(cov_kk + _ridge(target_cov, cols, alpha, intercept), cross.T).T
+    after = _relative_error(target, target_cov, cols, new)
+    with torch.no_grad():
+        if fit_bias:
+            sub.out_pruned.bias.copy_(new[:, -1].to(sub.out_pruned.bias.dtype))
+            new = new[:, :-1]
+        sub.out_pruned.weight.copy_(new.to(sub.out_pruned.weight.dtype))
+    return before, after, units
+
+
+def _reslice_inputs(sub: _Sublayer, plan: PrunePlan, pruned_model: nn.Module, source_model: nn.Module) -> None:
+    """After a selection changed the plan's units: q/k/v (or gate/up) of the pruned sublayer from the source."""
+    slicer = PlanSlicer(plan, ModelParts(pruned_model).spec, device=sub.out_pruned.weight.device)
+    prefix = f"{slicer.prefix}{sub.pruned_layer}."
+    names = {m: n for n, m in pruned_model.named_modules()}
+    sublayer_name = names[sub.pruned]
+    source_params = dict(source_model.named_parameters())
+    out_name = names[sub.out_pruned]
+    with torch.no_grad():
+        for name, p in sub.pruned.named_parameters():
+            full = f"{sublayer_name}.{name}"
+            if full.startswith(out_name + ".") or not full.startswith(prefix):
+                continue
+            recipe = slicer.recipe(full)
+            p.copy_(slicer.make(recipe, source_params[recipe.source], p.dtype))
+
+
+def _set_units(plan: PrunePlan, sub: _Sublayer, units: list[int]) -> None:
+    if sub.kind == "attention":
+        plan.layers[sub.source_layer].attention_groups = list(units)
+    else:
+        plan.layers[sub.source_layer].mlp_channels = list(units)
+    sub.kept_units = list(units)
+
+
+@torch.no_grad()
+def _capture_inputs(pruned: nn.Module, parts: ModelParts, blocks: torch.Tensor, batch_size: int, device):
+    """The first decoder layer's input for every batch, and the rotary embeddings and attention mask that
+    the first attention sublayer is called with (the same for every block: one length, no padding)."""
+    first_layer, hidden = parts.layers[0], []
+    attention = next((parts.attn(j) for j in range(len(parts.layers)) if parts.attn(j) is not None), None)
+
+    def grab_hidden(module, args, kwargs):
+        hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    with removed_after([first_layer.register_forward_pre_hook(grab_hidden, with_kwargs=True)]):
+        for ids in batches(blocks, batch_size):
+            try:
+                pruned(ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    call = {}
+    if attention is not None:
+        def grab_call(module, args, kwargs):
+            call.update(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+            raise _Stop
+
+        with removed_after([attention.register_forward_pre_hook(grab_call, with_kwargs=True)]):
+            try:
+                pruned(blocks[:1].to(device), use_cache=False)
+            except _Stop:
+                pass
+    return hidden, call.get("position_embeddings"), call.get("attention_mask")
+
+
+@torch.no_grad()
+def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePlan, blocks: torch.Tensor,
+                             alpha: float = DEFAULT_ALPHA, batch_size: int = 8, select: str = "plan",
+                             progress: bool = False, read_source=None) -> dict:
+    """Compensate, in place, `pruned` (= prune_model(source, plan)) so that each kept sublayer reproduces the
+    source sublayer's output on `blocks` (token ids, [n, seq_len]) as closely as its kept channels allow:
+    its o_proj/down_proj weights are refit and, with `select="reconstruction"`, the heads and channels it
+    keeps are chosen again (same counts; `plan` is updated). Returns what was done: alpha, selection,
+    tokens, the sublayers' mean relative output error on `blocks` before and after, how many kept units the
+    selection changed, and the time it took.
+
+    `read_source(name)`, when given, returns the source's tensor `name` (a state-dict name) and `source` is
+    the source's structure on the meta device: each sublayer's weights are read for its pass only."""
+    if not alpha > 0:
+        raise ValueError(f"the refit's alpha must be > 0 (it keeps the solve well posed), got {alpha}")
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    streamed = read_source is not None
+    if streamed and any(p.device.type != "meta" for p in source.parameters()):
+        raise ValueError("with read_source, pass the source's structure on the meta device (its weights are read per pass)")
+    list(batches(blocks, batch_size))  # validates the blocks before any work
+    names = {module: name for name, module in source.named_modules()} if streamed else {}
+    hidden = torch.as_tensor(plan.hidden_channels, dtype=torch.long)
+    full_width = plan.shapes.hidden_size
+    subs = _sublayers(pruned, source, plan)
+    parts = ModelParts(pruned)
+    device = model_device(pruned)
+    was_training = pruned.training, source.training
+    pruned.eval()
+    source.eval()
+    # The source's attention runs with the pruned model's mask, which is only right for the same kernel
+    # (sdpa may pass no mask at all and rely on is_causal).
+    source_attention = source.config._attn_implementation
+    source.config._attn_implementation = pruned.config._attn_implementation
+    errors, changed, started = [], 0, time.perf_counter()
 
     def widen(x: torch.Tensor) -> torch.Tensor:
         wide = x.new_zeros(*x.shape[:-1], full_width)
         wide[..., hidden.to(x.device)] = x
         return wide
 
-    def hook(module, args, kwargs):
-        seen = {}
-        grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
-        try:
-            if sub.kind == "attention":
-                call = _call_arguments(module, args, kwargs)
-                sub.source(hidden_states=widen(call["hidden_states"]), position_embeddings=call["position_embeddings"],
-                           attention_mask=call.get("attention_mask"))
-            else:
-                sub.source(widen(args[0]))
-        finally:
-            grab.remove()
-        sub.add(seen["z"])
-
-    return hook
-
-
-def _solve(sub: _Sublayer, hidden: torch.Tensor, alpha: float) -> tuple[float, float]:
-    """Replace the pruned output projection's weight; returns the relative squared error of the sublayer's
-    output on the calibration tokens before and after."""
-    cov = sub.cov
-    w = sub.out_source.weight.detach().double()[hidden.to(sub.out_source.weight.device)].to(cov.device)
-    k = sub.kept.to(cov.device)
-    cov_kk = cov[k][:, k]
-    cross = w @ cov[:, k]
-    ridge = alpha * cov_kk.diagonal().mean() + torch.finfo(torch.float64).tiny
-    new = torch.linalg.solve(cov_kk + ridge * torch.eye(len(k), dtype=cov.dtype, device=cov.device), cross.T).T
-
-    total = (w @ cov * w).sum()
-
-    def error(wk: torch.Tensor) -> float:  # E|W z - Wk z_K|^2 / E|W z|^2 from the second moments
-        return float(((total - 2 * (wk * cross).sum() + (wk @ cov_kk * wk).sum()) / total).clamp_min(0))
-
-    before = error(sub.out_pruned.weight.detach().double().to(cov.device))
-    sub.out_pruned.weight.data.copy_(new.to(sub.out_pruned.weight.dtype))
-    return before, error(new)
-
-
-@torch.no_grad()
-def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePlan, blocks: torch.Tensor,
-                             alpha: float = DEFAULT_ALPHA, batch_size: int = 8, max_stat_bytes: int = 4 << 30,
-                             progress: bool = False, read_source=None) -> dict:
-    """Refit, in place, the o_proj/down_proj weights of `pruned` (= prune_model(source, plan)) so that each kept
-    sublayer reproduces the source sublayer's output on `blocks` (token ids, [n, seq_len]) as closely as its
-    kept channels allow. Returns what was done: alpha, tokens, passes, the sublayers' mean relative output error
-    on `blocks` before and after, and the time it took.
-
-    `read_source(name)`, when given, returns the source's tensor `name` (a state-dict name) and `source` is
-    the source's structure on the meta device: each pass reads only its own sublayers' weights."""
-    if not alpha > 0:
-        raise ValueError(f"the refit's alpha must be > 0 (it keeps the solve well posed), got {alpha}")
-    streamed = read_source is not None
-    if streamed and any(p.device.type != "meta" for p in source.parameters()):
-        raise ValueError("with read_source, pass the source's structure on the meta device (its weights are read per pass)")
-    names = {module: name for name, module in source.named_modules()} if streamed else {}
-    hidden = torch.as_tensor(plan.hidden_channels, dtype=torch.long)
-    full_width = plan.shapes.hidden_size
-    subs = _sublayers(pruned, source, plan)
-    groups, group, size = [], [], 0
-    for sub in subs:  # front to back, each group's memory within max_stat_bytes
-        if group and size + sub.stat_bytes(streamed) > max_stat_bytes:
-            groups.append(group)
-            group, size = [], 0
-        group.append(sub)
-        size += sub.stat_bytes(streamed)
-    if group:
-        groups.append(group)
-    device = model_device(pruned)
-    was_training = pruned.training, source.training
-    pruned.eval()
-    source.eval()
-    errors, started = [], time.perf_counter()
-    per_pass = -(-len(blocks) // batch_size)
-    bar = tqdm(total=len(groups) * per_pass, desc="refit", unit="batch", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(subs), desc="refit", unit="sublayer", disable=not progress, dynamic_ncols=True)
     try:
-        for group in groups:
+        states, rope, mask = _capture_inputs(pruned, parts, blocks, batch_size, device)
+
+        def run(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+            return _attention_call(module, x, rope, mask) if kind == "attention" else module(x)
+
+        for sub in subs:
             if streamed:
-                for s in group:
-                    s.read_source(read_source, names, s.out_pruned.weight)
-            hooks = [s.pruned.register_forward_pre_hook(_observe(s, hidden, full_width), with_kwargs=True) for s in group]
-            with removed_after(hooks):
-                for ids in batches(blocks, batch_size):
-                    pruned(ids.to(device), use_cache=False)
-                    bar.update(1)
-            for s in group:
-                errors.append(_solve(s, hidden, alpha))
-                s.cov = None
-                if streamed:
-                    s.drop_source()
+                sub.read_source(read_source, names, sub.out_pruned.weight)
+            stats, seen = _Statistics(), {}
+            grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
+            with removed_after([grab]):
+                for x in states:
+                    run(sub.source, sub.kind, widen(sub.norm(x)))
+                    stats.add(seen.pop("z"))
+            old_units = list(sub.kept_units)
+            before, after, units = _solve(sub, stats, hidden, alpha, select == "reconstruction")
+            if units != old_units:
+                changed += len(set(old_units) - set(units))
+                _set_units(plan, sub, units)
+                _reslice_inputs(sub, plan, pruned, source)
+            errors.append((before, after))
+            if streamed:
+                sub.drop_source()
+            for x in states:  # the residual stream through the compensated sublayer
+                x.add_(run(sub.pruned, sub.kind, sub.norm(x)))
+            bar.update(1)
     finally:
         bar.close()
         if streamed:
             source.to("meta")
         pruned.train(was_training[0])
         source.train(was_training[1])
+        source.config._attn_implementation = source_attention
+    if select == "reconstruction":
+        plan.validate()
     before = sum(e[0] for e in errors) / max(len(errors), 1)
     after = sum(e[1] for e in errors) / max(len(errors), 1)
-    return {"alpha": alpha, "tokens": int(blocks.numel()), "sublayers": len(errors), "passes": len(groups),
-            "relative_error_before": before, "relative_error_after": after, "time_s": time.perf_counter() - started}
+    return {"alpha": alpha, "select": select, "tokens": int(blocks.numel()), "sublayers": len(errors),
+            "units_changed": changed, "relative_error_before": before, "relative_error_after": after,
+            "time_s": time.perf_counter() - started}

@@ -53,20 +53,50 @@ def _max_logit_diff(a, b, ids) -> float:
         return (a(ids).logits - b(ids).logits).abs().max().item()
 
 
-@pytest.mark.parametrize("max_stat_bytes", [4 << 30, 1])  # all sublayers in one pass, or a pass per sublayer
 @pytest.mark.parametrize("layers", [[1], [0, 1, 2]])  # a per-layer (dms_llama) or a uniform (stock) pruned model
-def test_refit_rebuilds_pruned_copies_exactly(family, max_stat_bytes, layers):
+def test_refit_rebuilds_pruned_copies_exactly(family, layers):
     source = _duplicate_a_channel_and_a_group(tiny_model(family), layers)
     plan = _without_the_copies(source, layers)
     pruned = prune_model(source, plan)
     assert (pruned.config.model_type == "dms_llama") == (len(layers) == 1)
     held_out = input_ids(batch=2, seq=16, seed=7)
     assert _max_logit_diff(pruned, source, held_out) > 1e-2  # the copies mattered
-    info = refit_output_projections(pruned, source, plan, input_ids(batch=16, seq=16, seed=3), alpha=1e-10,
-                                    max_stat_bytes=max_stat_bytes)
+    info = refit_output_projections(pruned, source, plan, input_ids(batch=16, seq=16, seed=3), alpha=1e-10)
     assert _max_logit_diff(pruned, source, held_out) < 1e-4
-    assert info["passes"] == (1 if max_stat_bytes > 1 else info["sublayers"])
     assert info["relative_error_after"] < 1e-8 < info["relative_error_before"]
+    assert info["units_changed"] == 0
+
+
+@pytest.mark.parametrize("layers", [[1], [0, 1, 2]])
+def test_reconstruction_selection_finds_the_removable_copies(family, layers):
+    """The plan drops MLP channel 7 and KV group 2, which the source needs; keeping as many, the selection
+    must drop a copy instead (channel 3 or 5, group 0 or 1), after which the refit rebuilds the source."""
+    groups = dict(num_attention_heads=6, num_key_value_heads=3) if family in ("mistral", "qwen2") else {}  # >= 3 groups
+    source = _duplicate_a_channel_and_a_group(tiny_model(family, **groups), layers)
+    plan = PrunePlan.dense(source.config)
+    for layer in layers:
+        plan.layers[layer].attention_groups = [g for g in plan.layers[layer].attention_groups if g != 2]
+        plan.layers[layer].mlp_channels = [c for c in plan.layers[layer].mlp_channels if c != 7]
+    plan = _checked(plan)
+    pruned = prune_model(source, plan)
+    held_out = input_ids(batch=2, seq=16, seed=7)
+    as_planned = prune_model(source, plan)
+    refit_output_projections(as_planned, source, PrunePlan.from_dict(plan.to_dict()), input_ids(batch=16, seq=16, seed=3),
+                             alpha=1e-10)
+    assert _max_logit_diff(as_planned, source, held_out) > 1e-3  # the plan's choice cannot be rebuilt
+    info = refit_output_projections(pruned, source, plan, input_ids(batch=16, seq=16, seed=3), alpha=1e-10,
+                                    select="reconstruction")
+    for layer in layers:
+        groups = plan.layers[layer].attention_groups
+        assert 2 in groups and len(set(groups) & {0, 1}) == 1 and len(groups) == source.config.num_key_value_heads - 1
+        assert 7 in plan.layers[layer].mlp_channels and len(set(plan.layers[layer].mlp_channels) & {3, 5}) == 1
+    assert info["units_changed"] == 2 * len(layers)
+    assert _max_logit_diff(pruned, source, held_out) < 1e-4
+    # The model is what the updated plan and refit weights describe: its inputs are the new plan's slices.
+    fresh = prune_model(source, plan)
+    for name, p in fresh.named_parameters():
+        if not name.endswith(("o_proj.weight", "down_proj.weight")):
+            assert torch.equal(p, dict(pruned.named_parameters())[name]), name
 
 
 def test_refit_brings_a_heavily_pruned_model_closer_to_its_source():
@@ -109,10 +139,12 @@ def test_refit_rejects_bad_input():
         refit_output_projections(pruned, source, plan, input_ids()[0])  # one sequence, not [n, seq_len]
     with pytest.raises(ValueError, match="pass the model the plan pruned"):
         refit_output_projections(pruned, tiny_model("llama-gqa", num_hidden_layers=4), plan, input_ids())
+    with pytest.raises(ValueError, match="select must be one of"):
+        refit_output_projections(pruned, source, plan, input_ids(), select="taylor")
 
 
-@pytest.mark.parametrize("max_stat_bytes", [4 << 30, 1])
-def test_refit_with_the_source_read_from_its_files_matches_the_one_in_memory(family, max_stat_bytes, tmp_path):
+@pytest.mark.parametrize("select", ["plan", "reconstruction"])
+def test_refit_with_the_source_read_from_its_files_matches_the_one_in_memory(family, select, tmp_path):
     """--prune-from-files: the source is structure only and each pass reads its own sublayers' tensors."""
     from dms_llm.checkpoints.stream_prune import source_structure
 
@@ -126,7 +158,8 @@ def test_refit_with_the_source_read_from_its_files_matches_the_one_in_memory(fam
     calibration = input_ids(batch=8, seq=16, seed=3)
     in_memory, streamed = prune_model(source, plan), prune_model(source, plan)
     sliced = {n: p.clone() for n, p in in_memory.named_parameters()}
-    refit_output_projections(in_memory, source, plan, calibration, max_stat_bytes=max_stat_bytes)
+    memory_plan, files_plan = PrunePlan.from_dict(plan.to_dict()), PrunePlan.from_dict(plan.to_dict())
+    refit_output_projections(in_memory, source, memory_plan, calibration, select=select)
     structure, files = source_structure(str(tmp_path), torch.float32)
     structure.config._attn_implementation = source.config._attn_implementation  # the same kernel: equal sums
     reads, passes = [], []
@@ -139,14 +172,15 @@ def test_refit_with_the_source_read_from_its_files_matches_the_one_in_memory(fam
         reads.append(name)
         return files.read(name)
 
-    info = refit_output_projections(streamed, structure, plan, calibration, max_stat_bytes=max_stat_bytes, read_source=read)
+    info = refit_output_projections(streamed, structure, files_plan, calibration, select=select, read_source=read)
+    assert memory_plan.to_dict() == files_plan.to_dict()
     changed = [n for n, p in in_memory.named_parameters() if not torch.equal(p, sliced[n])]
     assert changed  # the refit moved weights, so equal results are not equal slices
     for name, p in in_memory.named_parameters():
         assert torch.equal(p, dict(streamed.named_parameters())[name]), name
     assert len(reads) == len(set(reads))  # every source tensor is read once
     assert all(".layers." in n and (".self_attn." in n or ".mlp." in n) for n in reads)  # never embeddings or norms
-    assert len(passes) == info["passes"] == (1 if max_stat_bytes > 1 else info["sublayers"])
+    assert len(passes) == info["sublayers"]  # one sublayer's weights at a time
     assert all(p.device.type == "meta" for p in structure.parameters())  # nothing of the source stays
     with pytest.raises(ValueError, match="meta device"):
         refit_output_projections(prune_model(source, plan), source, plan, calibration, read_source=read)

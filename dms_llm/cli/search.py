@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from ..method import DMSConfig
 from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
+from ..refit import SELECTIONS as REFIT_SELECTIONS
 from ..refit import refit_output_projections
 from ..training.engine import process_state
 from .options import ConfigError, data_dir_default, option, run_main
@@ -69,6 +70,8 @@ class SearchConfig(RunOptions):
                                 "heads and channels rebuild the source sublayer's output on calibration blocks")
     refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
     refit_samples: int = option(128, "calibration blocks the refit reads (the first of the search's)")
+    refit_select: str = option("plan", "which heads and channels each layer keeps in the refit: plan (the search's "
+                                       "choice) or reconstruction (chosen again by the refit's error, same counts)")
     data_seed: int | None = option(None, "seed of the calibration block selection (default: --seed)")
     restarts: int = option(1, "independent searches (seeds --seed, --seed+1, ...; same calibration blocks); "
                               "the one with the lowest held-out calibration loss is kept")
@@ -95,6 +98,8 @@ class SearchConfig(RunOptions):
         super().__post_init__()
         if not self.refit_alpha > 0:
             raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
+        if self.refit_select not in REFIT_SELECTIONS:
+            raise ConfigError(f"--refit-select must be one of {', '.join(REFIT_SELECTIONS)}, got {self.refit_select!r}")
         for name in ("num_samples", "steps", "refit_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -291,6 +296,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     def refit(pruned_model, source_model, read_source=None):
         plan.metadata["refit"] = refit_output_projections(pruned_model, source_model, plan, blocks[:cfg.refit_samples],
                                                           alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
+                                                          select=cfg.refit_select,
                                                           progress=state.is_main_process, read_source=read_source)
         if len(heldout):  # recorded only: restarts rank the plain slices (the architectures; docs/CLI.md)
             plan.metadata["heldout_loss_after_refit"] = heldout_loss(pruned_model, heldout, cfg.batch_size)

@@ -1,0 +1,100 @@
+"""How much compensation buys, and which kind: one plan (a search's dms_plan.json, or a baseline computed
+here) pruned from SmolLM2-135M and evaluated on the *validation* splits under each compensation variant.
+
+    python eval/compensation_study.py --plan runs/dms80/dms_plan.json --name dms80-s0 --out runs/compensation.json
+    python eval/compensation_study.py --method flap --budget 0.8 --out runs/compensation.json
+
+Variants: `none` (the sliced weights), `refit` (o_proj/down_proj refit on the plan's heads and channels) and
+`select` (heads and channels chosen again by reconstruction error, same counts, then refit), each refit
+with `--refit-samples` calibration blocks (comma-separated: several sizes). Every (plan, variant, samples)
+cell is cached in `--out` as soon as it is measured, so a rerun continues where the last one stopped.
+Baselines calibrate on the same C4 train blocks as the refit (`--calib-samples` x `--seq-len`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from dms_llm.baselines import METHODS
+from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
+from dms_llm.cli.options import data_dir_default
+from dms_llm.data import load_calibration
+from dms_llm.evaluation.perplexity import perplexity
+from dms_llm.files import write_json_atomic
+from dms_llm.plan import PrunePlan
+from dms_llm.prune import prune_model
+from dms_llm.refit import refit_output_projections
+
+VALIDATION = ("wikitext2-valid", "ptb-valid")
+VARIANTS = {"none": None, "refit": "plan", "select": "reconstruction"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--plan", help="a dms_plan.json of SmolLM2-135M")
+    source.add_argument("--method", choices=sorted(METHODS), help="a baseline, computed on the calibration blocks")
+    p.add_argument("--budget", type=float, default=0.8, help="with --method: the kept parameter fraction")
+    p.add_argument("--align", type=int, default=32, help="with --method: width multiple, as the benchmark uses")
+    p.add_argument("--name", help="the row's name (default: the plan's folder, or METHOD-bBUDGET)")
+    p.add_argument("--variants", default="none,refit,select", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--refit-samples", default="128", help="calibration blocks for the refit; comma-separated sizes")
+    p.add_argument("--calib-samples", type=int, default=512, help="with --method: calibration blocks")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration block length")
+    p.add_argument("--max-windows", type=int, default=320, help="128-token windows per validation split")
+    p.add_argument("--data-dir", default=None, help="default: $DMS_DATA_DIR, else ../shared/data beside the repository")
+    p.add_argument("--out", required=True, help="results JSON (read and extended)")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    args.refit_samples = [int(n) for n in args.refit_samples.split(",")]
+    args.data_dir = data_dir_default(args.data_dir)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    results = json.load(open(args.out)) if os.path.isfile(args.out) else {}
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
+    model.eval()
+    blocks = load_calibration("default", tokenizer, args.seq_len, max([args.calib_samples, *args.refit_samples]),
+                              data_dir=args.data_dir)
+    if args.plan:
+        plan = PrunePlan.from_json(args.plan)
+        name = args.name or os.path.basename(os.path.dirname(os.path.abspath(args.plan)))
+    else:
+        name = args.name or f"{args.method}-b{args.budget}"
+        target = int(args.budget * count_parameters(model))
+        started = time.perf_counter()
+        plan = METHODS[args.method](model, blocks[: args.calib_samples], target, align=args.align)
+        print(f"{args.method} plan: {plan.params_after:,} parameters in {time.perf_counter() - started:.0f} s", flush=True)
+    for variant in args.variants:
+        for samples in ([0] if variant == "none" else args.refit_samples):
+            key = f"{name}|{variant}|{samples}"
+            if key in results:
+                continue
+            pruned = prune_model(model, plan)
+            cell = {"name": name, "variant": variant, "refit_samples": samples, "params": count_parameters(pruned)}
+            if VARIANTS[variant] is not None:
+                cell_plan = PrunePlan.from_dict(plan.to_dict())
+                cell_plan.output_bias_values = plan.output_bias_values
+                cell["refit"] = refit_output_projections(pruned, model, cell_plan, blocks[:samples],
+                                                         select=VARIANTS[variant], progress=True)
+            for dataset in VALIDATION:
+                cell[dataset] = perplexity(pruned, tokenizer, dataset, max_windows=args.max_windows,
+                                           data_dir=args.data_dir, progress=False)["ppl"]
+            print(json.dumps({k: v for k, v in cell.items() if k != "refit"}), flush=True)
+            results[key] = cell
+            write_json_atomic(args.out, results)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
