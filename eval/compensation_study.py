@@ -28,7 +28,7 @@ from dms_llm.evaluation.perplexity import perplexity
 from dms_llm.files import write_json_atomic
 from dms_llm.plan import PrunePlan
 from dms_llm.prune import prune_model
-from dms_llm.refit import refit_output_projections
+from dms_llm.refit import DEFAULT_ALPHA, refit_output_projections
 
 VALIDATION = ("wikitext2-valid", "ptb-valid")
 VARIANTS = {"none": None, "refit": "plan", "select": "reconstruction"}
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--name", help="the row's name (default: the plan's folder, or METHOD-bBUDGET)")
     p.add_argument("--variants", default="none,refit,select", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--refit-samples", default="128", help="calibration blocks for the refit; comma-separated sizes")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the refit's ridge term")
     p.add_argument("--calib-samples", type=int, default=512, help="with --method: calibration blocks")
     p.add_argument("--seq-len", type=int, default=256, help="calibration block length")
     p.add_argument("--max-windows", type=int, default=320, help="128-token windows per validation split")
@@ -77,15 +78,16 @@ def main(argv=None) -> None:
         print(f"{args.method} plan: {plan.params_after:,} parameters in {time.perf_counter() - started:.0f} s", flush=True)
     for variant in args.variants:
         for samples in ([0] if variant == "none" else args.refit_samples):
-            key = f"{name}|{variant}|{samples}"
+            key = f"{name}|{variant}|{samples}" + (f"|alpha={args.alpha:g}" if args.alpha != DEFAULT_ALPHA else "")
             if key in results:
                 continue
             pruned = prune_model(model, plan)
-            cell = {"name": name, "variant": variant, "refit_samples": samples, "params": count_parameters(pruned)}
+            cell = {"name": name, "variant": variant, "refit_samples": samples, "alpha": args.alpha,
+                    "params": count_parameters(pruned)}
             if VARIANTS[variant] is not None:
                 cell_plan = PrunePlan.from_dict(plan.to_dict())
                 cell_plan.output_bias_values = plan.output_bias_values
-                cell["refit"] = refit_output_projections(pruned, model, cell_plan, blocks[:samples],
+                cell["refit"] = refit_output_projections(pruned, model, cell_plan, blocks[:samples], alpha=args.alpha,
                                                          select=VARIANTS[variant], progress=True)
             for dataset in VALIDATION:
                 cell[dataset] = perplexity(pruned, tokenizer, dataset, max_windows=args.max_windows,

@@ -322,3 +322,36 @@ def test_a_dms_llama_checkpoint_is_pruned_again_from_its_files(tmp_path):
     assert plan.source_model_type == "dms_llama"
     in_memory(plan, source, tmp_path / "ref")
     assert_same_checkpoint(prune_checkpoint(plan, source, str(tmp_path / "out")), tmp_path / "ref")
+
+
+@pytest.mark.parametrize("select", ["plan", "reconstruction"])
+def test_prune_with_refit_equals_the_in_memory_refit(tmp_path, select):
+    from dms_llm.refit import refit_output_projections
+
+    model = build("llama-gqa")
+    plan = make_plan(model, "all")
+    source = write_source(tmp_path / "src", model)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97} and {i}" for i in range(3000)))
+    extra = ["--refit", "--refit-select", select, "--dataset", str(text), "--seq-len", "16", "--refit-samples", "8"]
+    assert dms_llm_prune(tmp_path, plan, source, *extra) == 0
+    from transformers import AutoModelForCausalLM
+
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    saved_plan = PrunePlan.from_json(str(tmp_path / "out" / "dms_plan.json"))
+    assert saved_plan.metadata["refit"]["select"] == select
+    # the same refit in memory, on the same blocks
+    from dms_llm.data import load_calibration
+
+    blocks = load_calibration(str(text), load_tokenizer(str(tmp_path / "out")), 16, 8, seed=0, cache_dir=str(tmp_path / "cache"))
+    reference_plan = PrunePlan.from_dict(plan.to_dict())
+    loaded = AutoModelForCausalLM.from_pretrained(source).eval()  # the attention kernel the command loads with
+    reference = prune_model(loaded, reference_plan)
+    refit_output_projections(reference, loaded, reference_plan, blocks, select=select)
+    assert [lp.mlp_channels for lp in saved_plan.layers] == [lp.mlp_channels for lp in reference_plan.layers]
+    sliced = prune_model(model, plan)
+    ids = input_ids()
+    with torch.no_grad():
+        got, want, plain = written(ids).logits, reference(ids).logits, sliced(ids).logits
+    assert (got - plain).abs().max() > 1e-3  # the refit changed the model
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,10 +1,13 @@
 """Prune a checkpoint from its files, one tensor at a time, without loading the model.
 
     dms-llm prune --plan runs/llama2-80/dms_plan.json --model meta-llama/Llama-2-7b-hf --output-dir out/llama2-80
+    dms-llm prune --plan flap80/dms_plan.json --output-dir out/flap80-comp --refit --refit-select reconstruction
 
 The source's safetensors files are read tensor by tensor and sliced by the plan's rules; the folder is the
 one `save_pruned(prune_model(model, plan), ...)` writes, byte for byte, with one output shard in memory
-at a time (`dms_llm.checkpoints.stream_prune`).
+at a time (`dms_llm.checkpoints.stream_prune`). With --refit the pruned model is then compensated as
+`dms-llm search --refit` does (any plan: a search's or a baseline's), the source's sublayers read from its
+files one at a time, and the folder is written again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import sys
 from dataclasses import dataclass
 
 from ..checkpoints.stream_prune import DEFAULT_MAX_SHARD_SIZE, prune_checkpoint
-from .options import ConfigError, option, run_main
+from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
+from ..refit import SELECTIONS as REFIT_SELECTIONS
+from .options import ConfigError, data_dir_default, option, run_main
 from .options import parse_config as _parse_config
 
 
@@ -27,6 +32,16 @@ class PruneConfig:
     overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
     dtype: str = option("auto", "auto (the checkpoint's own), float32, bfloat16 or float16")
     max_shard_size: str = option(DEFAULT_MAX_SHARD_SIZE, "largest output shard, e.g. 2GB; one shard is held in memory")
+    refit: bool = option(False, "then refit each kept o_proj/down_proj by least squares on calibration blocks, as "
+                                "dms-llm search --refit does")
+    refit_select: str = option("plan", "with --refit: plan (keep the plan's heads and channels) or reconstruction "
+                                       "(choose them again by the refit's error, same counts)")
+    refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
+    refit_samples: int = option(128, "calibration blocks the refit reads")
+    dataset: str = option("default", "calibration text of the refit (as dms-llm search --dataset)")
+    seq_len: int = option(256, "tokens per calibration block")
+    data_seed: int = option(0, "seed of the calibration block selection")
+    data_dir: str | None = option(None, "the data folder (default: $DMS_DATA_DIR, else ../shared/data)")
 
     def __post_init__(self):
         if not self.plan:
@@ -35,6 +50,12 @@ class PruneConfig:
             raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
         if not os.path.isfile(self.plan):
             raise ConfigError(f"--plan {self.plan}: no such file")
+        if self.refit_select not in REFIT_SELECTIONS:
+            raise ConfigError(f"--refit-select must be one of {', '.join(REFIT_SELECTIONS)}, got {self.refit_select!r}")
+        if not self.refit_alpha > 0:
+            raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
+        if self.refit_samples < 1 or self.seq_len < 1:
+            raise ConfigError("--refit-samples and --seq-len must be positive")
 
 
 def parse_config(argv=None) -> PruneConfig:
@@ -48,11 +69,38 @@ def run(cfg: PruneConfig, argv=()) -> dict:
     command = "dms-llm prune " + " ".join(argv)
     out = prune_checkpoint(plan, cfg.model, cfg.output_dir, overwrite=cfg.overwrite, dtype=cfg.dtype,
                            max_shard_size=cfg.max_shard_size, model_card_info={"command": command})
+    if cfg.refit:
+        _refit(cfg, plan, out, {"command": command})
     saved = PrunePlan.from_json(os.path.join(out, "dms_plan.json"))
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
     print(f"pruned checkpoint: {out}\nparameters: {saved.params_before:,} -> {saved.params_after:,} "
           f"({saved.params_after / saved.params_before:.2%}); weights {size / 1e9:.2f} GB ({size:,} bytes)")
     return {"finished": True, "output_dir": out}
+
+
+def _refit(cfg: PruneConfig, plan, out: str, card: dict) -> None:
+    """Compensate the checkpoint just written in `out` and write it again (plan and weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoints import save_pruned
+    from ..checkpoints.loading import load_tokenizer, local_model_folder
+    from ..checkpoints.stream_prune import source_structure
+    from ..data import load_calibration
+    from ..refit import refit_output_projections
+
+    tokenizer = load_tokenizer(out, local_files_only=True)
+    blocks = load_calibration(cfg.dataset, tokenizer, cfg.seq_len, cfg.refit_samples, seed=cfg.data_seed,
+                              data_dir=data_dir_default(cfg.data_dir))
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    source_dir = local_model_folder(cfg.model)
+    source, files = source_structure(source_dir, pruned.dtype)
+    plan.metadata["refit"] = refit_output_projections(pruned, source, plan, blocks, alpha=cfg.refit_alpha,
+                                                      select=cfg.refit_select, progress=True, read_source=files.read)
+    info = plan.metadata["refit"]
+    print(f"refit ({cfg.refit_select}): relative sublayer error {info['relative_error_before']:.4f} -> "
+          f"{info['relative_error_after']:.4f} on {info['tokens']:,} tokens in {info['time_s']:.0f} s")
+    save_pruned(pruned, tokenizer, out, plan, overwrite=True, model_card_info=card, source_dir=source_dir,
+                max_shard_size=cfg.max_shard_size)
 
 
 def main(argv=None) -> int:
