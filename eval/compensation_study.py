@@ -74,7 +74,8 @@ def main(argv=None) -> None:
         name = args.name or f"{args.method}-b{args.budget}"
         target = int(args.budget * count_parameters(model))
         started = time.perf_counter()
-        plan = METHODS[args.method](model, blocks[: args.calib_samples], target, align=args.align)
+        with torch.enable_grad():  # LLM-Pruner's scores are gradients
+            plan = METHODS[args.method](model, blocks[: args.calib_samples], target, align=args.align)
         print(f"{args.method} plan: {plan.params_after:,} parameters in {time.perf_counter() - started:.0f} s", flush=True)
     for variant in args.variants:
         for samples in ([0] if variant == "none" else args.refit_samples):
