@@ -85,8 +85,8 @@ class _Sublayer:
         return self.out_source.in_features // self.unit_width
 
     def columns(self, units: list[int]) -> torch.Tensor:
-        u = torch.as_tensor(units, dtype=torch.long)
-        return (u[:, None] * self.unit_width + torch.arange(self.unit_width)).flatten()
+        """Column indices of z owned by `units`: each unit is `unit_width` consecutive columns."""
+        return head_rows(units, 1, self.unit_width)
 
     def read_source(self, read, names: dict, like: torch.Tensor) -> None:
         """Fill the source sublayer (on the meta device) from `read(tensor name)`, on `like`'s device."""
