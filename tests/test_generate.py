@@ -219,6 +219,7 @@ def test_checkpoint_with_stale_modeling_files_generates_through_dms_llm(tmp_path
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     assert type(loaded).__module__.startswith("dms_llm.")
     prompt = input_ids(batch=1, seq=6)
+    assert_context_matters(loaded, prompt, at_least=0.05)
     sequences, step_logits = generate_with_logits(loaded, prompt, STEPS, use_cache=True)
     torch.testing.assert_close(step_logits, full_forward_step_logits(model, sequences, prompt.shape[1]), rtol=0, atol=1e-5)
 
