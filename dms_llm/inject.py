@@ -89,20 +89,25 @@ class MaskHooks:
     def _mask(self, key):
         return self.masks.current.get(key) if self.masks.enabled else None
 
+    def _masked(self, key, x, mask):
+        masked = _scale(x, mask)
+        self.masks.watch(key, masked)
+        return masked
+
     def _make_hook(self, target: HookTarget):
         key = target.mask_key
         if target.kind == "pre":
 
             def pre(module, args):
                 mask = self._mask(key)
-                return None if mask is None else (_scale(args[0], mask), *args[1:])
+                return None if mask is None else (self._masked(key, args[0], mask), *args[1:])
 
             return [("pre", pre)]
         if target.kind == "post":
 
             def post(module, args, output):
                 mask = self._mask(key)
-                return None if mask is None else _scale(output, mask)
+                return None if mask is None else self._masked(key, output, mask)
 
             return [("post", post)]
         if target.kind == "attn_post":
@@ -112,8 +117,8 @@ class MaskHooks:
                 if mask is None:
                     return None
                 if isinstance(output, tuple):
-                    return (_scale(output[0], mask), *output[1:])
-                return _scale(output, mask)
+                    return (self._masked(key, output[0], mask), *output[1:])
+                return self._masked(key, output, mask)
 
             return [("post", attn_post)]
         if target.kind == "norm":

@@ -16,9 +16,16 @@ the other layers (LLM-Pruner's practice of sparing the first and last layers). T
 one global structure and stays searchable.
 
 Before every forward, `refresh()` computes each structure's mask once (soft while searching, hard for
-the binarised model) and the derived per-module scales the hooks multiply by. Taylor importance is
-gathered by a gradient hook on each base mask: autograd hands it the gradient summed over batch,
-tokens and every module that uses the mask, so the score is accumulated exactly once per backward.
+the binarised model) and the derived per-module scales the hooks multiply by.
+
+Taylor importance, per `DMSConfig.importance`:
+- `block` (the paper): a gradient hook on each base mask gets dL/dm summed over batch, tokens and every
+  module that uses the mask; the score of a step is (m * dL/dm)^2.
+- `token`: the hooks hand `watch()` each masked activation y = m * x; a gradient hook on it gets each
+  token's contribution y * dL/dy (summed over a head's columns, and over every site of the hidden mask),
+  and the score is the sum over tokens of its square. Contributions of opposite sign no longer cancel
+  inside a block, so one block ranks elements on its tokens rather than on their sum. Depth gates, and the
+  hidden mask's share through the RMSNorm statistic (the same for every channel), keep the block score.
 """
 
 from __future__ import annotations
@@ -72,7 +79,11 @@ class ModelMasks(nn.Module):
         self.mode = "soft"
         self.enabled = True
         self.current: dict[str, torch.Tensor | float] = {}
-        self._taylor: dict[str, torch.Tensor] = {}
+        self.per_token = (method or DMSConfig()).importance == "token"
+        self._taylor: dict[str, torch.Tensor] = {}  # block scores: m * dL/dm, summed since the last update
+        self._token_sq: dict[str, torch.Tensor] = {}  # token scores: sum over finished backwards of (y dL/dy)^2
+        self._token_now: dict[str, torch.Tensor] = {}  # this backward's per-token contributions
+        self._tracking = False
 
     @classmethod
     def for_method(cls, config, method: DMSConfig) -> "ModelMasks":
@@ -108,7 +119,7 @@ class ModelMasks(nn.Module):
         if self.mode == "hard":
             return topk.hard_mask().to(topk.ratio.device)
         mask = topk.soft_mask()
-        if track and mask.requires_grad:
+        if track and mask.requires_grad and not (self.per_token and topk.kind != "layer"):
             acc = self._taylor.setdefault(name, torch.zeros(topk.n, device=mask.device))
             detached = mask.detach()
             mask.register_hook(lambda grad, acc=acc, m=detached: acc.add_(m * grad.detach().float()))
@@ -118,6 +129,8 @@ class ModelMasks(nn.Module):
         """Compute this forward's masks and the scales the hooks use; returns `self.current`."""
         s = self.shapes
         track = track_importance and torch.is_grad_enabled()
+        self._fold_tokens()  # the previous micro-batch's backward is complete: square its tokens' contributions
+        self._tracking = track and self.per_token and self.mode == "soft"
         cur: dict[str, torch.Tensor | float] = {}
         hidden = self._base_mask("hidden", self.hidden, track) if self.hidden is not None else None
         if hidden is not None:
@@ -156,27 +169,67 @@ class ModelMasks(nn.Module):
         return full.index_copy(0, self.gated_layers.to(gate.device), gate)
 
     # ----- importance --------------------------------------------------------------------------
+    def watch(self, key: str, masked: torch.Tensor) -> None:
+        """Per-token importance: record each token's y * dL/dy at a hook site whose output `masked` is the
+        activation times the mask `self.current[key]`. A no-op unless this forward tracks per-token scores."""
+        if not self._tracking or not masked.requires_grad:
+            return
+        name, topk = self._token_structure(key)
+        if topk is None:
+            return
+        values = masked.detach()
+
+        def record(grad, name=name, n=topk.n, values=values):
+            # the columns of one element are contiguous (a head's KV group spans n_rep * head_dim of them)
+            per_token = (values * grad).float().reshape(-1, n, values.shape[-1] // n).sum(-1)
+            previous = self._token_now.get(name)
+            self._token_now[name] = per_token if previous is None else previous + per_token
+
+        masked.register_hook(record)
+
+    def _token_structure(self, key: str):
+        kind, _, layer = key.partition(".")
+        if kind == "heads":
+            return key, self.heads[layer] if layer in self.heads else None
+        if kind == "channels":
+            return key, self.channels[layer] if layer in self.channels else None
+        if kind in ("hidden", "attn_out", "mlp_out") and self.hidden is not None and self.mode == "soft":
+            return "hidden", self.hidden
+        return key, None
+
+    def _fold_tokens(self) -> None:
+        for name, per_token in self._token_now.items():
+            square = per_token.pow(2).sum(0)
+            self._token_sq[name] = square if name not in self._token_sq else self._token_sq[name] + square
+        self._token_now = {}
+
+    def take_scores(self, grad_scale: float = 1.0, all_reduce=None) -> dict[str, torch.Tensor]:
+        """Each structure's Taylor score gathered since the last call (and forget it): (m dL/dm)^2 of the
+        summed gradient (block), or the sum of its tokens' squared contributions (token).
+
+        `grad_scale` undoes a loss scaler; `all_reduce(tensor)` averages across data-parallel ranks (the
+        gradient before squaring for block scores), so every rank gets identical scores."""
+        self._fold_tokens()
+        scores = {}
+        for name, acc in sorted(self._taylor.items()):
+            score = acc / grad_scale
+            scores[name] = (all_reduce(score) if all_reduce is not None else score).pow(2)
+        for name, square in sorted(self._token_sq.items()):
+            score = square / grad_scale**2
+            scores[name] = all_reduce(score) if all_reduce is not None else score
+        self.discard_importance()
+        return scores
+
     @torch.no_grad()
     def update_importance(self, grad_scale: float = 1.0, all_reduce=None) -> int:
         """Fold the Taylor scores gathered since the last call into the EMA; once per optimiser step.
-
-        `grad_scale` undoes a loss scaler; `all_reduce(tensor)` averages across data-parallel ranks,
-        so every rank ends with identical importances (and identical masks and plans).
-        Returns the number of structures updated.
-        """
-        updated = 0
+        Returns the number of structures updated."""
         structures = dict(self.named_structures())
-        for name, acc in sorted(self._taylor.items()):
-            score = acc / grad_scale
-            if all_reduce is not None:
-                score = all_reduce(score)
-            if structures[name].update_importance(score.pow(2)):
-                updated += 1
-        self._taylor = {}
-        return updated
+        scores = self.take_scores(grad_scale, all_reduce)
+        return sum(bool(structures[name].update_importance(score)) for name, score in scores.items())
 
     def discard_importance(self) -> None:
-        self._taylor = {}
+        self._taylor, self._token_sq, self._token_now = {}, {}, {}
 
     # ----- modes -------------------------------------------------------------------------------
     @contextmanager

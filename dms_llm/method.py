@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 STRUCTURES = ("heads", "channels", "hidden", "layers")
 DEPTH_MODES = ("sublayer", "block")
 WEIGHT_MODES = ("none", "lora", "full")
+IMPORTANCE_MODES = ("block", "token")
 
 
 def parse_structures(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -59,6 +60,9 @@ class DMSConfig:
     distill: bool = False  # KL to the unpruned model's logits
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
+    # Taylor scores per step: "block" squares the gradient summed over the block (the paper); "token" sums
+    # each token's squared contribution, so contributions of opposite sign do not cancel (see masks.py)
+    importance: str = "block"
     # the operator (DMS section 1)
     ema_decay: float = 0.99  # Taylor-importance EMA: c <- decay c + (1 - decay) (m dL/dm)^2
     # soft-mask temperature lambda = temperature[kind] * N; few heads and layers need steeper sigmoids
@@ -78,6 +82,8 @@ class DMSConfig:
             raise ValueError(f"depth must be one of {', '.join(DEPTH_MODES)}, got {self.depth!r}")
         if self.train_weights not in WEIGHT_MODES:
             raise ValueError(f"train_weights must be one of {', '.join(WEIGHT_MODES)}, got {self.train_weights!r}")
+        if self.importance not in IMPORTANCE_MODES:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE_MODES)}, got {self.importance!r}")
         if self.spare_first < 0 or self.spare_last < 0:
             raise ValueError(f"spare_first and spare_last must be >= 0, got {self.spare_first} and {self.spare_last}")
         if self.warmup_blocks < 0:

@@ -26,7 +26,7 @@ from dms_llm.cli.options import data_dir_default
 from dms_llm.data import load_calibration
 from dms_llm.evaluation.perplexity import perplexity
 from dms_llm.files import write_json_atomic
-from dms_llm.plan import PrunePlan
+from dms_llm.plan import PrunePlan, count_plan_parameters
 from dms_llm.prune import prune_model
 from dms_llm.refit import DEFAULT_ALPHA, refit_output_projections
 
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=0.8, help="with --method: the kept parameter fraction")
     p.add_argument("--align", type=int, default=32, help="with --method: width multiple, as the benchmark uses")
     p.add_argument("--name", help="the row's name (default: the plan's folder, or METHOD-bBUDGET)")
+    p.add_argument("--output-bias", action="store_true",
+                   help="with --plan: give every kept o_proj/down_proj an output bias (zero until the refit fits it as "
+                        "an intercept, as FLAP's plans carry); the row's name gets '+bias'")
     p.add_argument("--variants", default="none,refit,select", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--refit-samples", default="128", help="calibration blocks for the refit; comma-separated sizes")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the refit's ridge term")
@@ -70,6 +73,10 @@ def main(argv=None) -> None:
     if args.plan:
         plan = PrunePlan.from_json(args.plan)
         name = args.name or os.path.basename(os.path.dirname(os.path.abspath(args.plan)))
+        if args.output_bias:
+            plan.output_bias, plan.output_bias_values = {"attention": True, "mlp": True}, {}
+            plan.params_after = count_plan_parameters(plan)
+            name += "+bias"
     else:
         name = args.name or f"{args.method}-b{args.budget}"
         target = int(args.budget * count_parameters(model))

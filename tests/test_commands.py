@@ -52,3 +52,14 @@ def test_the_command_line_switches_off_what_a_recipe_switches_on(tmp_path):
     assert on.distill and on.gradient_checkpointing
     off = parse_config(SearchConfig, ["--config", str(recipe), "--no-distill", "--no-eval"], "search")
     assert not off.distill and off.gradient_checkpointing and off.no_eval
+
+
+def test_search_importance_option_reaches_the_method_and_refuses_unknown_modes(tmp_path):
+    from dms_llm.cli.options import ConfigError, parse_config
+    from dms_llm.cli.search import SearchConfig
+
+    base = ["--target-ratio", "0.8", "--output-dir", str(tmp_path / "out")]
+    assert parse_config(SearchConfig, base, "search").method().importance == "block"
+    assert parse_config(SearchConfig, base + ["--importance", "token"], "search").method().importance == "token"
+    with pytest.raises(ConfigError, match="importance must be one of block, token"):
+        parse_config(SearchConfig, base + ["--importance", "tokens"], "search")

@@ -483,3 +483,77 @@ def test_fit_with_coarse_aligned_widths_lands_near_the_target():
     whole = all(t.kept() == t.n for t in masks.channels.values())
     assert whole or target - fit["params"] < one_mlp_step, (target - fit["params"], one_mlp_step)
     assert masks.hidden.kept() == masks.hidden.n  # the coarse hidden width was not touched
+
+
+# ----- per-token importance ---------------------------------------------------------------------
+
+
+def _probe_contributions(model, masks, batches):
+    """Reference for `importance="token"`, by another route: a ones tensor P multiplies every masked
+    activation after its mask hook, so dL/dP is each token's y * dL/dy there (autograd of a multiplier,
+    not a tensor hook). Returns each structure's sum over tokens of the squared per-element contribution
+    (a hidden channel's contributions summed over its sites first), and its plain sum over tokens."""
+    from dms_llm.arch import ModelParts
+
+    parts, s = ModelParts(model), masks.shapes
+    squares, sums = {}, {}
+    for ids in batches:
+        probes, handles = {}, []
+
+        def multiply(name, x):
+            p = torch.ones_like(x, requires_grad=True)
+            probes.setdefault(name, []).append(p)
+            return x * p
+
+        for layer in range(s.num_layers):
+            handles.append(parts.attn_proj(layer, "o").register_forward_pre_hook(
+                lambda m, a, k=f"heads.{layer}": (multiply(k, a[0]),)))
+            handles.append(parts.mlp_proj(layer, "down").register_forward_pre_hook(
+                lambda m, a, k=f"channels.{layer}": (multiply(k, a[0]),)))
+            handles.append(parts.attn(layer).register_forward_hook(
+                lambda m, a, out: (multiply("hidden", out[0]), *out[1:])))
+            handles.append(parts.mlp(layer).register_forward_hook(lambda m, a, out: multiply("hidden", out)))
+        handles.append(parts.embed.register_forward_hook(lambda m, a, out: multiply("hidden", out)))
+        model(ids, labels=ids).loss.backward()
+        for handle in handles:
+            handle.remove()
+        for name, ps in probes.items():
+            n = dict(masks.named_structures())[name].n
+            per_token = sum(p.grad.reshape(-1, n, p.shape[-1] // n).sum(-1) for p in ps)  # y * dL/dy, as p == 1
+            squares[name] = squares.get(name, 0) + per_token.pow(2).sum(0)
+            sums[name] = sums.get(name, 0) + per_token.sum(0)
+    return squares, sums
+
+
+def test_token_importance_sums_each_tokens_squared_contribution():
+    model = tiny_model("llama-gqa")
+    model.requires_grad_(False)
+    batches = [input_ids(seed=1), input_ids(seed=2)]  # two micro-batches: each squared on its own tokens
+
+    def scores(mode):
+        masks = _structure_masks(model, "heads,channels,hidden", method=DMSConfig(align=1, importance=mode))
+        with MaskHooks(model, masks):
+            for ids in batches:
+                model(ids, labels=ids).loss.backward()
+            summed = {name: acc.clone() for name, acc in masks._taylor.items()}  # block mode: m * dL/dm
+            block_or_token = masks.take_scores()
+            squares, sums = _probe_contributions(model, masks, batches)
+        return masks, block_or_token, squares, sums, summed
+
+    masks, token, squares, sums, _ = scores("token")
+    _, block, _, _, summed = scores("block")
+    assert set(token) == set(block) == set(squares)
+    m = {name: topk.soft_mask().detach() for name, topk in masks.named_structures()}
+    for name in token:
+        torch.testing.assert_close(token[name], squares[name], rtol=1e-4, atol=1e-10)
+        # the probes measure the paper's quantity: summed over tokens (and both micro-batches), the
+        # contributions are m * dL/dm, whose square is the block score (the hidden mask also acts through
+        # the RMSNorm statistic, a term m_i * K equal for every channel)
+        torch.testing.assert_close(summed[name].pow(2), block[name])
+        if name != "hidden":
+            torch.testing.assert_close(sums[name], summed[name], rtol=1e-4, atol=1e-9)
+        else:
+            rest = (summed[name] - sums[name]) / m[name]
+            assert float((rest - rest.mean()).abs().max()) < 1e-4 * float(sums[name].abs().mean())
+    # ... and the two scores rank elements differently: the test can tell them apart
+    assert any(not torch.equal(normalized_ranks(token[n]), normalized_ranks(block[n])) for n in token)

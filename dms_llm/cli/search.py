@@ -35,7 +35,7 @@ DEFAULT_HELDOUT_SAMPLES = 32
 # cannot be continued into the run it would have been.
 RESUME_SETTINGS = ("prune", "depth", "spare_first", "spare_last", "align", "steps", "target_params", "target_ratio",
                    "seed", "data_seed", "dataset", "num_samples", "seq_len", "batch_size", "grad_accum",
-                   "train_weights", "distill", "warmup_blocks")
+                   "train_weights", "distill", "warmup_blocks", "importance")
 M = DMSConfig  # the library's defaults are the command's
 
 
@@ -56,6 +56,8 @@ class SearchConfig(RunOptions):
     ratio_lr: float = option(M.ratio_lr, "learning rate of the kept ratios (constant, Adam, no weight decay)")
     warmup_blocks: int = option(M.warmup_blocks, "start the importances as the mean Taylor score over this many "
                                                  "calibration blocks (0: from zero, as the paper)")
+    importance: str = option(M.importance, "Taylor score per step: block (the gradient summed over the block, squared: "
+                                           "the paper) or token (each token's contribution squared, then summed)")
     weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
     budget_weight: float = option(M.budget_weight, "lambda_res, weight of the budget loss")
     hold_budget: bool = option(M.hold_budget, "in the refine phase, freeze the hidden width with heads and depth and "
@@ -122,7 +124,7 @@ class SearchConfig(RunOptions):
             return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
                              align=self.align,
                              steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
-                             hold_budget=self.hold_budget, warmup_blocks=self.warmup_blocks,
+                             hold_budget=self.hold_budget, warmup_blocks=self.warmup_blocks, importance=self.importance,
                              train_weights=self.train_weights, weight_lr=self.weight_lr, lora_r=self.lora_r,
                              lora_alpha=self.lora_alpha, distill=self.distill, distill_weight=self.distill_weight,
                              distill_temperature=self.distill_temperature)

@@ -262,9 +262,8 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
         ids = blocks[start : start + batch_size].to(acc.device)
         with acc.autocast():
             acc.backward(next_token_loss(module(ids), ids))
-        for name, taylor in masks._taylor.items():
-            sums[name] = sums.get(name, 0) + taylor.pow(2)
-        masks.discard_importance()
+        for name, score in masks.take_scores().items():
+            sums[name] = sums.get(name, 0) + score
     engine.module.zero_grad(set_to_none=True)  # the warm-up only measures: no gradient is kept
     for name, topk in masks.named_structures():
         mine = sums.get(name, torch.zeros(topk.n, device=acc.device)) / rounds
