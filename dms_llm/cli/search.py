@@ -18,7 +18,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ..method import DMSConfig
+from ..method import DMSConfig, parse_structures
 from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
 from ..refit import SELECTIONS as REFIT_SELECTIONS
 from ..refit import refit_output_projections
@@ -45,7 +45,7 @@ class SearchConfig(RunOptions):
     target_params: float | None = option(None, "parameter budget of the pruned model, e.g. 5.47e9")
     target_ratio: float | None = option(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
     output_dir: str | None = option(None, "where the pruned checkpoint, plan, metrics and results go")
-    prune: str = option(M.structures, "structures to search: any of heads,channels,hidden,layers")
+    prune: str = option(",".join(M.structures), "structures to search: any of heads,channels,hidden,layers")
     depth: str = option(M.depth, "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
     spare_first: int = option(M.spare_first, "keep the first N decoder layers whole (not searched)")
     spare_last: int = option(M.spare_last, "keep the last N decoder layers whole (not searched)")
@@ -112,14 +112,14 @@ class SearchConfig(RunOptions):
         if self.fsdp and (self.train_weights != "none" or self.prune_from_files == "never"):
             raise ConfigError("--fsdp shards frozen weights and prunes from the source files: it needs --train-weights none "
                               "and --prune-from-files auto or always")
-        self.prune = self.method().structures
+        self.prune = ",".join(self.method().structures)
 
     def run_settings(self):
         return dataclasses.replace(super().run_settings(), fsdp=self.fsdp)
 
     def method(self) -> DMSConfig:
         try:
-            return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
+            return DMSConfig(structures=parse_structures(self.prune), depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
                              align=self.align,
                              steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
                              hold_budget=self.hold_budget, warmup_blocks=self.warmup_blocks,
@@ -252,7 +252,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     from ..data import load_calibration
     from ..prune import prune_model
     from ..training import Stopped, resolve_budget, search_plan
-    from ..training.dms import heldout_loss
+    from ..training.dms import heldout_loss, score
     from .runs import evaluate_once, save_into_run_folder, start_run_folder
 
     dtype = training_dtype(cfg.dtype)
@@ -282,8 +282,8 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     probe = {}
     try:
         plan = search_plan(model, blocks, target_params=target, config=method, run=cfg.run_settings(), run_dir=out,
-                           resume=cfg.resume, heldout=heldout, source_model=cfg.model or "smollm2-135m",
-                           verbose=state.is_main_process, check=files is None, probe_out=probe)
+                           resume=cfg.resume, source_model=cfg.model or "smollm2-135m",
+                           verbose=state.is_main_process, probe_out=probe)
     except Stopped as e:
         if state.is_main_process:
             print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
@@ -307,6 +307,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     if files is None:
         if state.is_main_process:
             pruned = prune_model(model, plan)
+            score(pruned, plan, probe["probe"], probe["logits"], heldout, cfg.batch_size, say=print)
             if cfg.refit:
                 refit(pruned, model)
     else:
