@@ -93,6 +93,13 @@ def test_plans_written_before_the_typed_config_still_load(tmp_path, commit):
     assert config.temperature == Temperatures(**old["temperature"])
 
 
+def test_a_plan_without_a_search_record_says_so():
+    plan = dms_llm.PrunePlan.dense(tiny_model().config, source_model="tiny")
+    plan.metadata = {"method": "flap"}
+    with pytest.raises(ValueError, match="records no DMS method"):
+        DMSConfig.from_plan(plan)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(structures="heads,channels"), TypeError, "tuple"),
     (dict(structures=("heads", "widths")), ValueError, "widths"),

@@ -1,6 +1,7 @@
 """The run engine shared by the DMS search and recovery fine-tuning.
 
-One `Engine` per run: an Accelerate `Accelerator` (data parallel, mixed precision), the data order (a
+One `Engine` per run: an Accelerate `Accelerator` (data parallel; the process's Accelerate state is adopted,
+never reset), mixed precision (autocast, and loss scaling for fp16), the data order (a
 function of seed and step, never of history), gradient accumulation with an optional distillation
 term, checkpoints through Accelerate's `save_state` / `load_state` (trainable weights, optimiser, every
 RNG, the step), per-step metrics (`metrics.jsonl`, and TensorBoard through Accelerate's trackers when
