@@ -2,13 +2,14 @@
 
     import dms_llm
     model, tokenizer = dms_llm.load_model_and_tokenizer("smollm2-135m")
-    blocks = dms_llm.load_calibration("default", tokenizer, seq_len=256, num_samples=64, data_dir="../shared/data")
-    plan = dms_llm.search_plan(model, blocks, target_ratio=0.8, config=dms_llm.DMSConfig(steps=100))
-    dms_llm.save_pruned(dms_llm.prune_model(model, plan), tokenizer, "out/", plan)
+    blocks = dms_llm.load_calibration("default", tokenizer, seq_len=256, num_samples=256, data_dir="../shared/data")
+    plan = dms_llm.search(model, blocks, dms_llm.DMSConfig(target_ratio=0.8))
+    dms_llm.save_pruned(dms_llm.convert(model, plan), tokenizer, "out/")
 
-One verb per phase: attach masks (`ModelMasks` + `MaskHooks`), search (`search_plan`, which does both
-and returns a `PrunePlan`), prune (`prune_model`). Importing the package registers the per-layer
-`dms_llama` architecture with transformers' Auto classes, so pruned checkpoints load without remote code.
+One verb per phase: `prepare` attaches the masks and returns the `Searcher` that trains them (`step` in
+your loop, or `search` for the whole loop), `Searcher.plan` reads the kept indices (`PrunePlan`), `convert`
+builds the smaller model. Importing the package registers the per-layer `dms_llama` architecture with
+transformers' Auto classes, so pruned checkpoints load without remote code.
 """
 
 from .arch import UnsupportedArchitectureError, arch_spec, register_family
@@ -18,20 +19,21 @@ from .data import load_calibration
 from .dtopk import DifferentiableTopK, kept_count, normalized_ranks
 from .inject import HookTargetError, MaskHooks
 from .masks import ModelMasks
-from .method import STRUCTURES, DMSConfig
+from .method import STRUCTURES, DMSConfig, MinKept, Temperatures
 from .modeling import register_auto_classes
 from .plan import PrunePlan
-from .prune import prune_model
+from .prune import convert, plan_of, prune_model
 from .refit import refit_output_projections
-from .training import RunSettings, search_plan
+from .training import RunSettings, Searcher, Stopped, prepare, search, search_plan
 
 register_auto_classes()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DMSConfig", "DifferentiableTopK", "HookTargetError", "MaskHooks", "ModelMasks", "ParameterCounter", "PrunePlan",
-    "RunSettings", "STRUCTURES", "UnsupportedArchitectureError", "arch_spec", "budget_loss", "kept_count",
-    "load_calibration", "load_model_and_tokenizer", "normalized_ranks", "prune_model", "refit_output_projections",
-    "register_family", "save_pruned", "search_plan",
+    "DMSConfig", "DifferentiableTopK", "HookTargetError", "MaskHooks", "MinKept", "ModelMasks", "ParameterCounter",
+    "PrunePlan", "RunSettings", "STRUCTURES", "Searcher", "Stopped", "Temperatures", "UnsupportedArchitectureError",
+    "arch_spec", "budget_loss", "convert", "kept_count", "load_calibration", "load_model_and_tokenizer",
+    "normalized_ranks", "plan_of", "prepare", "prune_model", "refit_output_projections", "register_family",
+    "save_pruned", "search", "search_plan",
 ]

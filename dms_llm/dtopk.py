@@ -55,7 +55,7 @@ class DifferentiableTopK(nn.Module):
         self.n = n
         self.kind = kind
         self.temperature = method.temperature_for(kind, n)
-        self.min_kept = method.min_kept[kind]
+        self.min_kept = method.min_kept_for(kind)
         # Channel counts (MLP widths, the hidden size) come in multiples of `method.align`.
         self.multiple = method.align if kind == "channel" else 1
         self.ema_decay = method.ema_decay

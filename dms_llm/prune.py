@@ -13,6 +13,7 @@ parameter that is neither copied nor part of a removed sublayer is an error, not
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from torch import nn
 
 from .arch import arch_spec
 from .plan import PlanError, PrunePlan
+
+# The attribute of a pruned model that holds its plan (a plain attribute: no weights, not in config.json).
+PLAN_ATTRIBUTE = "dms_plan"
 
 # ----- primitives: pure functions of tensors, returning new tensors (never views of the source) -----
 
@@ -254,7 +258,28 @@ def prune_model(model: nn.Module, plan: PrunePlan) -> nn.Module:
 
     new.generation_config = copy.deepcopy(model.generation_config)
     new.train(model.training)
+    setattr(new, PLAN_ATTRIBUTE, plan)
     return new
+
+
+def convert(model: nn.Module, plan: PrunePlan | str | os.PathLike) -> nn.Module:
+    """The smaller model that `plan` (a `PrunePlan` or a dms_plan.json path) describes, built by
+    `prune_model`; `model` is not modified. The result carries its plan (`plan_of`), so
+    `save_pruned(pruned, tokenizer, folder)` needs nothing else."""
+    if isinstance(plan, (str, os.PathLike)):
+        plan = PrunePlan.from_json(os.fspath(plan))
+    if not isinstance(plan, PrunePlan):
+        raise TypeError(f"plan must be a PrunePlan or the path of a dms_plan.json, got {type(plan).__name__}")
+    return prune_model(model, plan)
+
+
+def plan_of(model: nn.Module) -> PrunePlan:
+    """The plan a model from `convert` / `prune_model` was pruned with."""
+    plan = getattr(model, PLAN_ATTRIBUTE, None)
+    if plan is None:
+        raise ValueError(f"this {type(model).__name__} carries no plan: prune it with dms_llm.convert(model, plan), "
+                         "or pass the plan")
+    return plan
 
 
 def _output_bias(plan: PrunePlan, src_bias, layer: int, kind: str, hidden: torch.Tensor, dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ a few decoder layers (random bf16 weights, CPU) and extrapolated per layer to th
 
 A *cell* is one (shape, step kind, gradient checkpointing, batch x sequence, depth). Each is measured in a
 fresh Python process (allocator state never leaks between cells) that builds the model with `depth`
-decoder layers, wires it exactly as `dms_llm.search_plan` does for that kind, with the library's own functions
+decoder layers, wires it exactly as `dms_llm.prepare` does for that kind, with the library's own functions
 (`ModelMasks.for_method` + `MaskHooks`, `prepare_weights` for the freeze, LoRA, gradient checkpointing and the
 teacher, the training `Engine` with bf16 autocast, `SearchLoop.step`) and runs `--steps` full search steps (the
 first one is a warm-up: it allocates the optimiser state). The CPU only: CUDA is hidden from the cells.
@@ -217,9 +217,10 @@ def search_settings(cell: dict):
     """(DMSConfig, RunSettings) of the search a cell stands for: the recipes' learning rates, LoRA r=8 and the
     cell's weights, distillation, gradient checkpointing, micro-batch and mixed precision."""
     from dms_llm import DMSConfig, RunSettings
+    from dms_llm.method import parse_structures
 
     train_weights, distill = KINDS[cell["kind"]]
-    config = DMSConfig(structures=STRUCTURES, steps=10**6, ratio_lr=5e-3, weight_lr=1e-4, budget_weight=2.0,
+    config = DMSConfig(structures=parse_structures(STRUCTURES), steps=10**6, ratio_lr=5e-3, weight_lr=1e-4, budget_weight=2.0,
                        train_weights=train_weights, lora_r=LORA_R, lora_alpha=LORA_ALPHA, distill=distill)
     run = RunSettings(batch_size=cell["batch"], mixed_precision=cell["mixed_precision"], gradient_checkpointing=cell["ckpt"])
     return config, run
@@ -234,7 +235,7 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
     from transformers import AutoModelForCausalLM
 
     from dms_llm import MaskHooks, ParameterCounter
-    from dms_llm.training.dms import SearchLoop, SearchModule, prepare_weights  # the wiring `search_plan` runs
+    from dms_llm.training.dms import SearchLoop, SearchModule, prepare_weights  # the wiring `dms_llm.prepare` runs
     from dms_llm.training.engine import Engine
 
     if steps < 1:
@@ -252,7 +253,7 @@ def measure_cell(cell: dict, steps: int = 2) -> dict:
     outside = [model.get_input_embeddings().weight, model.get_output_embeddings().weight, model.model.norm.weight]
     weight_bytes = _tensor_bytes(model.parameters())
     outside_bytes = _tensor_bytes({id(t): t for t in outside}.values())
-    # as `search_plan` does it, in its order; the masks with distinct importances: the search's real (soft) path
+    # as `dms_llm.prepare` does it, in its order; the masks with distinct importances: the search's real (soft) path
     masks = search_masks(config, method, 0.9)
     counter = ParameterCounter(model)
     hooked, peft_model, weight_params, teacher = prepare_weights(method, run, model, masks)
@@ -550,7 +551,7 @@ def large_recipes(recipe_dir: str = RECIPE_DIR) -> dict[str, dict]:
                 processes = int(yaml.safe_load(f)["num_processes"])
         name = os.path.basename(path)[: -len(".yaml")]
         found[name] = {"path": path, "cell": make_cell(shape, kind, run.gradient_checkpointing, run.batch_size, cfg.seq_len, 0),
-                       "structures": method.structures, "fsdp": run.fsdp, "processes": processes,
+                       "structures": ",".join(method.structures), "fsdp": run.fsdp, "processes": processes,
                        "mixed_precision": run.mixed_precision}
     return found
 

@@ -112,8 +112,9 @@ def search_masks(config, method, ratio: float, seed: int = 1):
     import torch
 
     from dms_llm import DMSConfig, ModelMasks
+    from dms_llm.method import parse_structures
 
-    masks = ModelMasks.for_method(config, DMSConfig(structures=method) if isinstance(method, str) else method)
+    masks = ModelMasks.for_method(config, DMSConfig(structures=parse_structures(method)) if isinstance(method, str) else method)
     g = torch.Generator().manual_seed(seed)
     for _, topk in masks.named_structures():
         topk.importance.copy_(torch.rand(topk.n, generator=g))

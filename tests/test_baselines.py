@@ -41,7 +41,7 @@ def test_budget_met_exactly_as_the_formula_counts(method, case):
     dense = n_params(model)
     for ratio in (0.8, 0.5):
         target = int(ratio * dense)
-        plan = METHODS[method](model, CALIB, target)
+        plan = METHODS[method](model, CALIB, target, align=1)
         pruned = prune_model(model, plan)
         assert plan.params_after == count_plan_parameters(plan) == n_params(pruned) <= target
         assert plan.metadata["method"] == method and plan.metadata["target_params"] == target
@@ -55,7 +55,7 @@ def test_uniform_methods_fill_the_budget_to_one_channel_per_layer(ratio):
     s = PrunePlan.dense(model.config).shapes
     one_channel_everywhere = s.num_layers * 3 * s.hidden_size
     for method in ("magnitude", "wanda-sp", "llm-pruner"):
-        plan = METHODS[method](model, CALIB, target)
+        plan = METHODS[method](model, CALIB, target, align=1)
         widths = {(len(lp.attention_groups), len(lp.mlp_channels)) for lp in plan.layers}
         assert len(widths) == 1, (method, widths)  # the same fraction in every (pruned) layer
         # KV groups come 3 per layer: the channels take up what a coarse head fraction leaves over
@@ -82,7 +82,7 @@ def test_aligned_widths_meet_the_budget(method):
 def test_aligned_flap_keeps_each_layers_best_scored_channels():
     model = build("llama-gqa", intermediate_size=64)
     target = int(0.7 * n_params(model))
-    exact, aligned = METHODS["flap"](model, CALIB, target), METHODS["flap"](model, CALIB, target, align=16)
+    exact, aligned = METHODS["flap"](model, CALIB, target, align=1), METHODS["flap"](model, CALIB, target, align=16)
     stats = output_proj_input_stats(model, CALIB)
     _, chans = fluctuation_scores(model, stats)
     for i, (e, a) in enumerate(zip(exact.layers, aligned.layers)):
@@ -98,7 +98,7 @@ def test_plan_saves_and_reloads(method, tmp_path):
     from dms_llm.checkpoints import save_pruned
 
     model = build("qwen2")
-    plan = METHODS[method](model, CALIB, int(0.6 * n_params(model)))
+    plan = METHODS[method](model, CALIB, int(0.6 * n_params(model)), align=1)
     pruned = prune_model(model, plan)
     out = save_pruned(pruned, tiny_tokenizer(), str(tmp_path / method), plan)
     reloaded = AutoModelForCausalLM.from_pretrained(out)
@@ -115,7 +115,7 @@ def test_unreachable_budget_is_a_clear_error():
     model = build("llama-gqa")
     for method in METHODS:
         with pytest.raises(BudgetError):
-            METHODS[method](model, CALIB, 1000)
+            METHODS[method](model, CALIB, 1000, align=1)
 
 
 def test_model_is_left_unchanged():
@@ -123,7 +123,7 @@ def test_model_is_left_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     for method in METHODS:
-        METHODS[method](model, CALIB, int(0.6 * n_params(model)))
+        METHODS[method](model, CALIB, int(0.6 * n_params(model)), align=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
@@ -155,7 +155,7 @@ def test_flap_compensation_equals_mean_substitution(case):
     stats = output_proj_input_stats(model, CALIB)
     removed_sublayer = False
     for ratio in (0.75, 0.5, 0.3):
-        plan = METHODS["flap"](model, CALIB, int(ratio * dense))
+        plan = METHODS["flap"](model, CALIB, int(ratio * dense), align=1)
         removed_sublayer |= any(not lp.has_attention or not lp.has_mlp for lp in plan.layers)
         pruned = prune_model(model, plan)
         # the same structures without the compensation (no biases at all)
@@ -175,7 +175,7 @@ def test_flap_compensation_equals_mean_substitution(case):
 def test_flap_counts_the_biases_it_adds():
     model = build("llama-gqa")
     target = int(0.7 * n_params(model))
-    plan = METHODS["flap"](model, CALIB, target)
+    plan = METHODS["flap"](model, CALIB, target, align=1)
     present = sum(lp.has_attention for lp in plan.layers) + sum(lp.has_mlp for lp in plan.layers)
     no_bias = PrunePlan.from_dict({k: v for k, v in plan.to_dict().items() if k != "output_bias"})
     assert plan.params_after == count_plan_parameters(no_bias) + present * model.config.hidden_size
@@ -190,7 +190,7 @@ def test_flap_counts_the_biases_it_adds():
 
 def test_plan_json_without_output_bias_is_unchanged(tmp_path):
     model = build("llama-gqa")
-    plan = METHODS["magnitude"](model, None, int(0.7 * n_params(model)))
+    plan = METHODS["magnitude"](model, None, int(0.7 * n_params(model)), align=1)
     assert "output_bias" not in plan.to_dict()
     plan.to_json(str(tmp_path / "p.json"))
     assert "output_bias" not in json.load(open(tmp_path / "p.json"))
@@ -263,10 +263,10 @@ def test_magnitude_removes_zero_weight_structures_first():
             for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
                 proj.weight[2 * d : 3 * d] = 0
             attn.o_proj.weight[:, 2 * d : 3 * d] = 0
-    plan = METHODS["magnitude"](model, None, n_params(model) - 1)  # the smallest cut: one channel per layer
+    plan = METHODS["magnitude"](model, None, n_params(model) - 1, align=1)  # the smallest cut: one channel per layer
     for lp in plan.layers:
         assert 7 not in lp.mlp_channels and len(lp.mlp_channels) == 39 and len(lp.attention_groups) == 4
-    plan = METHODS["magnitude"](model, None, int(0.75 * n_params(model)))  # 3 of 4 groups per layer
+    plan = METHODS["magnitude"](model, None, int(0.75 * n_params(model)), align=1)  # 3 of 4 groups per layer
     for lp in plan.layers:
         assert lp.attention_groups == [0, 1, 3] and 7 not in lp.mlp_channels
 
@@ -278,7 +278,7 @@ def test_wanda_sp_keeps_a_huge_activation_channel_with_small_weights():
             mlp = model.model.layers[1].mlp
             mlp.down_proj.weight[:, 5] *= 0.01  # the smallest weights reading this channel...
             mlp.up_proj.weight[5] *= boost  # ...unless its activation is huge
-        plan = METHODS["wanda-sp"](model, CALIB, int(0.6 * n_params(model)))
+        plan = METHODS["wanda-sp"](model, CALIB, int(0.6 * n_params(model)), align=1)
         return plan.layers[1].mlp_channels
 
     assert 5 in case(1e3)
@@ -302,7 +302,7 @@ def test_llm_pruner_taylor_scores():
     by_hand = ((mlp.gate_proj.weight * g[0])[4].abs().sum() + (mlp.up_proj.weight * g[1])[4].abs().sum()
                + (mlp.down_proj.weight * g[2])[:, 4].abs().sum())
     torch.testing.assert_close(chans8[1][4], by_hand.detach(), rtol=1e-4, atol=0)
-    plan = METHODS["llm-pruner"](model, CALIB, n_params(model) - 1)
+    plan = METHODS["llm-pruner"](model, CALIB, n_params(model) - 1, align=1)
     assert 11 not in plan.layers[2].mlp_channels
 
 
@@ -310,12 +310,12 @@ def test_llm_pruner_spares_the_first_and_last_layers():
     assert default_layers(32) == (4, 30)  # LLM-Pruner's Llama-7B setting
     assert default_layers(30) == (4, 28)
     model = tiny_model("llama-gqa", num_hidden_layers=8)
-    plan = METHODS["llm-pruner"](model, CALIB, int(0.8 * n_params(model)))
+    plan = METHODS["llm-pruner"](model, CALIB, int(0.8 * n_params(model)), align=1)
     start, end = default_layers(8)
     assert (start, end) == (1, 8)
     assert len(plan.layers[0].mlp_channels) == 40 and len(plan.layers[0].attention_groups) == 3
     assert all(len(plan.layers[i].mlp_channels) < 40 for i in range(start, end))
-    plan = METHODS["llm-pruner"](model, CALIB, int(0.8 * n_params(model)), layer_start=2, layer_end=6)
+    plan = METHODS["llm-pruner"](model, CALIB, int(0.8 * n_params(model)), layer_start=2, layer_end=6, align=1)
     assert [len(lp.mlp_channels) < 40 for lp in plan.layers] == [False, False, True, True, True, True, False, False]
 
 
@@ -324,7 +324,7 @@ def test_shortgpt_removes_an_identity_layer_first():
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight.zero_()
         model.model.layers[2].mlp.down_proj.weight.zero_()
-    plan = METHODS["shortgpt"](model, CALIB, n_params(model) - 1)
+    plan = METHODS["shortgpt"](model, CALIB, n_params(model) - 1, align=1)
     assert plan.metadata["removed_layers"] == [2] and plan.kept_layers() == [0, 1, 3]
     assert plan.metadata["block_influence"][2] == pytest.approx(0, abs=1e-6)
     with torch.no_grad():  # removing an identity layer changes nothing

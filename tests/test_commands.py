@@ -34,7 +34,7 @@ def test_runs_as_a_module():
     assert result.returncode == 0 and "subcommands:" in result.stdout
 
 
-@pytest.mark.parametrize("name, expected", [("search", "(default: 200)"), ("finetune", "(default: 512)"),
+@pytest.mark.parametrize("name, expected", [("search", "(default: 240)"), ("finetune", "(default: 512)"),
                                             ("eval", "(default: llm-pruner)"), ("benchmark", "(default: 128)")])
 def test_help_shows_the_defaults(name, expected, capsys):
     with pytest.raises(SystemExit):

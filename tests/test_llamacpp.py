@@ -56,7 +56,7 @@ def _baseline_checkpoint(out, ratio, smollm2_dir):
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)
-    plan = METHODS["wanda-sp"](model, blocks, int(ratio * count_parameters(model)))
+    plan = METHODS["wanda-sp"](model, blocks, int(ratio * count_parameters(model)), align=1)
     return save_pruned(prune_model(model, plan), tokenizer, str(out), plan)
 
 
@@ -73,7 +73,7 @@ def _trap_checkpoint(out, smollm2_dir):
 
     model, tokenizer = load_model_and_tokenizer(smollm2_dir)
     blocks = load_calibration(None, tokenizer, 128, 8, data_dir=SHARED_DATA)
-    plan = METHODS["flap"](model, blocks, int(0.85 * count_parameters(model)))
+    plan = METHODS["flap"](model, blocks, int(0.85 * count_parameters(model)), align=1)
     hidden = sorted(torch.randperm(576, generator=torch.Generator().manual_seed(0))[:515].tolist())
     layers = list(plan.layers)
     layers[0] = LayerPlan([], layers[0].mlp_channels)

@@ -679,10 +679,38 @@ def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path, 
 
 
 def test_runs_with_other_mixed_precision_follow_each_other_in_one_process():
-    """An fp32 run, then a bf16 one (a search, then its fine-tuning, in one Python session): Accelerate
-    refuses a second Accelerator of another precision unless each run starts from a fresh state."""
+    """An fp32 run, a bf16 one, then fp32 again (a search, its fine-tuning, another search, in one Python
+    session): each autocasts as it asked, and Accelerate's process state is neither reset nor changed."""
+    from accelerate.state import AcceleratorState
+
     from dms_llm import RunSettings
     from dms_llm.training.engine import Engine
 
-    assert Engine(RunSettings(mixed_precision="no"), verbose=False).acc.mixed_precision == "no"
-    assert Engine(RunSettings(mixed_precision="bf16"), verbose=False).acc.mixed_precision == "bf16"
+    engines = [Engine(RunSettings(mixed_precision=p), verbose=False) for p in ("no", "bf16", "no")]
+    state = AcceleratorState._shared_state
+    x = torch.ones(4, 4)
+    dtypes = []
+    for engine in engines:
+        with engine.autocast():
+            dtypes.append((x @ x).dtype)
+    assert dtypes == [torch.float32, torch.bfloat16, torch.float32]
+    assert AcceleratorState._shared_state is state and AcceleratorState().mixed_precision == "no"
+
+
+def test_a_run_refuses_another_precision_than_the_process_was_launched_with():
+    """A process launched with a mixed precision (accelerate launch --mixed_precision) keeps it: a run that
+    asks for another says so instead of resetting the launcher's state."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from dms_llm import RunSettings
+    from dms_llm.training.engine import Engine
+
+    AcceleratorState._reset_state(True)  # the test plays the launcher: a fresh process set to bf16
+    try:
+        Accelerator(mixed_precision="bf16", cpu=True)
+        assert Engine(RunSettings(mixed_precision="bf16"), verbose=False).acc.mixed_precision == "bf16"
+        with pytest.raises(ValueError, match="mixed precision 'bf16'"):
+            Engine(RunSettings(mixed_precision="no"), verbose=False)
+    finally:
+        AcceleratorState._reset_state(True)

@@ -15,6 +15,7 @@ from torch import nn
 from ..arch import ModelParts
 from ..budget import ParameterCounter, largest_fitting
 from ..dtopk import kept_count
+from ..method import DEFAULT_ALIGN
 from ..plan import LayerPlan, PlanError, PrunePlan, count_plan_parameters
 from ..passes import batches, model_device, removed_after
 from ..prune import head_rows
@@ -153,7 +154,7 @@ def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
 
 def uniform_plan(model: nn.Module, head_scores: dict[int, torch.Tensor], channel_scores: dict[int, torch.Tensor],
                  target: int, source_model: str | None, metadata: dict, layers: list[int] | None = None,
-                 align: int = 1) -> PrunePlan:
+                 align: int = DEFAULT_ALIGN) -> PrunePlan:
     """The same kept fraction in every pruned layer (`layers`, default all), top-k by score within a layer;
     MLP widths in multiples of `align` (the search's rule, `dtopk.kept_count`).
 

@@ -30,6 +30,7 @@ import torch
 
 from ..arch import ModelParts
 from ..budget import ParameterCounter
+from ..method import DEFAULT_ALIGN
 from .common import (
     BudgetError,
     build_plan,
@@ -128,7 +129,7 @@ def per_group_rows(parts: ModelParts, layer: int, groups: list[int]) -> torch.Te
 
 
 def flap_plan(model, calib_blocks, target_params: int, batch_size: int = 8, bias_compensation: bool = True,
-              source_model: str | None = None, align: int = 1):
+              source_model: str | None = None, align: int = DEFAULT_ALIGN):
     """`bias_compensation=False` gives FLAP's structure without the biases (for ablations and tests).
     With `align` > 1, each layer's MLP keeps a multiple of `align` channels (or all of them): the
     channels the global order leaves in a layer, rounded down to a multiple, best scores first."""

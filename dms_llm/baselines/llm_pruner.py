@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
+from ..method import DEFAULT_ALIGN
 from ..passes import batches, model_device
 from .common import check_target, source_name, uniform_plan, weight_sq_norms
 
@@ -71,7 +72,7 @@ def taylor_scores(model, blocks: torch.Tensor, layers: list[int], batch_size: in
 
 
 def llm_pruner_plan(model, calib_blocks, target_params: int, layer_start: int | None = None, layer_end: int | None = None,
-                    batch_size: int = 4, source_model: str | None = None, align: int = 1):
+                    batch_size: int = 4, source_model: str | None = None, align: int = DEFAULT_ALIGN):
     target = check_target(model, target_params)
     n = ModelParts(model).shapes.num_layers
     start, end = default_layers(n)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
+from ..method import DEFAULT_ALIGN
 from .common import check_target, source_name, uniform_plan, weight_sq_norms
 
 
 @torch.no_grad()
-def magnitude_plan(model, calib_blocks=None, target_params: int = 0, source_model: str | None = None, align: int = 1):
+def magnitude_plan(model, calib_blocks=None, target_params: int = 0, source_model: str | None = None, align: int = DEFAULT_ALIGN):
     """`calib_blocks` is accepted for the common signature and ignored (the criterion is data-free)."""
     target = check_target(model, target_params)
     parts = ModelParts(model)

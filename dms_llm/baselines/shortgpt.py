@@ -17,6 +17,7 @@ import torch
 
 from ..arch import ModelParts
 from ..budget import ParameterCounter
+from ..method import DEFAULT_ALIGN
 from ..passes import batches, model_device, removed_after
 from .common import BudgetError, build_plan, check_budget, check_target, source_name
 
@@ -52,7 +53,7 @@ def block_influence(model, blocks: torch.Tensor, batch_size: int = 8) -> list[fl
 
 
 def shortgpt_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None,
-                  align: int = 1):
+                  align: int = DEFAULT_ALIGN):
     """`align` is accepted for the common signature: whole layers go, every width stays as it was."""
     target = check_target(model, target_params)
     s = ModelParts(model).shapes

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import ModelParts
+from ..method import DEFAULT_ALIGN
 from .common import check_target, output_proj_input_stats, per_group, source_name, uniform_plan
 
 
@@ -32,7 +33,7 @@ def wanda_sp_scores(model, stats) -> tuple[dict, dict]:
 
 
 def wanda_sp_plan(model, calib_blocks, target_params: int, batch_size: int = 8, source_model: str | None = None,
-                  align: int = 1):
+                  align: int = DEFAULT_ALIGN):
     target = check_target(model, target_params)
     stats = output_proj_input_stats(model, calib_blocks, batch_size)
     heads, chans = wanda_sp_scores(model, stats)

@@ -1,7 +1,7 @@
 """Saving a pruned model safely, and pushing it to the Hugging Face Hub (the model card is `card.py`).
 
     from dms_llm.checkpoints import save_pruned, update_model_card, push_to_hub
-    out = save_pruned(small, tokenizer, "outputs/smollm2-80m", plan, source_dir="models/smollm2")
+    out = save_pruned(small, tokenizer, "outputs/smollm2-80m", source_dir="models/smollm2")   # small = convert(model, plan)
     update_model_card(out, {"perplexity": {"wikitext2": 21.4}})        # after evaluating the saved folder
     push_to_hub(out, "me/smollm2-80m-dms")
 
@@ -25,6 +25,7 @@ import warnings
 
 from ..files import replace_folder
 from ..plan import PrunePlan, count_plan_parameters
+from ..prune import plan_of
 from .card import render_model_card
 
 PLAN_FILE = "dms_plan.json"
@@ -149,14 +150,15 @@ def save_pruned(
     model,
     tokenizer,
     out_dir: str,
-    plan: PrunePlan,
+    plan: PrunePlan | None = None,
     overwrite: bool = False,
     model_card_info: dict | None = None,
     source_dir: str | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     write_weights=None,
 ) -> str:
-    """Save a pruned model (from `prune_model(source, plan)`) as a complete checkpoint folder.
+    """Save a pruned model (from `dms_llm.convert(source, plan)`) as a complete checkpoint folder; `plan`
+    defaults to the one the model carries.
 
     Refuses to write into (or around) the source model folder (`source_dir`, and `plan.source_model`
     when it is a local folder), and into a non-empty `out_dir` unless `overwrite`. `model_card_info`
@@ -168,6 +170,7 @@ def save_pruned(
     on the meta device (`dms_llm.checkpoints.stream_prune` writes the weights from the source files, tensor
     by tensor).
     """
+    plan = plan if plan is not None else plan_of(model)
     out = os.path.abspath(out_dir)
     _check_destination(out, _source_dirs(plan, source_dir), overwrite)
     _check_model_matches_plan(model, plan)

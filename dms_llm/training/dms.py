@@ -1,16 +1,7 @@
-"""The DMS search as a library call: a model, calibration blocks and a budget in, a `PrunePlan` out.
-
-    from dms_llm import DMSConfig, search_plan, prune_model
-    plan = search_plan(model, blocks, target_ratio=0.8, config=DMSConfig(steps=100))
-    small = prune_model(model, plan)
-
-Masks are attached by hooks (prepare), the kept ratios are searched under the budget (DMS sections 1
-and 3: schedule, budget loss, Taylor importance, refine), and the hard architecture is fitted to the
-budget and returned as a plan (convert). With frozen weights (the default) `model` is left as it was;
-with `train_weights` lora or full it is trained in place (LoRA merged back), so `prune_model(model,
-plan)` prunes the trained weights. Nothing is written unless `run_dir` is given: then metrics.jsonl,
-tensorboard/ and a resumable checkpoint (search_state/, `resume=True` continues it exactly).
-"""
+"""The pieces of the DMS search that `Searcher` (training/searcher.py) puts together: the masked model as one
+module, the search step (schedule, budget term, Taylor importance, refine; DMS sections 1 and 3), the
+model's weights during the search (frozen, LoRA or full), the importance warm-up, FSDP sharding, the final
+fit to the budget and the checks of a plan against the pruned model."""
 
 from __future__ import annotations
 
@@ -18,19 +9,16 @@ import copy
 import hashlib
 import json
 import math
-import time
 
 import torch
 from torch import nn
 
 from ..arch import ModelParts, arch_spec
 from ..budget import ParameterCounter, budget_loss, fit_to_budget, resolve_target, smallest_reachable
-from ..inject import MaskHooks
 from ..masks import ModelMasks
 from ..method import DMSConfig
 from ..plan import PrunePlan
-from ..prune import prune_model
-from .engine import Engine, RunSettings, has_checkpoint, set_activation_checkpointing
+from .engine import Engine, RunSettings, set_activation_checkpointing
 
 # The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
 # size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
@@ -51,82 +39,18 @@ class SearchModule(nn.Module):
 
 def resolve_budget(model, config: DMSConfig, target_params: float | None = None,
                    target_ratio: float | None = None) -> tuple[int, int]:
-    """(target, dense) parameter counts, checked before any compute: the target lies below the dense
-    model and above the smallest model these structures can reach."""
+    """(target, dense) parameter counts, checked before any compute: the target (the one given here, else
+    the config's) lies below the dense model and above the smallest model these structures can reach."""
+    if target_params is None and target_ratio is None:
+        target_params, target_ratio = config.target_params, config.target_ratio
+    if target_params is None and target_ratio is None:
+        raise ValueError("no budget: give DMSConfig(target_ratio=...) or DMSConfig(target_params=...)")
     arch_spec(model.config)
     masks = ModelMasks.for_method(model.config, config)
     counter = ParameterCounter(model)
     dense = counter.dense()
-    return resolve_target(dense, smallest_reachable(counter, masks), target_params, target_ratio, config.structures), dense
-
-
-def search_plan(model, blocks: torch.Tensor, target_params: float | None = None, target_ratio: float | None = None,
-                config: DMSConfig | None = None, run: RunSettings | None = None, run_dir: str | None = None,
-                resume: bool = False, heldout: torch.Tensor | None = None, source_model: str | None = None,
-                verbose: bool = True, check: bool = True, probe_out: dict | None = None) -> PrunePlan:
-    """Search which heads, channels, hidden channels and sublayers to keep under a parameter budget.
-
-    `blocks`: [num_samples, seq_len] calibration tokens (`dms_llm.load_calibration`). Exactly one of
-    `target_params` / `target_ratio`. `heldout`: further blocks, never searched on, to score the result
-    (`plan.metadata["heldout_loss"]`). Raises `dms_llm.training.engine.Stopped` when `run.stop_after`
-    or Ctrl-C ends the search early (after checkpointing into `run_dir`).
-
-    `check` prunes a copy in memory to prove that the binarised masked model and the pruned one agree on
-    the first block (`plan.metadata["masked_vs_pruned_max_abs_logit_diff"]`) and scores `heldout` on it.
-    A caller that prunes elsewhere (from the checkpoint files, to spare the memory of that copy) passes
-    `check=False` and a dict `probe_out`, which receives the masked model's logits on that block
-    (`probe`, `logits`) for `check_pruned`.
-
-    With `run.fsdp` (two or more processes, frozen weights) the model's weights are sharded in place
-    across the processes (FSDP2, one unit per decoder layer), so it stays sharded afterwards: prune from
-    the checkpoint files (`check=False`).
-    """
-    from accelerate.utils import set_seed
-
-    config, run = config or DMSConfig(), run or RunSettings()
-    engine = Engine(run, run_dir, "search_state", verbose)
-    set_seed(run.seed)
-    target, dense = resolve_budget(model, config, target_params, target_ratio)
-    engine.say(f"dense parameters {dense:,}; target {target:,} ({target / dense:.1%}); searching {config.structures}")
-    masks = ModelMasks.for_method(model.config, config)
-    counter = ParameterCounter(model)
-    hooked, peft_model, weight_params, teacher = prepare_weights(config, run, model, masks)
-    if run.fsdp:
-        _shard(model, config, engine, check)
-    hooks = MaskHooks(hooked, masks).install()
-    try:
-        loop = SearchLoop(engine, SearchModule(hooked, masks), masks, counter, blocks, config, target, teacher, weight_params)
-        start = time.time()
-        if config.warmup_blocks and not (resume and engine.state_dir and has_checkpoint(engine.state_dir)):
-            warm_up_importance(engine, loop.module, masks, blocks, config.warmup_blocks, run.batch_size)
-        engine.run(loop.step, config.steps, blocks.shape[1], resume, "DMS search", postfix=lambda m: {
-            "loss": f"{m['task_loss']:.3f}", "params": f"{m['params'] / 1e6:.2f}M/{target / 1e6:.2f}M", "phase": m["phase"]})
-        search_time = time.time() - start
-        fit = _fit(engine, masks, counter, target, dense, config)
-        plan = masks.to_plan(model.config, source_model=source_model)
-        hashes = _plan_hash_per_rank(plan, engine.acc)
-        probe = blocks[:1].to(engine.acc.device)
-        masked_logits = _masked_logits(hooked, masks, probe)
-        hooks.remove()
-        if peft_model is not None and peft_model.merge_and_unload() is not model:
-            raise RuntimeError("peft merged LoRA into a new model object; the caller's model would not hold the weights")
-    except BaseException:
-        if peft_model is not None:
-            peft_model.unload()  # a search that did not finish leaves the caller's model without adapters
-        raise
-    finally:
-        hooks.remove()
-    plan.metadata.update({"method": config.to_dict(), "target_params": target, "budget_fit": fit,
-                          "search_time_s": search_time, "num_processes": engine.acc.num_processes,
-                          "plan_sha256_per_rank": hashes})
-    if not check:
-        engine.acc.free_memory()  # the caller may need the memory of the search's references back
-        if probe_out is not None:
-            probe_out.update(probe=probe, logits=masked_logits)
-        return plan
-    pruned = prune_model(model, plan)
-    score(pruned, plan, probe, masked_logits, heldout, run.batch_size, say=engine.say)
-    return plan
+    minimum = smallest_reachable(counter, masks)
+    return resolve_target(dense, minimum, target_params, target_ratio, ",".join(config.structures)), dense
 
 
 def check_pruned(pruned, probe: torch.Tensor, masked_logits: torch.Tensor, plan: PrunePlan) -> float:
@@ -176,8 +100,11 @@ class SearchLoop:
             groups.append({"params": weights, "lr": config.weight_lr, "weight_decay": 0.0})
         self.module, self.optimizer = engine.prepare(module, torch.optim.AdamW(groups, betas=(0.9, 0.999)))
 
-    def step(self, step: int) -> dict:
+    def step(self, step: int, batches: list[torch.Tensor] | None = None) -> dict:
+        """Optimiser step number `step` on the micro-batches `batches` (default: the engine's draw from the
+        calibration blocks); returns its metrics."""
         c, engine = self.c, self.engine
+        batches = engine.micro_batches(self.blocks) if batches is None else batches
         refining = step >= self.refine_start
         if refining:  # refine: heads and depth (with hold_budget the hidden width too) are binarised and stop moving
             self.masks.freeze_discrete(hidden=c.hold_budget)
@@ -191,17 +118,14 @@ class SearchLoop:
             return budget["loss"].float()
 
         teacher = self.teacher if c.distill else None
-        totals = engine.accumulate(self.module, self.blocks, teacher, c.distill_weight, c.distill_temperature,
+        totals = engine.accumulate(self.module, batches, teacher, c.distill_weight, c.distill_temperature,
                                    last_micro_loss=budget_term)
         engine.average_gradients(self.masks.ratio_parameters())
-        scaler = getattr(engine.acc, "scaler", None)
-        grad_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        self.masks.update_importance(grad_scale=grad_scale, all_reduce=engine.mean_over_ranks)
+        self.masks.update_importance(grad_scale=engine.grad_scale(), all_reduce=engine.mean_over_ranks)
         for _, topk in self.masks.named_structures():
             if topk.frozen:
                 topk.ratio.grad = None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        engine.optimizer_step(self.optimizer)
         self.masks.clamp_()
         params = self.counter.hard(self.masks)
         bl = float(budget["loss"].detach())
@@ -260,8 +184,8 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
     for r in range(rounds):
         start = (r * acc.num_processes + acc.process_index) * batch_size
         ids = blocks[start : start + batch_size].to(acc.device)
-        with acc.autocast():
-            acc.backward(next_token_loss(module(ids), ids))
+        with engine.autocast():
+            engine.backward(next_token_loss(module(ids), ids))
         for name, score in masks.take_scores().items():
             sums[name] = sums.get(name, 0) + score
     engine.module.zero_grad(set_to_none=True)  # the warm-up only measures: no gradient is kept
@@ -271,14 +195,12 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
     engine.say(f"importances warmed up on {rounds * per_round} blocks")
 
 
-def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
+def shard(model, config: DMSConfig, engine: Engine) -> None:
     """FSDP2 over the frozen weights: each decoder layer is one unit, the embeddings and head the root's."""
     if engine.acc.num_processes < 2:
         raise ValueError("fsdp shards the weights across processes: launch two or more (accelerate launch / torchrun)")
     if config.train_weights != "none":
         raise ValueError("fsdp shards frozen weights only: use train_weights none (distillation is fine)")
-    if check:
-        raise ValueError("with fsdp the model stays sharded: prune from the checkpoint files (check=False)")
     from torch.distributed.fsdp import fully_shard
 
     for layer in ModelParts(model).layers:
@@ -286,7 +208,7 @@ def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
     fully_shard(model)
 
 
-def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSConfig) -> dict:
+def fit_architecture(engine: Engine, masks, counter, target: int, dense: int, config: DMSConfig) -> dict:
     """Align the hard architecture with the budget, saying when that cut more than a rounding remainder."""
     if not config.fit_budget:
         params = counter.hard(masks)
@@ -305,12 +227,12 @@ def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSCon
     return fit
 
 
-def _masked_logits(hooked, masks, probe: torch.Tensor) -> torch.Tensor:
+def masked_model_logits(hooked, masks, probe: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), masks.hard():
         return hooked(input_ids=probe, use_cache=False).logits.float()
 
 
-def _plan_hash_per_rank(plan: PrunePlan, accelerator) -> list[str]:
+def plan_hash_per_rank(plan: PrunePlan, accelerator) -> list[str]:
     """Every rank must reach the same plan (identical masks and importances); checked, not assumed."""
     digest = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
     if accelerator.num_processes == 1:

@@ -1,6 +1,7 @@
 """The run engine shared by the DMS search and recovery fine-tuning.
 
-One `Engine` per run: an Accelerate `Accelerator` (data parallel, mixed precision), the data order (a
+One `Engine` per run: an Accelerate `Accelerator` (data parallel; the process's Accelerate state is adopted,
+never reset), mixed precision (autocast, and loss scaling for fp16), the data order (a
 function of seed and step, never of history), gradient accumulation with an optional distillation
 term, checkpoints through Accelerate's `save_state` / `load_state` (trainable weights, optimiser, every
 RNG, the step), per-step metrics (`metrics.jsonl`, and TensorBoard through Accelerate's trackers when
@@ -145,23 +146,26 @@ class Engine:
     def __init__(self, settings: RunSettings, run_dir: str | None = None, state_name: str = "state",
                  verbose: bool = True):
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
 
         self.s = settings
         self.run_dir = os.path.abspath(run_dir) if run_dir else None
-        # Accelerate keeps one state per process and refuses a second Accelerator with another mixed precision
-        # (an fp32 search, then a bf16 fine-tuning in one Python session or benchmark run): each run starts
-        # from a fresh one. The process group (PartialState) stays.
-        AcceleratorState._reset_state(reset_partial_state=False)
         process_state()  # the process group, with its timeout, if nothing created it yet
-        self.acc = Accelerator(mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available(),
-                               log_with=TRACKER if self.run_dir else None, project_dir=self.run_dir)
+        # Accelerate keeps one mixed-precision setting per process and refuses a second Accelerator with
+        # another, so the run does not pass its own: it adopts the process's (the launcher's, else "no") and
+        # autocasts itself when that is "no". An fp32 search and a bf16 fine-tuning can then follow each other
+        # in one session without resetting the caller's Accelerate state.
+        self.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=TRACKER if self.run_dir else None,
+                               project_dir=self.run_dir)
+        self.mixed_precision = settings.mixed_precision
+        self.scaler = _own_precision(self.acc, settings.mixed_precision)
         self.state_dir = os.path.join(self.run_dir, state_name) if self.run_dir else None
         self.metrics_path = os.path.join(self.run_dir, METRICS_FILE) if self.run_dir else None
         if self.run_dir and self.acc.is_main_process:
             os.makedirs(self.run_dir, exist_ok=True)
         self.progress = _Progress()
         self.acc.register_for_checkpointing(self.progress)
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.acc.register_for_checkpointing(self.scaler)
         self.acc.register_save_state_pre_hook(self._keep_trainable_only)
         self.verbose = verbose
         self.module = None
@@ -185,6 +189,35 @@ class Engine:
             self.module, optimizer = self.acc.prepare(module, optimizer)
         return self.module, optimizer
 
+    # ----- precision ------------------------------------------------------------------------------
+    def autocast(self):
+        """Autocast to the run's mixed precision (Accelerate's when the process is set to it)."""
+        if self.scaler is None:
+            return self.acc.autocast()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(self.acc.device.type, dtype=dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.acc.backward(loss if self.scaler is None else self.scaler.scale(loss))
+
+    def grad_scale(self) -> float:
+        """The factor the gradients carry (fp16 loss scaling; else 1)."""
+        scaler = self.scaler if self.scaler is not None else getattr(self.acc, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def clip_grad_norm_(self, params, max_norm: float, optimizer) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        return self.acc.clip_grad_norm_(params, max_norm)
+
+    def optimizer_step(self, optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
     def average_gradients(self, params) -> None:
         """Mean of the gradients over the processes, where no DDP wrapper does it (FSDP)."""
         if not self.s.fsdp or self.acc.num_processes == 1:
@@ -206,23 +239,27 @@ class Engine:
         start = offset + (micro * world + rank) * s.batch_size
         return [int(order[(start + j) % num_blocks]) for j in range(s.batch_size)]
 
-    def accumulate(self, forward: Callable, blocks: torch.Tensor, teacher: Callable | None = None,
+    def micro_batches(self, blocks: torch.Tensor) -> list[torch.Tensor]:
+        """The current step's `grad_accum` micro-batches of this process, drawn from the calibration blocks."""
+        return [blocks[self.batch_indices(self.step, micro, len(blocks))] for micro in range(self.s.grad_accum)]
+
+    def accumulate(self, forward: Callable, batches: list[torch.Tensor], teacher: Callable | None = None,
                    distill_weight: float = 1.0, distill_temperature: float = 1.0,
                    last_micro_loss: Callable | None = None) -> dict:
-        """Forward and backward of one optimiser step over `grad_accum` micro-batches.
+        """Forward and backward of one optimiser step over the micro-batches `batches` (token tensors).
 
         Loss per micro-batch: next-token loss of `forward(ids)`, plus distill_weight x KL to `teacher(ids)`
-        when a teacher is given, divided by grad_accum; `last_micro_loss()` is added once, on the last
+        when a teacher is given, divided by their number; `last_micro_loss()` is added once, on the last
         micro-batch (the search's budget term). Returns the step's mean task and distillation losses.
         """
-        acc, n = self.acc, self.s.grad_accum
+        acc, n = self.acc, len(batches)
         totals = {"task_loss": 0.0, "distill_loss": 0.0}
         self.module.train()
-        for micro in range(n):
-            ids = blocks[self.batch_indices(self.step, micro, len(blocks))].to(acc.device)
+        for micro, batch in enumerate(batches):
+            ids = batch.to(acc.device)
             last = micro == n - 1
             sync = acc.no_sync(self.module) if not last and acc.num_processes > 1 else nullcontext()
-            with sync, acc.autocast():
+            with sync, self.autocast():
                 logits = forward(ids)
                 task = next_token_loss(logits, ids)
                 loss = task
@@ -235,7 +272,7 @@ class Engine:
                 loss = loss / n
                 if last and last_micro_loss is not None:
                     loss = loss + last_micro_loss()
-                acc.backward(loss)
+                self.backward(loss)
             totals["task_loss"] += float(task.detach()) / n
         return totals
 
@@ -357,6 +394,19 @@ class Engine:
                 bar.close()
 
         return update
+
+
+def _own_precision(acc, wanted: str):
+    """None when Accelerate runs the process at `wanted` precision; else the run's own loss scaler
+    (enabled for fp16 only), with which it autocasts itself."""
+    have = acc.mixed_precision
+    if have == wanted:
+        return None
+    if have != "no":
+        raise ValueError(f"this process runs Accelerate with mixed precision {have!r} (accelerate launch "
+                         f"--mixed_precision, ACCELERATE_MIXED_PRECISION or an earlier Accelerator), so a run with "
+                         f"mixed_precision={wanted!r} cannot start in it: ask for {have!r}, or launch it with {wanted!r}")
+    return torch.amp.GradScaler(acc.device.type, enabled=wanted == "fp16")
 
 
 @contextmanager

@@ -95,10 +95,9 @@ def recover(model, blocks: torch.Tensor, config: RecoveryConfig, run: RunSetting
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = engine.accumulate(logits_of(module), blocks, distill, config.distill_weight, config.distill_temperature)
-        grad_norm = engine.acc.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        totals = engine.accumulate(logits_of(module), engine.micro_batches(blocks), distill, config.distill_weight, config.distill_temperature)
+        grad_norm = engine.clip_grad_norm_(trainable, config.max_grad_norm, optimizer)
+        engine.optimizer_step(optimizer)
         loss = totals["task_loss"] + config.distill_weight * totals["distill_loss"] if distill else totals["task_loss"]
         return {"loss": loss, **totals, "lr": lr, "grad_norm": float(grad_norm), "epoch": (step + 1) * per_step / len(blocks)}
 
