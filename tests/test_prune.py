@@ -207,6 +207,20 @@ def test_llama_hidden_not_divisible_by_heads_falls_back_to_dms_llama():
     assert plan.pruned_config().model_type == "dms_llama"
 
 
+def test_a_bug_while_building_the_stock_config_surfaces(monkeypatch):
+    # Only the config validator's refusal selects dms_llama; any other error is raised, not taken as a refusal.
+    model = build("llama-gqa")
+    plan = make_plan(model, "uniform")
+    assert plan.uses_stock_format()
+
+    def broken(self):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(PrunePlan, "_stock_config", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        plan.uses_stock_format()
+
+
 def test_bf16_prune_copies_exact_values():
     model = build("qwen2")
     plan = make_plan(model, "all")

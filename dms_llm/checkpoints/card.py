@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 from ..files import write_text_atomic
+from ..hub import hub_id_of
 from ..plan import PrunePlan, count_plan_parameters
 
 EVAL_START = "<!-- dms_llm:evaluation:start -->"
 EVAL_END = "<!-- dms_llm:evaluation:end -->"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 
 
 
@@ -39,13 +37,8 @@ def _base_model(plan: PrunePlan, info: dict) -> str | None:
     if info.get("base_model"):
         return info["base_model"]
     for name in (plan.source_model, plan.source_config.get("_name_or_path")):
-        if not isinstance(name, str) or not name:
-            continue
-        if _HUB_ID.match(name) and not os.path.exists(name):
-            return name
-        m = _HF_CACHE_SNAPSHOT.search(os.path.abspath(name) + "/")  # a Hub download in the local cache
-        if m:
-            return f"{m.group(1)}/{m.group(2)}"
+        if isinstance(name, str) and name and hub_id_of(name):
+            return hub_id_of(name)
     return None
 
 

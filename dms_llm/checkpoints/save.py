@@ -1,4 +1,4 @@
-"""Saving a pruned model safely, and pushing it to the Hugging Face Hub (the model card is `card.py`).
+"""Saving a pruned model safely (the model card is `card.py`; pushing to the Hub, `dms_llm.hub`).
 
     from dms_llm.checkpoints import save_pruned, update_model_card, push_to_hub
     out = save_pruned(small, tokenizer, "outputs/smollm2-80m", plan, source_dir="models/smollm2")
@@ -190,35 +190,3 @@ def save_pruned(
     os.makedirs(os.path.dirname(out), exist_ok=True)
     replace_folder(out, fill)
     return out
-
-
-# ----- Hub ----------------------------------------------------------------------------------------------
-
-
-def push_to_hub(out_dir: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a saved checkpoint folder to the Hub (creating the repo if needed); returns the commit URL.
-
-    Every failure (offline, no or bad token, invalid repo id, network) becomes a RuntimeError that
-    names the local folder; the folder itself is only read.
-    """
-    folder = os.path.abspath(out_dir)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise RuntimeError(f"{folder} is not a saved checkpoint (no config.json); nothing was pushed")
-    try:
-        import huggingface_hub as hub
-
-        hub.create_repo(repo_id, private=private, token=token, repo_type="model", exist_ok=True)
-        commit = hub.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            token=token,
-            commit_message="Upload DMS-pruned model (dms_llm)",
-        )
-    except Exception as e:
-        raise RuntimeError(
-            f"pushing to the Hub as {repo_id!r} failed ({type(e).__name__}: {e}). The local checkpoint is kept "
-            f"unchanged at {folder}; fix the cause (network, HF_HUB_OFFLINE, token with write access, "
-            f"repo id 'user/name') and push again, e.g. `hf upload {repo_id} {folder}`"
-        ) from e
-    return str(getattr(commit, "commit_url", None) or commit)

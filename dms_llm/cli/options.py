@@ -11,6 +11,8 @@ import os
 import sys
 from dataclasses import MISSING, field
 
+from ..errors import ActionableError
+
 DATA_DIR_ENV = "DMS_DATA_DIR"
 
 
@@ -113,11 +115,13 @@ def run_main(run, parse, argv=None) -> int:
 
 
 def exit_code(command) -> int:
-    """`command()`'s exit code, or 2 after one `error: ...` line for an error the user can act on
-    (DMS_DEBUG=1 shows the traceback instead)."""
+    """`command()`'s exit code, or 2 after one `error: ...` line for an error the user can act on: bad input
+    (ValueError), a missing file or package (OSError, ImportError), or an `ActionableError`. Any other
+    exception, a plain RuntimeError included (a shape bug, out of memory), keeps its traceback; so does
+    every error with DMS_DEBUG=1."""
     try:
         return command()
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
+    except (ValueError, OSError, ActionableError, ImportError) as e:
         if os.environ.get("DMS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -167,7 +167,7 @@ def evaluate_after(model, tokenizer, cfg, out: str, before: dict | None) -> dict
 
 def push(cfg, out: str, summary: dict, state) -> None:
     if cfg.push_to_hub and state.is_main_process:
-        from ..checkpoints.save import push_to_hub
+        from ..hub import push_to_hub
 
         summary["hub_url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.hub_private)
     state.wait_for_everyone()

@@ -344,7 +344,7 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
 
     try:
         folder = local_model_folder(source)
-    except (OSError, ValueError):
+    except FileNotFoundError:  # neither a folder nor in the local Hub cache: there are no files to prune from
         folder = None
     sharded = folder is not None and os.path.isfile(os.path.join(folder, INDEX_NAME))
     if cfg.prune_from_files == "auto":

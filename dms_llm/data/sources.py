@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from ..checkpoints.loading import hub_host_resolves, offline_mode
+from ..hub import hub_host_resolves, offline_mode
 
 logger = logging.getLogger(__name__)
 

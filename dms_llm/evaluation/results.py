@@ -111,11 +111,11 @@ def evaluate_model(model, tokenizer, ppl: Sequence[str] | str = ("wikitext2",), 
 
 
 def _version(package: str) -> str | None:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version(package)
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         return None
 
 

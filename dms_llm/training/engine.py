@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..errors import ActionableError
 from ..files import recover_folder, swap_in, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -280,7 +281,7 @@ class Engine:
 
         weights = os.path.join(self.state_dir, "model.safetensors")
         if os.path.isfile(weights) == self.s.fsdp:
-            raise RuntimeError(f"the checkpoint in {self.state_dir} was made {'without' if self.s.fsdp else 'with'} "
+            raise ActionableError(f"the checkpoint in {self.state_dir} was made {'without' if self.s.fsdp else 'with'} "
                                f"--fsdp; resume it the way it was made")
         try:
             if not self.s.fsdp:
@@ -291,7 +292,7 @@ class Engine:
                     raise RuntimeError(f"{len(saved ^ expected)} tensors differ, e.g. {sorted(saved ^ expected)[0]}")
             self.acc.load_state(self.state_dir, strict=False)
         except RuntimeError as e:
-            raise RuntimeError(f"the checkpoint in {self.state_dir} does not fit this run ({str(e).splitlines()[0][:200]}): "
+            raise ActionableError(f"the checkpoint in {self.state_dir} does not fit this run ({str(e).splitlines()[0][:200]}): "
                                "it was made for another model or with other settings; resume with those of its run") from None
         if self.acc.is_main_process and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:  # a resumed log reads like an uninterrupted one
