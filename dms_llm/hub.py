@@ -7,6 +7,7 @@ switches, DNS), which errors mean it could not be reached, the local cache, and 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -18,6 +19,11 @@ from .errors import ActionableError
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
 # huggingface_hub and datasets derive their HTTP, offline, missing-entry and repo-id errors from these two.
 HUB_ERRORS = (OSError, ValueError)
+# Arguments of `from_pretrained` that say how to fetch files, never how to tokenize.
+LOADER_ARGUMENTS = frozenset({
+    "is_local", "local_files_only", "cache_dir", "force_download", "proxies", "token", "use_auth_token", "revision",
+    "subfolder", "trust_remote_code", "code_revision", "gguf_file", "_commit_hash", "_from_auto",
+})
 _CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 _CONNECTION_ERRORS = {
     "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError", "gaierror", "ConnectTimeout"
@@ -83,6 +89,20 @@ def cached_snapshot(repo_id: str, label: str | None = None) -> str:
             f"model {label or repo_id!r} ({repo_id}) is not a local folder and is not in the local Hugging Face "
             f"cache ({type(e).__name__}); download it first (`hf download {repo_id}`) or pass its folder"
         ) from e
+
+
+def save_tokenizer(tokenizer, folder: str) -> None:
+    """`tokenizer.save_pretrained(folder)` without the loader arguments transformers keeps among a loaded
+    tokenizer's settings (`local_files_only`, `is_local`, ...): saved, they would travel with the folder to
+    the Hub and tell every later loader to stay offline."""
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if LOADER_ARGUMENTS & set(config):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps({k: v for k, v in config.items() if k not in LOADER_ARGUMENTS}, indent=2,
+                               sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def push_to_hub(out_dir: str, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -24,6 +24,7 @@ import re
 import warnings
 
 from ..files import replace_folder
+from ..hub import save_tokenizer
 from ..plan import PrunePlan, count_plan_parameters
 from .card import render_model_card
 
@@ -124,7 +125,7 @@ def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_
                 hf_logging.enable_progress_bar()
         write_weights(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     plan.to_json(os.path.join(folder, PLAN_FILE))
 
     with open(os.path.join(folder, "config.json")) as f:
