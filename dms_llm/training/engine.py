@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..arch import ModelParts
 from ..errors import ActionableError
 from ..files import recover_folder, swap_in, write_text_atomic
 
@@ -85,6 +86,16 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+
+
+def add_lora(model, r: int, alpha: float, dropout: float = 0.0):
+    """`model` wrapped by peft with LoRA adapters on every attention and MLP projection (the family's
+    names, from the arch registry); returns (peft model, target names). The base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ModelParts(model).projection_names()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=targets)
+    return get_peft_model(model, config), targets
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
