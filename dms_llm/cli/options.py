@@ -13,9 +13,6 @@ from dataclasses import MISSING, field
 
 from ..errors import ActionableError
 
-DATA_DIR_ENV = "DMS_DATA_DIR"
-
-
 class ConfigError(ValueError):
     """Bad options or inputs, reported before any compute as one line (no traceback)."""
 
@@ -129,10 +126,9 @@ def exit_code(command) -> int:
 
 
 def data_dir_default(data_dir: str | None = None) -> str:
-    """`--data-dir`, else `$DMS_DATA_DIR`, else `../shared/data` beside the repository (a checkout's layout)."""
-    if data_dir:
-        return os.path.abspath(os.path.expanduser(data_dir))
-    if os.environ.get(DATA_DIR_ENV):
-        return os.path.abspath(os.path.expanduser(os.environ[DATA_DIR_ENV]))
+    """`--data-dir`, else `$DMS_DATA_DIR`, else `../shared/data` beside the repository (a checkout's layout):
+    the library's rule (`data_dir_path`) with the commands' default."""
+    from ..evaluation.tasks.utils import data_dir_path
+
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.abspath(os.path.join(repo, "..", "shared", "data"))
+    return str(data_dir_path(data_dir, default=os.path.join(repo, "..", "shared", "data")))
