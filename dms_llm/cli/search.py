@@ -340,7 +340,7 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
     if cfg.fsdp:  # the sharded weights are never gathered into one model: the files are the only whole copy
         return _prune_from_files(dataclasses.replace(cfg, fsdp=False, prune_from_files="always"), source)
     from ..checkpoints.loading import local_model_folder
-    from ..checkpoints.stream_prune import INDEX_NAME, WEIGHTS_NAME
+    from ..checkpoints.weights import INDEX_NAME, WEIGHTS_NAME
 
     try:
         folder = local_model_folder(source)
