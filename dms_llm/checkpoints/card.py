@@ -8,6 +8,7 @@ import os
 
 from ..files import write_text_atomic
 from ..hub import hub_id_of
+from ..markdown import table
 from ..plan import PrunePlan, count_plan_parameters
 
 EVAL_START = "<!-- dms_llm:evaluation:start -->"
@@ -49,13 +50,11 @@ def _fmt(v) -> str:
         return f"{v:,}" if abs(v) >= 10000 else str(v)
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return str(v)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(table(header, [[_fmt(c) for c in row] for row in rows]))
 
 
 def render_results(results: dict) -> str:
