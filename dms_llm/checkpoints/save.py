@@ -23,6 +23,7 @@ import os
 import re
 import warnings
 
+from ..files import check_output_folder as guard_output_folder
 from ..files import replace_folder
 from ..hub import save_tokenizer
 from ..plan import PrunePlan, count_plan_parameters
@@ -38,44 +39,11 @@ _IMPORTS_DMS_LLM = re.compile(r"^\s*(from|import)\s+dms_llm\b", re.M)
 # ----- output-folder safety ---------------------------------------------------------------------------
 
 
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
-def _check_destination(out: str, sources: list[str], overwrite: bool) -> None:
-    real_out = os.path.realpath(out)
-    for src in sources:
-        real_src = os.path.realpath(src)
-        if _inside(real_out, real_src):
-            raise ValueError(
-                f"refusing to save into {out}: it is (inside) the source model folder {src}; choose another folder"
-            )
-        if _inside(real_src, real_out):
-            raise ValueError(
-                f"refusing to save into {out}: the source model folder {src} is inside it and would be replaced"
-            )
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
-    if not (os.path.isdir(out) and os.listdir(out)):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"output folder {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
-            "or choose another folder"
-        )
-    # overwrite deletes the old folder: only ever a previous checkpoint, never e.g. a home or repo folder.
-    if not any(os.path.isfile(os.path.join(out, f)) for f in ("config.json", PLAN_FILE)):
-        raise FileExistsError(
-            f"refusing to overwrite {out}: it does not look like a model checkpoint (no config.json or "
-            f"{PLAN_FILE}), and overwriting deletes it; choose another folder"
-        )
-    if _inside(os.path.realpath(os.getcwd()), real_out):
-        raise FileExistsError(f"refusing to overwrite {out}: it contains the current working directory")
-
-
 def check_output_folder(out_dir: str, plan: PrunePlan, source_dir: str | None = None, overwrite: bool = False) -> None:
     """The checks `save_pruned` makes on its destination, for callers that want them before any work."""
-    _check_destination(os.path.abspath(out_dir), _source_dirs(plan, source_dir), overwrite)
+    sources = [("source model folder", folder) for folder in _source_dirs(plan, source_dir)]
+    # overwrite deletes the old folder: only ever a previous checkpoint
+    guard_output_folder(os.path.abspath(out_dir), sources, overwrite, markers=("config.json", PLAN_FILE))
 
 
 def _source_dirs(plan: PrunePlan, source_dir: str | None) -> list[str]:
@@ -170,7 +138,7 @@ def save_pruned(
     by tensor).
     """
     out = os.path.abspath(out_dir)
-    _check_destination(out, _source_dirs(plan, source_dir), overwrite)
+    check_output_folder(out, plan, source_dir, overwrite)
     _check_model_matches_plan(model, plan)
     # The card and dms_plan.json state the true counts of what is saved; a caller's figure that
     # disagrees (a stale plan, a budget-formula bug) is reported rather than written down.
