@@ -84,9 +84,7 @@ class ParameterCounter:
         kv = [st(masks.heads[str(i)]) if str(i) in masks.heads else s.num_kv_heads[i] for i in range(s.num_layers)]
         ch = [st(masks.channels[str(i)]) if str(i) in masks.channels else s.intermediate[i] for i in range(s.num_layers)]
         gates = {name: masks.per_layer(topk.straight_through_mask().double()) for name, topk in masks.depth_gates.items()}
-        one = [1] * s.num_layers
-        attn = gates.get("layers", gates.get("attn_layers", one))
-        mlp = gates.get("layers", gates.get("mlp_layers", one))
+        attn, mlp = masks.sublayer_gates(gates, [1] * s.num_layers)
         return self.count(hidden, kv, ch, attn, mlp)
 
     def hard(self, masks) -> int:

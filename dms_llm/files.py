@@ -17,6 +17,40 @@ def cache_root() -> str:
     return os.path.abspath(os.path.expanduser(os.environ.get("DMS_LLM_CACHE") or "~/.cache/dms_llm"))
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_output_folder(out: str, protected: list[tuple[str, str]], overwrite: bool, markers: tuple[str, ...] = (),
+                        kind: str = "a model checkpoint", how: str = "pass --overwrite (overwrite=True) to replace it") -> None:
+    """The one guard of every output folder, before anything is written. Refuses: a folder that is, lies
+    inside or contains one of the `protected` (what, folder) pairs (ValueError); one that contains the
+    current or the home folder, a file in its place, a non-empty folder unless `overwrite` (`how` says
+    what to do), and with `markers` the overwrite of a folder that holds none of them (so is not `kind`),
+    since overwriting deletes it (FileExistsError)."""
+    real = os.path.realpath(os.path.abspath(out))
+    for what, folder in protected:
+        src = os.path.realpath(folder)
+        if _inside(real, src):
+            raise ValueError(f"refusing to write into {out}, which is inside the {what} {folder} or that folder itself; "
+                             "choose another folder")
+        if _inside(src, real):
+            raise ValueError(f"refusing to write into {out}: it contains the {what} {folder}, which replacing it "
+                             "would delete; choose another folder")
+    for precious, what in ((os.getcwd(), "the current working directory"), (os.path.expanduser("~"), "the home folder")):
+        if _inside(os.path.realpath(precious), real):
+            raise FileExistsError(f"refusing to write into {out}: it contains {precious} ({what}); choose a dedicated folder")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
+    if not (os.path.isdir(out) and os.listdir(out)):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output folder {out} exists and is not empty; {how}, or choose another folder")
+    if markers and not any(os.path.exists(os.path.join(out, m)) for m in markers):
+        raise FileExistsError(f"refusing to --overwrite {out}: it does not look like {kind} (it holds none of "
+                              f"{', '.join(markers)}), and overwriting deletes it; choose another folder")
+
+
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
     """`write(tmp)` writes a temporary file beside `path`, which then replaces `path` in one rename."""
     folder, name = os.path.split(os.path.abspath(path))

@@ -139,13 +139,10 @@ class ModelMasks(nn.Module):
             # mean(x^2) equal sum(x^2) / sum(m); the output is scaled back (see inject.py).
             cur["norm_scale"] = torch.sqrt(s.hidden_size / hidden.sum())
         gates = {name: self.per_layer(self._base_mask(name, topk, track)) for name, topk in self.depth_gates.items()}
+        attn_gates, mlp_gates = self.sublayer_gates(gates, [None] * s.num_layers)
         for layer in range(s.num_layers):
             attn_scale, mlp_scale = hidden, hidden
-            if "layers" in gates:
-                attn_gate = mlp_gate = gates["layers"][layer]
-            else:
-                attn_gate = gates["attn_layers"][layer] if "attn_layers" in gates else None
-                mlp_gate = gates["mlp_layers"][layer] if "mlp_layers" in gates else None
+            attn_gate, mlp_gate = attn_gates[layer], mlp_gates[layer]
             heads = self.heads[str(layer)] if str(layer) in self.heads else None
             if heads is not None:
                 group_mask = self._base_mask(f"heads.{layer}", heads, track)
@@ -160,6 +157,15 @@ class ModelMasks(nn.Module):
             cur[f"mlp_out.{layer}"] = _combine(mlp_gate, mlp_scale)
         self.current = cur
         return cur
+
+    @staticmethod
+    def sublayer_gates(gates: dict, ungated: list) -> tuple:
+        """(attention gates, MLP gates), one per layer, from the depth gates by name: `layers` (depth "block")
+        gates both sublayers of a layer, `attn_layers` / `mlp_layers` (depth "sublayer") one each; `ungated`
+        (one value per layer) where the depth is not searched."""
+        if "layers" in gates:
+            return gates["layers"], gates["layers"]
+        return gates.get("attn_layers", ungated), gates.get("mlp_layers", ungated)
 
     def per_layer(self, gate: torch.Tensor) -> torch.Tensor:
         """A depth gate's mask over all layers: spared layers read 1 (differentiable in `gate`)."""
@@ -254,9 +260,7 @@ class ModelMasks(nn.Module):
         """Which attention / MLP sublayers the hard depth gates keep (all, when depth is not searched)."""
         n = self.shapes.num_layers
         gates = {name: self.per_layer(topk.hard_mask()).bool().tolist() for name, topk in self.depth_gates.items()}
-        attn = gates.get("layers", gates.get("attn_layers", [True] * n))
-        mlp = gates.get("layers", gates.get("mlp_layers", [True] * n))
-        return attn, mlp
+        return self.sublayer_gates(gates, [True] * n)
 
     def to_plan(self, config, source_model: str = ""):
         """The `PrunePlan` of the hard masks: what extraction will keep, by the same top-k rule."""

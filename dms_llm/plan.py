@@ -279,9 +279,11 @@ class PrunePlan:
         if self.adds_output_bias("attention") or self.adds_output_bias("mlp"):
             # Stock configs tie the o_proj / down_proj bias to q/k/v / gate/up biases (or have none).
             return False
+        from huggingface_hub.errors import StrictDataclassClassValidationError
+
         try:
             self._stock_config()
-        except Exception:  # strict-dataclass validation errors do not share a narrower base class
+        except (StrictDataclassClassValidationError, ValueError):  # the family's config validator refused the sizes
             return False
         return True
 

@@ -45,11 +45,6 @@ def slice_linear(
     return (w.clone() if w is weight else w), b
 
 
-def slice_embedding(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Keep hidden channels `cols` of a (vocab, hidden) embedding or lm_head matrix."""
-    return weight.index_select(1, cols.to(weight.device))
-
-
 def slice_norm(weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return weight.index_select(0, idx.to(weight.device))
 

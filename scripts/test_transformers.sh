@@ -11,7 +11,10 @@ cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: $0 SPEC [pytest args]   (SPEC: '==5.23.*', '>=5.23,<5.26', or '' for the newest)" >&2; exit 2; }
 spec=$1; shift
 PY=${PYTHON:-python3}
-venv=${TMPDIR:-/tmp}/dms_llm-transformers-$(printf '%s' "${spec:-newest}" | tr -c 'A-Za-z0-9.' '_')
+# One venv per release and parent environment: its .pth names the parent's site-packages, so a venv made
+# from another interpreter (the system one, another virtualenv) must not be reused.
+parent=$($PY -c "import hashlib, sys; print(hashlib.sha256(sys.prefix.encode()).hexdigest()[:10])")
+venv=${TMPDIR:-/tmp}/dms_llm-transformers-$(printf '%s' "${spec:-newest}" | tr -c 'A-Za-z0-9.' '_')-$parent
 if [ ! -x "$venv/bin/python" ]; then
   $PY -m venv "$venv"
   # addsitedir (not a bare path) so the parent's own .pth files load too: the editable dms_llm install.

@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
+from dms_llm.cli.options import exit_code
 from dms_llm.commands import SUBCOMMANDS, main
+from dms_llm.errors import ActionableError
 
 
 def test_overview_lists_every_subcommand(capsys):
@@ -63,3 +65,22 @@ def test_search_importance_option_reaches_the_method_and_refuses_unknown_modes(t
     assert parse_config(SearchConfig, base + ["--importance", "token"], "search").method().importance == "token"
     with pytest.raises(ConfigError, match="importance must be one of block, token"):
         parse_config(SearchConfig, base + ["--importance", "tokens"], "search")
+
+
+@pytest.mark.parametrize("error, one_line", [
+    (ValueError("bad option"), True), (FileNotFoundError("no such folder"), True),
+    (ActionableError("llama.cpp could not quantize"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False), (TypeError("a bug"), False),
+])
+def test_only_errors_the_user_can_act_on_become_one_line(error, one_line, capsys, monkeypatch):
+    monkeypatch.delenv("DMS_DEBUG", raising=False)
+
+    def command():
+        raise error
+
+    if one_line:
+        assert exit_code(command) == 2
+        assert capsys.readouterr().err == f"error: {error}\n"
+    else:  # a bug or an out-of-memory keeps its traceback
+        with pytest.raises(type(error)):
+            exit_code(command)

@@ -257,16 +257,17 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
 
 def test_data_dir_resolution(monkeypatch, tmp_path, tok):
     from dms_llm.cli.options import data_dir_default
+    from dms_llm.evaluation.tasks.utils import data_dir_path
 
     monkeypatch.delenv("DMS_DATA_DIR", raising=False)
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sources.__file__))))
     # the repository's default is the commands' (the library takes a folder or $DMS_DATA_DIR)
     assert data_dir_default() == os.path.abspath(os.path.join(repo, "..", "shared", "data"))
     with pytest.raises(FileNotFoundError, match="DMS_DATA_DIR"):
-        sources.default_data_dir()
+        data_dir_path()
     monkeypatch.setenv("DMS_DATA_DIR", str(tmp_path))
-    assert sources.default_data_dir() == str(tmp_path)
-    assert sources.default_data_dir(str(tmp_path / "x")) == str(tmp_path / "x")
+    assert data_dir_path() == tmp_path
+    assert data_dir_path(str(tmp_path / "x")) == tmp_path / "x"  # the argument first; existence is checked on use
     # an empty data dir: the default dataset says which file it needs and how to point at it
     with pytest.raises(FileNotFoundError, match=r"sample_c4-rp1\.jsonl.*data_dir"):
         load_calibration(None, tok, seq_len=4, num_samples=1, cache_dir=str(tmp_path / "c"))

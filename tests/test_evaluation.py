@@ -242,11 +242,14 @@ def test_offline_auto_reads_local_and_hub_mode_fails_loudly(data_dir):
 
 
 def test_data_dir_rules_agree(monkeypatch, data_dir):
-    from dms_llm.data.sources import default_data_dir
+    from dms_llm.cli.options import data_dir_default
+    from dms_llm.data.sources import _data_file
 
     monkeypatch.setenv("DMS_DATA_DIR", str(data_dir))
     assert ev.resolve_data_dir() == task_utils.resolve_data_dir() == data_dir.resolve()
-    assert default_data_dir() == str(data_dir.resolve())  # calibration data follows the same rule
+    assert data_dir_default() == str(data_dir)  # the commands follow the same rule
+    with pytest.raises(FileNotFoundError, match=str(data_dir / "c4")):  # and so does the calibration data
+        _data_file(None, "c4/none.jsonl", "calibration")
     # the library has no default folder of its own: the commands pass theirs (cli.options.data_dir_default)
     monkeypatch.delenv("DMS_DATA_DIR")
     with pytest.raises(FileNotFoundError, match="DMS_DATA_DIR"):
@@ -355,7 +358,9 @@ def test_all_tasks_score_with_expected_keys(zs_results):
         assert m["reported_metric"] == reported and m["value"] == m[reported]
         assert m["n"] == sizes[task] and 0 <= m["value"] <= 1
         assert zs_results["data_sources"][f"zero_shot/{task}"]["kind"] == "local"
-        assert zs_results["time_s"]["zero_shot"][task] >= 0
+    times = zs_results["time_s"]["zero_shot"]  # seconds per task (rounded to 0.01), within the whole evaluation's
+    assert list(times) == list(ev.ZERO_SHOT_TASKS)
+    assert 0 < sum(times.values()) <= zs_results["time_s"]["total"] + 0.01 * len(times)
     assert zs_results["zero_shot_avg"] == pytest.approx(sum(m["value"] for m in zs.values()) / len(zs))
 
 

@@ -12,6 +12,7 @@ from conftest import tiny_model
 import dms_llm.checkpoints.embedded as embedded
 import dms_llm.checkpoints.loading as loading
 from dms_llm.checkpoints.loading import MODEL_ALIASES, count_parameters, load_model_and_tokenizer, resolve_model
+from dms_llm.hub import HUB_ID
 
 
 def tiny_tokenizer():
@@ -43,7 +44,7 @@ def test_aliases_resolve_to_hub_ids():
     assert resolve_model("qwen2-7b") == "Qwen/Qwen2-7B"
     assert resolve_model("llama-7b") == "huggyllama/llama-7b"
     for alias, target in MODEL_ALIASES.items():
-        assert target == loading.EMBEDDED or loading._HUB_ID.match(target), alias
+        assert target == loading.EMBEDDED or HUB_ID.match(target), alias
     assert resolve_model("someorg/some-model_v1.5") == "someorg/some-model_v1.5"
 
 

@@ -28,7 +28,7 @@ import torch
 from conftest import FAMILIES, input_ids, tiny_model
 
 from dms_llm.plan import LayerPlan, PlanError, PrunePlan, count_plan_parameters
-from dms_llm.prune import head_rows, prune_model, slice_embedding, slice_linear, slice_norm
+from dms_llm.prune import head_rows, prune_model, slice_linear, slice_norm
 
 CASES = sorted(FAMILIES) + ["llama-bias"]  # llama-bias: Llama with q/k/v/o and MLP biases
 KINDS = ["heads", "channels", "hidden", "sublayers", "all", "uniform"]
@@ -136,7 +136,7 @@ def test_primitives_slice_rows_cols_and_bias_without_aliasing():
     w3, b3 = slice_linear(w, b)
     w3.zero_(), b3.zero_()
     assert w.sum() == 66 and b.sum() == 33  # a full slice is still a copy
-    assert slice_embedding(w, torch.tensor([3])).flatten().tolist() == [3.0, 7.0, 11.0]
+    assert slice_linear(w, None, cols=torch.tensor([3]))[0].flatten().tolist() == [3.0, 7.0, 11.0]  # embedding columns
     assert slice_norm(b, torch.tensor([1])).tolist() == [11.0]
     # group 1 of 2 with n_rep=2, head_dim=3 -> query heads 2 and 3 -> rows 6..11
     assert head_rows([1], 2, 3).tolist() == list(range(6, 12))
@@ -205,6 +205,20 @@ def test_llama_hidden_not_divisible_by_heads_falls_back_to_dms_llama():
     plan = make_plan(model, "hidden")  # 37 of 48 hidden channels, 6 heads
     assert plan.is_uniform() and not plan.uses_stock_format()
     assert plan.pruned_config().model_type == "dms_llama"
+
+
+def test_a_bug_while_building_the_stock_config_surfaces(monkeypatch):
+    # Only the config validator's refusal selects dms_llama; any other error is raised, not taken as a refusal.
+    model = build("llama-gqa")
+    plan = make_plan(model, "uniform")
+    assert plan.uses_stock_format()
+
+    def broken(self):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(PrunePlan, "_stock_config", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        plan.uses_stock_format()
 
 
 def test_bf16_prune_copies_exact_values():

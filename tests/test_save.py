@@ -167,6 +167,33 @@ def test_remote_code_loads_where_dms_llm_is_not_importable(saved, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), logits(model, x), rtol=0, atol=0)
 
 
+def test_saved_tokenizer_carries_no_loader_arguments_and_a_stock_folder_needs_no_remote_code(tmp_path):
+    from dms_llm.checkpoints.loading import load_tokenizer
+    from dms_llm.hub import LOADER_ARGUMENTS
+
+    tiny_tokenizer().save_pretrained(tmp_path / "source")
+    tokenizer = load_tokenizer(str(tmp_path / "source"), local_files_only=True)  # as the commands load it offline
+    assert {"local_files_only", "is_local"} <= set(tokenizer.init_kwargs)  # what transformers would save
+    for name, family, kind in (("dms", "llama-gqa", "all"), ("stock", "llama-gqa", "uniform")):
+        model, plan = pruned_pair(family, kind)
+        path = save_pruned(model, tokenizer, str(tmp_path / name), plan)
+        config = json.loads(open(os.path.join(path, "tokenizer_config.json")).read())
+        assert not LOADER_ARGUMENTS & set(config), name
+    assert {"local_files_only", "is_local"} <= set(tokenizer.init_kwargs)  # the caller's tokenizer is unchanged
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["dms_llm"] = None
+        from transformers import AutoTokenizer
+        assert AutoTokenizer.from_pretrained({str(tmp_path / "stock")!r})("Ab c")["input_ids"] == [4, 5, 40, 6]
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"},
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "custom code" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
 def test_sharded_save_round_trips(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -312,7 +312,8 @@ def test_every_recipe_loads():
     for path in recipes:
         values = load_recipe(path)
         cfg = SearchConfig(**{"output_dir": "/tmp/x", **values})
-        assert cfg.steps >= 1, path
+        assert {k: getattr(cfg, k) for k in values} == values, path  # every value reaches the run unchanged
+        assert parse_config(["--config", path, "--output-dir", "/tmp/x"]) == cfg, path  # and the command reads the same
     cfg = parse_config(["--config", recipes[0], "--target-params", "1e6", "--output-dir", "/tmp/y"])
     assert cfg.target_params == 1e6 and cfg.target_ratio is None  # the command line's budget wins
 

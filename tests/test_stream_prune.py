@@ -24,6 +24,7 @@ from dms_llm.plan import LayerPlan, PrunePlan, count_plan_parameters
 from dms_llm.prune import prune_model
 from dms_llm.checkpoints import save_pruned
 from dms_llm.checkpoints.stream_prune import prune_checkpoint
+from dms_llm.checkpoints.weights import WEIGHTS_NAME, WeightFiles
 
 
 def write_source(folder, model, dtype=torch.float32, max_shard_size="5GB", tokenizer=True):
@@ -116,7 +117,7 @@ def test_sharded_bf16_source_and_output(tmp_path, case, monkeypatch):
     in_memory(plan, source, tmp_path / "ref", max_shard_size="10KB")
 
     alive, peak = [0], [0]
-    real_read = sp.SourceFiles.read
+    real_read = WeightFiles.read
 
     def counting_read(self, name):
         t = real_read(self, name)
@@ -125,7 +126,7 @@ def test_sharded_bf16_source_and_output(tmp_path, case, monkeypatch):
         weakref.finalize(t, lambda: alive.__setitem__(0, alive[0] - 1))
         return t
 
-    monkeypatch.setattr(sp.SourceFiles, "read", counting_read)
+    monkeypatch.setattr(WeightFiles, "read", counting_read)
     out = prune_checkpoint(plan, source, str(tmp_path / "out"), max_shard_size="10KB")
     assert peak[0] == 1 and alive[0] == 0
     index = json.load(open(os.path.join(out, sp.INDEX_NAME)))
@@ -173,7 +174,7 @@ def test_tied_source_that_also_stores_lm_head_and_has_no_generation_config(tmp_p
     source = write_source(tmp_path / "src", model)
     os.remove(os.path.join(source, "generation_config.json"))
     in_memory(plan, source, tmp_path / "ref")
-    path = os.path.join(source, sp.WEIGHTS_NAME)
+    path = os.path.join(source, WEIGHTS_NAME)
     state = load_file(path)
     state["lm_head.weight"] = torch.randn_like(state["model.embed_tokens.weight"])
     save_file(state, path, metadata={"format": "pt"})

@@ -11,6 +11,7 @@ import shlex
 import sys
 
 from ..files import write_atomic, write_json_atomic, write_text_atomic
+from ..markdown import table, table_row
 
 
 def note_machine(row: dict, part: str, cell: str | None = None) -> None:
@@ -164,7 +165,7 @@ def summary_lines(report: dict) -> list[str]:
     for rec, path in columns:
         name = "zero-shot avg" if path[0] == "zero_shot_avg" else f"{path[1]} ({path[2]})"
         head.append(name + (", recovered" if rec else ""))
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = table(head)
     for (method, budget), entries in lines_of.items():
         first, summary = entries.get(False) or entries[True]
         name = f"{method} (median of {len(summary['seeds'])} seeds)" if summary else method
@@ -174,7 +175,7 @@ def summary_lines(report: dict) -> list[str]:
             scale = 100 if path[0] == "zero_shot_avg" else 1
             text = _cell(None if v is None else scale * v)
             c.append(f"**{text}**" if v is not None and method != "dense" and v == best.get((budget, rec, path)) else text)
-        out.append("| " + " | ".join(c) + " |")
+        out.append(table_row(c))
     return out
 
 
@@ -224,12 +225,24 @@ def markdown(report: dict) -> str:
         if llamacpp:
             c += [cell(("llamacpp_pp_speedup",)), cell(("llamacpp_tg_speedup",))]
         c.append(cell(("time_s",), "{:.1f}"))
-        return "| " + " | ".join(c) + " |"
+        return table_row(c)
 
-    table_head = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table_head = table(head)
     lines = [f"# Benchmark: {report['model']}", ""] + where + ["", "```bash", report["command"], "```", ""]
     lines += ["## Summary", ""] + summary_lines(report) + ["", "## Every row", ""] + table_head
     lines += [line(r, summary) for r, summary in display_rows(report)]
+    multi = [s for s in report.get("seed_summary", []) if len(s["seeds"]) > 1]
+    lines += ["", _notes(report, tasks, llamacpp, multi)]
+    if multi:
+        lines += ["", "## DMS over its seeds", ""] + _seed_spread(multi)
+        lines += ["", "With recovery, the time is the search's plus the fine-tuning's. Each seed:", ""] + table_head
+        lines += [line(r, None) for r in rows if any(r["method"] == s["method"] and r["budget"] == s["budget"]
+                                                        and r["recovery"] == s["recovery"] for s in multi)]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(report: dict, tasks: list, llamacpp: bool, multi: list) -> str:
+    """The paragraph under the table: how each column was measured."""
     settings = report["settings"]
     notes = ["Perplexity: dms_llm.evaluation (non-overlapping windows; llm-pruner = 128 tokens, sparsegpt = 2048)"]
     cells = settings.get("ppl_cells")
@@ -250,26 +263,24 @@ def markdown(report: dict) -> str:
                      f"models interleaved, {lc.get('reps')} repetitions, medians)")
     notes.append("Prune time: wall time of the plan (baselines, calibration pass included) or of the DMS search loop;"
                  " with recovery, plus the fine-tuning")
-    multi = [s for s in report.get("seed_summary", []) if len(s["seeds"]) > 1]
     if multi:
         notes.append("DMS rows with several seeds: each cell is the median over the seeds, with (smallest–largest) "
                      "beside it when they differ; every seed's own row is below and in the JSON")
-    lines += ["", ". ".join(notes) + "."]
-    if multi:
-        spread_cols = list(dict.fromkeys((d, p) for s in multi for d, by in s["max_over_min"].items() for p in by))
-        lines += ["", "## DMS over its seeds", "",
-                  "| budget | recovery | seeds | " + " | ".join(f"{d} ({p}) max/min" for d, p in spread_cols)
-                  + " | search time (s): median (min–max) |", "|" + "---|" * (4 + len(spread_cols))]
-        for s in multi:
-            t = [_get(s[part], ("time_s",)) for part in ("median", "min", "max")]
-            c = [f"{s['budget']:g}", "yes" if s["recovery"] else "no", ",".join(str(x) for x in s["seeds"])]
-            c += [_cell(_get(s["max_over_min"], (d, p)), "{:.3f}") for d, p in spread_cols]
-            c.append("–" if None in t else f"{t[0]:.1f} ({t[1]:.1f}–{t[2]:.1f})")
-            lines.append("| " + " | ".join(c) + " |")
-        lines += ["", "With recovery, the time is the search's plus the fine-tuning's. Each seed:", ""] + table_head
-        lines += [line(r, None) for r in rows if any(r["method"] == s["method"] and r["budget"] == s["budget"]
-                                                        and r["recovery"] == s["recovery"] for s in multi)]
-    return "\n".join(lines) + "\n"
+    return ". ".join(notes) + "."
+
+
+def _seed_spread(multi: list) -> list[str]:
+    """How far the seeds of each multi-seed DMS row lie apart (largest / smallest value per cell)."""
+    spread_cols = list(dict.fromkeys((d, p) for s in multi for d, by in s["max_over_min"].items() for p in by))
+    rows = []
+    for s in multi:
+        t = [_get(s[part], ("time_s",)) for part in ("median", "min", "max")]
+        c = [f"{s['budget']:g}", "yes" if s["recovery"] else "no", ",".join(str(x) for x in s["seeds"])]
+        c += [_cell(_get(s["max_over_min"], (d, p)), "{:.3f}") for d, p in spread_cols]
+        c.append("–" if None in t else f"{t[0]:.1f} ({t[1]:.1f}–{t[2]:.1f})")
+        rows.append(c)
+    head = ["budget", "recovery", "seeds"] + [f"{d} ({p}) max/min" for d, p in spread_cols]
+    return table(head + ["search time (s): median (min–max)"], rows)
 
 
 OFF_SCALE = 50.0  # perplexity panels end at this many times dense: one collapsed model would squash the rest

@@ -11,6 +11,7 @@ import json
 import os
 import time
 
+from ..errors import ActionableError
 from ..files import read_json, write_json_atomic, write_text_atomic
 from .cells import ppl_cells
 from .measure import RowMeasurements
@@ -33,7 +34,7 @@ def run_command(name: str, values: dict, config_path: str) -> None:
     write_text_atomic(config_path, yaml.safe_dump(values, sort_keys=True))
     code = main([name, "--config", config_path])
     if code != 0:
-        raise RuntimeError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
+        raise ActionableError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
 
 
 def _restarts_of(folder: str) -> int | None:
@@ -315,7 +316,7 @@ class Benchmark(RowMeasurements):
             summary = read_json(os.path.join(adopted, "search_summary.json"))
             target = self.target(row["budget"])
             if int(summary["target_params"]) != target or int(summary["params"]) > target:
-                raise RuntimeError(f"--adopt {adopted}: its target is {summary['target_params']:,} parameters, the "
+                raise ActionableError(f"--adopt {adopted}: its target is {summary['target_params']:,} parameters, the "
                                    f"budget {row['budget']:g} here means {target:,}; adopt a run made for this budget")
             settings_path = os.path.join(adopted, "search_config.json")
             settings = read_json(settings_path) if os.path.isfile(settings_path) else None
@@ -356,7 +357,7 @@ class Benchmark(RowMeasurements):
         restored = copy.deepcopy(row)
         cells = [c for c in self.ppl_cells if self.ppl_key(c.dataset, c.protocol, c.max_windows) in row["ppl"]]
         if not cells:
-            raise RuntimeError(f"{row['name']} was restored from {row.get('restored_from')} without a perplexity cell "
+            raise ActionableError(f"{row['name']} was restored from {row.get('restored_from')} without a perplexity cell "
                                f"to check a rebuilt model against; delete {self.row_path(row['name'])} to measure it anew")
         cell = min(cells, key=lambda c: c.max_windows or float("inf"))
         published = row["ppl"][self.ppl_key(cell.dataset, cell.protocol, cell.max_windows)]["value"]
@@ -369,7 +370,7 @@ class Benchmark(RowMeasurements):
         (measured,) = [detail["ppl"] for by_protocol in results["ppl_details"].values() for detail in by_protocol.values()]
         if row["params"] != restored["params"] or abs(measured - published) > REBUILD_RTOL * published:
             self.save_row(restored)
-            raise RuntimeError(
+            raise ActionableError(
                 f"{row['name']}: the rebuilt model is not the one in {restored.get('restored_from')} ({row['params']:,} "
                 f"parameters, {cell.dataset} {measured:.4f}; the file: {restored['params']:,}, {published:.4f}), so "
                 f"new cells cannot join its measurements (another library version, recipe or machine took another "
@@ -397,7 +398,7 @@ class Benchmark(RowMeasurements):
             folder = os.path.join(work, base["artifact"])
             if not any(name.endswith(".safetensors") for name in os.listdir(folder)):
                 kind = "recovered" if base["recovery"] else "search"
-                raise RuntimeError(f"the {base['method']} {kind} folder {folder} holds no weights (copied without "
+                raise ActionableError(f"the {base['method']} {kind} folder {folder} holds no weights (copied without "
                                    f"them?); delete {self.row_path(base['name'])} to {'search' if kind == 'search' else 'fine-tune'} again")
             return folder
         folder = os.path.join(work, "models", base["name"])

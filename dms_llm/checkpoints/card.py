@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 from ..files import write_text_atomic
+from ..hub import hub_id_of
+from ..markdown import table
 from ..plan import PrunePlan, count_plan_parameters
 
 EVAL_START = "<!-- dms_llm:evaluation:start -->"
 EVAL_END = "<!-- dms_llm:evaluation:end -->"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HF_CACHE_SNAPSHOT = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 
 
 
@@ -39,13 +38,8 @@ def _base_model(plan: PrunePlan, info: dict) -> str | None:
     if info.get("base_model"):
         return info["base_model"]
     for name in (plan.source_model, plan.source_config.get("_name_or_path")):
-        if not isinstance(name, str) or not name:
-            continue
-        if _HUB_ID.match(name) and not os.path.exists(name):
-            return name
-        m = _HF_CACHE_SNAPSHOT.search(os.path.abspath(name) + "/")  # a Hub download in the local cache
-        if m:
-            return f"{m.group(1)}/{m.group(2)}"
+        if isinstance(name, str) and name and hub_id_of(name):
+            return hub_id_of(name)
     return None
 
 
@@ -56,13 +50,11 @@ def _fmt(v) -> str:
         return f"{v:,}" if abs(v) >= 10000 else str(v)
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1000 else f"{v:.1f}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return str(v)
 
 
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(table(header, [[_fmt(c) for c in row] for row in rows]))
 
 
 def render_results(results: dict) -> str:

@@ -14,7 +14,9 @@ import shutil
 import tempfile
 import time
 
+from ..errors import ActionableError
 from ..files import cache_root
+from ..hub import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -98,11 +100,11 @@ def _convert_embedded(gguf: str, out_dir: str) -> None:
     )
     config = model.config
     if getattr(config, "quantization_config", None) is not None:
-        raise RuntimeError("the GGUF model was not dequantised; is the `kernels` package installed? (remove it)")
+        raise ActionableError("the GGUF model was not dequantised; is the `kernels` package installed? (remove it)")
     # Without a limit transformers reports 1e30; the original SmolLM2 tokenizer says 8192.
     tokenizer.model_max_length = int(config.max_position_embeddings)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
 
     rope = getattr(config, "rope_parameters", None) or {}
     params = sum(p.numel() for p in model.parameters())

@@ -10,9 +10,8 @@ import difflib
 import logging
 import os
 import re
-import socket
-from urllib.parse import urlparse
 
+from ..hub import HUB_ID, cached_snapshot, hub_reachable, is_connection_error
 from . import embedded
 from .embedded import DEFAULT_ALIAS
 
@@ -36,9 +35,6 @@ MODEL_ALIASES: dict[str, str] = {
     "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B",
 }
 
-
-# A Hub id is "namespace/name"; anything else that is not an alias or a folder is a typo or a path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
 
 _DTYPES = {
     "float32": "float32",
@@ -98,7 +94,7 @@ def resolve_model(name: str | None) -> str:
             f"config.json, a Hub id like 'meta-llama/Llama-2-7b-hf', or an alias: {', '.join(MODEL_ALIASES)} "
             f"(or nothing for the embedded default {DEFAULT_ALIAS})."
         )
-    if _HUB_ID.match(name):
+    if HUB_ID.match(name):
         return name
     close = difflib.get_close_matches(name.lower(), MODEL_ALIASES, n=1)
     suggestion = f" Did you mean {close[0]!r}?" if close else ""
@@ -132,53 +128,6 @@ def _torch_dtype(dtype):
         raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     name = _DTYPES[key]
     return name if name == "auto" else getattr(torch, name)
-
-
-def offline_mode() -> bool:
-    """True when HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (or huggingface_hub's own flag) is on."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - very old huggingface_hub
-        return False
-
-
-def hub_host_resolves() -> bool:
-    """Whether the Hub's host name resolves. A machine without network fails this at once, where
-    transformers / datasets would spend ~25 s in retries before giving up; passing it proves little."""
-    try:
-        from huggingface_hub import constants
-
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    except Exception:  # pragma: no cover
-        host = "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-def hub_reachable() -> bool:
-    """Offline switches off and the Hub host resolving: the Hub is worth trying."""
-    return not offline_mode() and hub_host_resolves()
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    names = {
-        "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError", "gaierror", "ConnectTimeout"
-    }
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ in names or "couldn't connect" in str(exc).lower():
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
 
 
 def _unreachable(name: str, source: str) -> OSError:
@@ -233,7 +182,7 @@ def load_model_and_tokenizer(
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, KeyError) as e:
-        if not is_local and _is_connection_error(e):
+        if not is_local and is_connection_error(e):
             raise _unreachable(label, source) from e
         msg = str(e)
         if "does not recognize this architecture" in msg or "Unrecognized model" in msg or isinstance(e, KeyError):
@@ -256,7 +205,7 @@ def load_model_and_tokenizer(
             ) from e
         raise
     except OSError as e:
-        if not is_local and _is_connection_error(e):
+        if not is_local and is_connection_error(e):
             raise _unreachable(label, source) from e
         raise OSError(f"cannot load the weights of {label!r} ({source}): {str(e).splitlines()[0][:500]}") from e
 
@@ -276,7 +225,7 @@ def load_tokenizer(source: str, label: str | None = None, trust_remote_code: boo
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
-        if not os.path.isdir(source) and _is_connection_error(e):
+        if not os.path.isdir(source) and is_connection_error(e):
             raise _unreachable(label, source) from e
         raise OSError(
             f"cannot load the tokenizer of {label!r} ({source}): {str(e).splitlines()[0][:500]}. "
@@ -296,17 +245,7 @@ def local_model_folder(name: str | None) -> str:
     a folder as is; a Hub id from the local Hugging Face cache (never downloaded; the cache location
     follows HF_HOME / HF_HUB_CACHE)."""
     source = resolve_model(name)
-    if os.path.isdir(source):
-        return source
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(source, local_files_only=True)
-    except Exception as e:  # LocalEntryNotFoundError, or a malformed cache entry
-        raise FileNotFoundError(
-            f"model {name!r} ({source}) is not a local folder and is not in the local Hugging Face cache "
-            f"({type(e).__name__}); download it first (`hf download {source}`) or pass its folder"
-        ) from e
+    return source if os.path.isdir(source) else cached_snapshot(source, label=name)
 
 
 def count_parameters(model) -> int:

@@ -1,4 +1,4 @@
-"""Saving a pruned model safely, and pushing it to the Hugging Face Hub (the model card is `card.py`).
+"""Saving a pruned model safely (the model card is `card.py`; pushing to the Hub, `dms_llm.hub`).
 
     from dms_llm.checkpoints import save_pruned, update_model_card, push_to_hub
     out = save_pruned(small, tokenizer, "outputs/smollm2-80m", source_dir="models/smollm2")   # small = convert(model, plan)
@@ -23,7 +23,9 @@ import os
 import re
 import warnings
 
+from ..files import check_output_folder as guard_output_folder
 from ..files import replace_folder
+from ..hub import save_tokenizer
 from ..plan import PrunePlan, count_plan_parameters
 from ..prune import plan_of
 from .card import render_model_card
@@ -38,44 +40,11 @@ _IMPORTS_DMS_LLM = re.compile(r"^\s*(from|import)\s+dms_llm\b", re.M)
 # ----- output-folder safety ---------------------------------------------------------------------------
 
 
-def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
-
-
-def _check_destination(out: str, sources: list[str], overwrite: bool) -> None:
-    real_out = os.path.realpath(out)
-    for src in sources:
-        real_src = os.path.realpath(src)
-        if _inside(real_out, real_src):
-            raise ValueError(
-                f"refusing to save into {out}: it is (inside) the source model folder {src}; choose another folder"
-            )
-        if _inside(real_src, real_out):
-            raise ValueError(
-                f"refusing to save into {out}: the source model folder {src} is inside it and would be replaced"
-            )
-    if os.path.lexists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a folder; choose another output folder")
-    if not (os.path.isdir(out) and os.listdir(out)):
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"output folder {out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
-            "or choose another folder"
-        )
-    # overwrite deletes the old folder: only ever a previous checkpoint, never e.g. a home or repo folder.
-    if not any(os.path.isfile(os.path.join(out, f)) for f in ("config.json", PLAN_FILE)):
-        raise FileExistsError(
-            f"refusing to overwrite {out}: it does not look like a model checkpoint (no config.json or "
-            f"{PLAN_FILE}), and overwriting deletes it; choose another folder"
-        )
-    if _inside(os.path.realpath(os.getcwd()), real_out):
-        raise FileExistsError(f"refusing to overwrite {out}: it contains the current working directory")
-
-
 def check_output_folder(out_dir: str, plan: PrunePlan, source_dir: str | None = None, overwrite: bool = False) -> None:
     """The checks `save_pruned` makes on its destination, for callers that want them before any work."""
-    _check_destination(os.path.abspath(out_dir), _source_dirs(plan, source_dir), overwrite)
+    sources = [("source model folder", folder) for folder in _source_dirs(plan, source_dir)]
+    # overwrite deletes the old folder: only ever a previous checkpoint
+    guard_output_folder(os.path.abspath(out_dir), sources, overwrite, markers=("config.json", PLAN_FILE))
 
 
 def _source_dirs(plan: PrunePlan, source_dir: str | None) -> list[str]:
@@ -125,7 +94,7 @@ def _write_checkpoint(model, tokenizer, folder: str, plan: PrunePlan, max_shard_
                 hf_logging.enable_progress_bar()
         write_weights(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     plan.to_json(os.path.join(folder, PLAN_FILE))
 
     with open(os.path.join(folder, "config.json")) as f:
@@ -172,7 +141,7 @@ def save_pruned(
     """
     plan = plan if plan is not None else plan_of(model)
     out = os.path.abspath(out_dir)
-    _check_destination(out, _source_dirs(plan, source_dir), overwrite)
+    check_output_folder(out, plan, source_dir, overwrite)
     _check_model_matches_plan(model, plan)
     # The card and dms_plan.json state the true counts of what is saved; a caller's figure that
     # disagrees (a stale plan, a budget-formula bug) is reported rather than written down.
@@ -193,35 +162,3 @@ def save_pruned(
     os.makedirs(os.path.dirname(out), exist_ok=True)
     replace_folder(out, fill)
     return out
-
-
-# ----- Hub ----------------------------------------------------------------------------------------------
-
-
-def push_to_hub(out_dir: str, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Upload a saved checkpoint folder to the Hub (creating the repo if needed); returns the commit URL.
-
-    Every failure (offline, no or bad token, invalid repo id, network) becomes a RuntimeError that
-    names the local folder; the folder itself is only read.
-    """
-    folder = os.path.abspath(out_dir)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise RuntimeError(f"{folder} is not a saved checkpoint (no config.json); nothing was pushed")
-    try:
-        import huggingface_hub as hub
-
-        hub.create_repo(repo_id, private=private, token=token, repo_type="model", exist_ok=True)
-        commit = hub.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            token=token,
-            commit_message="Upload DMS-pruned model (dms_llm)",
-        )
-    except Exception as e:
-        raise RuntimeError(
-            f"pushing to the Hub as {repo_id!r} failed ({type(e).__name__}: {e}). The local checkpoint is kept "
-            f"unchanged at {folder}; fix the cause (network, HF_HUB_OFFLINE, token with write access, "
-            f"repo id 'user/name') and push again, e.g. `hf upload {repo_id} {folder}`"
-        ) from e
-    return str(getattr(commit, "commit_url", None) or commit)

@@ -23,25 +23,14 @@ import os
 import warnings
 from dataclasses import dataclass
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+from .weights import INDEX_NAME, WeightFiles
+
 # Shard size of `dms-llm prune`: one output shard is held in memory while it is written, so this bounds
 # the memory (2 GB: under 3 GB peak for a 7B model; see docs/RESULTS.md). save_pruned's default is 5GB.
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 # Source tensors that a stock model ignores when loading (a rotary cache some old checkpoints carry).
 _IGNORED_SOURCE_SUFFIXES = (".rotary_emb.inv_freq",)
 _SOURCE = "source"  # tokenizer=...: load the source folder's tokenizer
-
-
-def _safe_open(path: str):
-    """A safetensors file opened for reading single tensors into private memory: `pread` where the
-    installed safetensors has it (0.8+), so no file mapping grows the resident set; else the default."""
-    from safetensors import safe_open
-
-    try:
-        return safe_open(path, framework="pt", device="cpu", backend="pread")
-    except TypeError:  # safetensors < 0.8: no backend argument
-        return safe_open(path, framework="pt", device="cpu")
 
 
 def _torch_dtype(code: str):
@@ -54,62 +43,6 @@ def _torch_dtype(code: str):
     if code not in table:
         raise ValueError(f"unsupported safetensors dtype {code!r}")
     return table[code]
-
-
-class SourceFiles:
-    """The safetensors weights of a checkpoint folder, from their headers only: which file holds each
-    tensor, with its dtype and shape. `read(name)` reads one tensor."""
-
-    def __init__(self, folder: str):
-        self.folder = folder
-        index_path = os.path.join(folder, INDEX_NAME)
-        weight_map = None
-        if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise ValueError("weight_map is not a non-empty object")
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{index_path} is not a valid safetensors index ({type(e).__name__}: {e})") from e
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
-            if missing:
-                shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-                raise FileNotFoundError(
-                    f"{folder}: {len(missing)} of the {len(files)} weight shards named by {INDEX_NAME} are missing ({shown})"
-                )
-        elif os.path.isfile(os.path.join(folder, WEIGHTS_NAME)):
-            files = [WEIGHTS_NAME]
-        else:
-            raise FileNotFoundError(
-                f"{folder} has no safetensors weights ({WEIGHTS_NAME} or {INDEX_NAME}); pruning from the files "
-                "reads safetensors checkpoints only"
-            )
-        self.files = files
-        self.where: dict[str, str] = {}
-        self.dtypes: dict[str, str] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for name in files:
-            try:
-                with _safe_open(os.path.join(folder, name)) as f:
-                    for key in f.keys():
-                        part = f.get_slice(key)
-                        self.where[key], self.dtypes[key], self.shapes[key] = name, part.get_dtype(), tuple(part.get_shape())
-            except Exception as e:  # safetensors raises its own error class for a corrupt header
-                raise OSError(f"cannot read the safetensors header of {os.path.join(folder, name)}: {e}") from e
-        if weight_map is not None:
-            wrong = [k for k, f in weight_map.items() if self.where.get(k) != f]
-            if wrong:
-                raise ValueError(f"{index_path} places {wrong[0]!r} in {weight_map[wrong[0]]}, which does not hold it "
-                                 f"({len(wrong)} such entries)")
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def read(self, name: str):
-        with _safe_open(os.path.join(self.folder, self.where[name])) as f:
-            return f.get_tensor(name)
 
 
 def source_generation_config(folder: str):
@@ -138,13 +71,13 @@ def _meta_model(config, dtype):
 
 def source_structure(folder: str, dtype) -> tuple:
     """The model of checkpoint `folder` on the meta device (structure only, no memory) in `dtype`, and its
-    `SourceFiles`, to read its weights one tensor at a time (the refit after pruning from the files)."""
+    `WeightFiles`, to read its weights one tensor at a time (the refit after pruning from the files)."""
     from transformers import AutoConfig
 
     from ..modeling import register_auto_classes
 
     register_auto_classes()
-    return _meta_model(AutoConfig.from_pretrained(folder, local_files_only=True), dtype), SourceFiles(folder)
+    return _meta_model(AutoConfig.from_pretrained(folder, local_files_only=True), dtype), WeightFiles(folder)
 
 
 @dataclass
@@ -178,7 +111,7 @@ class CheckpointPruner:
         self.config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
         spec = arch_spec(self.config)
         check_plan_matches_config(self.config, plan)
-        self.files = SourceFiles(self.folder)
+        self.files = WeightFiles(self.folder)
 
         # The source model's parameters (a tied lm_head is not one), checked against the files.
         floating = {self.files.dtypes[k] for k in self.files.where if _torch_dtype(self.files.dtypes[k]).is_floating_point}

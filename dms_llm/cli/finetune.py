@@ -21,6 +21,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
+from ..markdown import table
 from ..training.engine import process_state
 from .options import ConfigError, data_dir_default, option, run_main
 from .options import load_recipe as _load_recipe
@@ -351,9 +352,8 @@ def card_section(summary: dict) -> str:
     if summary.get("lora"):
         lora = summary["lora"]
         rows.insert(1, ("LoRA", f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {', '.join(lora['targets'])}"))
-    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows])
     return ("## Fine-tuning\n\nAfter pruning, the weights were fine-tuned to recover quality (`dms-llm finetune`); "
-            "the architecture is unchanged.\n\n" + table)
+            "the architecture is unchanged.\n\n" + "\n".join(table(["", ""], rows)))
 
 
 def _how_it_was_made(pruned_dir: str, this: str) -> str:

@@ -11,8 +11,7 @@ import os
 import sys
 from dataclasses import MISSING, field
 
-DATA_DIR_ENV = "DMS_DATA_DIR"
-
+from ..errors import ActionableError
 
 class ConfigError(ValueError):
     """Bad options or inputs, reported before any compute as one line (no traceback)."""
@@ -113,11 +112,13 @@ def run_main(run, parse, argv=None) -> int:
 
 
 def exit_code(command) -> int:
-    """`command()`'s exit code, or 2 after one `error: ...` line for an error the user can act on
-    (DMS_DEBUG=1 shows the traceback instead)."""
+    """`command()`'s exit code, or 2 after one `error: ...` line for an error the user can act on: bad input
+    (ValueError), a missing file or package (OSError, ImportError), or an `ActionableError`. Any other
+    exception, a plain RuntimeError included (a shape bug, out of memory), keeps its traceback; so does
+    every error with DMS_DEBUG=1."""
     try:
         return command()
-    except (ValueError, OSError, RuntimeError, ImportError) as e:
+    except (ValueError, OSError, ActionableError, ImportError) as e:
         if os.environ.get("DMS_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -125,10 +126,9 @@ def exit_code(command) -> int:
 
 
 def data_dir_default(data_dir: str | None = None) -> str:
-    """`--data-dir`, else `$DMS_DATA_DIR`, else `../shared/data` beside the repository (a checkout's layout)."""
-    if data_dir:
-        return os.path.abspath(os.path.expanduser(data_dir))
-    if os.environ.get(DATA_DIR_ENV):
-        return os.path.abspath(os.path.expanduser(os.environ[DATA_DIR_ENV]))
+    """`--data-dir`, else `$DMS_DATA_DIR`, else `../shared/data` beside the repository (a checkout's layout):
+    the library's rule (`data_dir_path`) with the commands' default."""
+    from ..evaluation.tasks.utils import data_dir_path
+
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.abspath(os.path.join(repo, "..", "shared", "data"))
+    return str(data_dir_path(data_dir, default=os.path.join(repo, "..", "shared", "data")))

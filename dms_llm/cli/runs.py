@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
-from ..files import read_json, replace_folder, write_json_atomic
+from ..files import check_output_folder, read_json, replace_folder, write_json_atomic
 from ..training.engine import RunSettings
 from .options import ConfigError, data_dir_default, option
 
@@ -59,27 +59,12 @@ def check_output_dir(out: str, overwrite: bool, resume: bool, can_resume: bool, 
     """Refuse, before anything is written: a folder inside (or around) a `protected` one, one around the
     current or home folder, a non-empty one without --overwrite/--resume, --resume without a checkpoint,
     and (with `markers`) --overwrite of a folder that holds none of them."""
-    real = os.path.realpath(os.path.abspath(out))
-    for what, folder in protected.items():
-        src = os.path.realpath(folder)
-        if real == src or real.startswith(src + os.sep):
-            raise ConfigError(f"--output-dir {out} is inside the {what} {src}; choose another folder")
-        if src.startswith(real + os.sep):
-            raise ConfigError(f"--output-dir {out} contains the {what} {src}, which replacing it would delete; choose another folder")
-    for precious in (os.getcwd(), os.path.expanduser("~")):
-        if os.path.realpath(precious) == real or os.path.realpath(precious).startswith(real + os.sep):
-            raise ConfigError(f"--output-dir {out} contains {precious}; choose a dedicated folder")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--output-dir {out} exists and is not a folder")
-    busy = os.path.isdir(out) and bool(os.listdir(out))
-    if busy and not (overwrite or resume):
-        raise ConfigError(f"--output-dir {out} exists and is not empty; pass --overwrite to replace it, --resume to continue it, "
-                          "or choose another folder")
     if resume and not can_resume:
         raise ConfigError(f"--resume: no checkpoint in {out}; run without --resume to start")
-    if busy and not resume and markers and not any(os.path.exists(os.path.join(out, m)) for m in markers):
-        raise ConfigError(f"refusing to --overwrite {out}: it holds neither a checkpoint nor a run of this command, "
-                          "and overwriting deletes it")
+    # a resumed run keeps its folder: only a fresh start over it needs --overwrite and its markers
+    check_output_folder(out, list(protected.items()), overwrite or resume, () if resume else markers,
+                        kind="a checkpoint or a run of this command",
+                        how="pass --overwrite to replace it, --resume to continue it")
 
 
 def start_run_folder(out: str, fresh: bool, config: dict, config_file: str, stale=()) -> None:
@@ -167,7 +152,7 @@ def evaluate_after(model, tokenizer, cfg, out: str, before: dict | None) -> dict
 
 def push(cfg, out: str, summary: dict, state) -> None:
     if cfg.push_to_hub and state.is_main_process:
-        from ..checkpoints.save import push_to_hub
+        from ..hub import push_to_hub
 
         summary["hub_url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.hub_private)
     state.wait_for_everyone()

@@ -349,11 +349,11 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
     if cfg.fsdp:  # the sharded weights are never gathered into one model: the files are the only whole copy
         return _prune_from_files(dataclasses.replace(cfg, fsdp=False, prune_from_files="always"), source)
     from ..checkpoints.loading import local_model_folder
-    from ..checkpoints.stream_prune import INDEX_NAME, WEIGHTS_NAME
+    from ..checkpoints.weights import INDEX_NAME, WEIGHTS_NAME
 
     try:
         folder = local_model_folder(source)
-    except (OSError, ValueError):
+    except FileNotFoundError:  # neither a folder nor in the local Hub cache: there are no files to prune from
         folder = None
     sharded = folder is not None and os.path.isfile(os.path.join(folder, INDEX_NAME))
     if cfg.prune_from_files == "auto":

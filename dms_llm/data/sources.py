@@ -17,7 +17,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from ..checkpoints.loading import hub_host_resolves, offline_mode
+from ..evaluation.tasks.utils import data_dir_path
+from ..hub import hub_host_resolves, offline_mode
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +58,8 @@ class _Source:
     large: bool = False
 
 
-def default_data_dir(data_dir: str | None = None) -> str:
-    """`data_dir`, else `$DMS_DATA_DIR` (the commands default it to ../shared/data beside the repository)."""
-    value = data_dir or os.environ.get("DMS_DATA_DIR")
-    if not value:
-        raise FileNotFoundError("no data folder given: pass data_dir=... (--data-dir for the commands) or set DMS_DATA_DIR")
-    return os.path.abspath(os.path.expanduser(value))
-
-
 def _data_file(data_dir: str | None, rel: str, what: str) -> str:
-    root = default_data_dir(data_dir)
-    path = os.path.join(root, rel)
+    path = os.path.join(data_dir_path(data_dir), rel)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{what} needs the offline file {path}, which does not exist. Pass data_dir=... (or set "
@@ -336,7 +328,7 @@ def _resolve_source(dataset: str | None, data_dir: str | None, text_field: str) 
         )
         return _local_source(key, path, text_field, note=note)
     if low in ("ptb", "ptb_text_only"):
-        root = default_data_dir(data_dir)
+        root = data_dir_path(data_dir)
         if os.path.isfile(os.path.join(root, PTB_TRAIN)):
             return _local_source(key, os.path.join(root, PTB_TRAIN), text_field, note="PTB (Mikolov LM version) train")
         ds = _try_hub("ptb_text_only", split="train")

@@ -36,8 +36,8 @@ from typing import Any, Iterable
 
 import torch
 
-from ..checkpoints.loading import hub_reachable
 from ..files import sha256_file
+from ..hub import HUB_ERRORS, hub_reachable
 from ..passes import model_device
 from .tasks.utils import resolve_data_dir
 
@@ -175,7 +175,7 @@ def load_ppl_text(dataset: str, data_dir=None, source: str = "auto") -> tuple[st
                       "data_files": hub.get("data_files"), "split": hub["split"], "rows": len(rows),
                       "fingerprint": getattr(ds, "_fingerprint", None), "join": spec.join}
             return spec.join.join(rows), record
-        except Exception as e:  # noqa: BLE001 - any Hub failure falls back to the local copy in auto mode
+        except HUB_ERRORS as e:  # in auto mode the Hub failing (not a bug of ours) falls back to the local copy
             if source == "hub":
                 raise
             logger.warning("loading %s from the Hub failed (%s); using the local copy", dataset, e)

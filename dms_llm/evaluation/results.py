@@ -16,6 +16,7 @@ import torch
 
 from ..checkpoints.loading import count_parameters
 from ..files import write_text_atomic
+from ..markdown import table, table_row
 from ..passes import model_device
 from .perplexity import PROTOCOLS, _model_dtype, check_ppl_datasets, check_protocols, perplexity
 from .zero_shot import ZERO_SHOT_TASKS, check_tasks, zero_shot
@@ -111,11 +112,11 @@ def evaluate_model(model, tokenizer, ppl: Sequence[str] | str = ("wikitext2",), 
 
 
 def _version(package: str) -> str | None:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version(package)
-    except Exception:  # noqa: BLE001
+    except PackageNotFoundError:
         return None
 
 
@@ -173,11 +174,11 @@ def results_markdown(rows: Sequence[dict]) -> str:
             c.append(d(r.get("zero_shot_avg"), ref.get("zero_shot_avg"), 100))
         return c
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table(header)
     for i, r in enumerate(rows):
-        lines.append("| " + " | ".join(cells(r)) + " |")
+        lines.append(table_row(cells(r)))
         if i > 0:
-            lines.append("| " + " | ".join(diff(r, rows[0])) + " |")
+            lines.append(table_row(diff(r, rows[0])))
     notes = [
         "",
         "Perplexity: non-overlapping windows of the given length (llm-pruner 128, sparsegpt 2048), final partial "

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..files import sha256_file
+from ..hub import HUB_ERRORS
 from .perplexity import _split_names, _want_hub
 from .tasks import utils as task_utils
 
@@ -126,7 +127,7 @@ def zero_shot(model, tokenizer, tasks, data_dir=None, limit: int | float | None 
                 try:
                     name = stock_name
                     res, record = run("hub", name)
-                except Exception as e:  # noqa: BLE001 - in auto mode any Hub failure falls back to local
+                except HUB_ERRORS as e:  # in auto mode the Hub failing (not a bug of ours) falls back to local
                     if source == "hub":
                         raise
                     logger.warning("stock task %s failed (%s); using the local %s", stock_name, e, local_name)

@@ -13,6 +13,8 @@ import os
 
 from gguf import GGMLQuantizationType, GGUFReader
 
+from ..errors import ActionableError
+
 # --outtype -> (llama.cpp file type, the type a matrix gets unless llama.cpp's rules or its rows pick another)
 KQUANTS = {
     "q6_k": ("LLAMA_FTYPE_MOSTLY_Q6_K", GGMLQuantizationType.Q6_K),
@@ -60,7 +62,7 @@ def quantize_gguf(source: str, output: str, outtype: str, threads: int = 0) -> l
     log = "".join(lines).splitlines()
     if failed:
         reason = [line for line in log if "failed" in line or "error" in line.lower()]
-        raise RuntimeError(f"llama.cpp could not quantize to {outtype}: {(reason or log or ['no message'])[-1].strip()}")
+        raise ActionableError(f"llama.cpp could not quantize to {outtype}: {(reason or log or ['no message'])[-1].strip()}")
     return log
 
 

@@ -18,7 +18,7 @@ from ..budget import ParameterCounter, budget_loss, fit_to_budget, resolve_targe
 from ..masks import ModelMasks
 from ..method import DMSConfig
 from ..plan import PrunePlan
-from .engine import Engine, RunSettings, set_activation_checkpointing
+from .engine import Engine, RunSettings, add_lora, set_activation_checkpointing
 
 # The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
 # size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
@@ -144,11 +144,7 @@ def prepare_weights(config: DMSConfig, run: RunSettings, model, masks):
     model.requires_grad_(False)
     hooked, peft_model, weight_params, teacher = model, None, [], None
     if config.train_weights == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-                          target_modules=ModelParts(model).projection_names())
-        peft_model = get_peft_model(model, lora)
+        peft_model, _ = add_lora(model, config.lora_r, config.lora_alpha)
         hooked = peft_model.base_model.model  # hooks go on the LoRA-wrapped projections: both branches masked
         weight_params = [p for p in peft_model.parameters() if p.requires_grad]
     elif config.train_weights == "full":

@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..arch import ModelParts
+from ..errors import ActionableError
 from ..files import recover_folder, swap_in, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -85,6 +87,16 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available(), timeout=BARRIER_TIMEOUT)
+
+
+def add_lora(model, r: int, alpha: float, dropout: float = 0.0):
+    """`model` wrapped by peft with LoRA adapters on every attention and MLP projection (the family's
+    names, from the arch registry); returns (peft model, target names). The base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = ModelParts(model).projection_names()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM", target_modules=targets)
+    return get_peft_model(model, config), targets
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
@@ -317,7 +329,7 @@ class Engine:
 
         weights = os.path.join(self.state_dir, "model.safetensors")
         if os.path.isfile(weights) == self.s.fsdp:
-            raise RuntimeError(f"the checkpoint in {self.state_dir} was made {'without' if self.s.fsdp else 'with'} "
+            raise ActionableError(f"the checkpoint in {self.state_dir} was made {'without' if self.s.fsdp else 'with'} "
                                f"--fsdp; resume it the way it was made")
         try:
             if not self.s.fsdp:
@@ -328,7 +340,7 @@ class Engine:
                     raise RuntimeError(f"{len(saved ^ expected)} tensors differ, e.g. {sorted(saved ^ expected)[0]}")
             self.acc.load_state(self.state_dir, strict=False)
         except RuntimeError as e:
-            raise RuntimeError(f"the checkpoint in {self.state_dir} does not fit this run ({str(e).splitlines()[0][:200]}): "
+            raise ActionableError(f"the checkpoint in {self.state_dir} does not fit this run ({str(e).splitlines()[0][:200]}): "
                                "it was made for another model or with other settings; resume with those of its run") from None
         if self.acc.is_main_process and os.path.exists(self.metrics_path):
             with open(self.metrics_path) as f:  # a resumed log reads like an uninterrupted one

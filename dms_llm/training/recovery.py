@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import ModelParts
-from .engine import Engine, RunSettings, set_activation_checkpointing
+from .engine import Engine, RunSettings, add_lora, set_activation_checkpointing
 
 METHODS = ("lora", "full")
 
@@ -70,11 +69,7 @@ def recover(model, blocks: torch.Tensor, config: RecoveryConfig, run: RunSetting
     model.requires_grad_(False)
     peft_model, trained, targets = None, model, None
     if config.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = ModelParts(model).projection_names()
-        peft_model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="CAUSAL_LM",
-                                                      lora_dropout=config.lora_dropout, target_modules=targets))
+        peft_model, targets = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout)
         trained = peft_model
     else:
         model.requires_grad_(True)

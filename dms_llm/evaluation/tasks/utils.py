@@ -31,17 +31,23 @@ TASK_FILES = {
 }
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data folder: the argument, else $DMS_DATA_DIR."""
-    if data_dir:
-        path, origin = Path(data_dir).expanduser(), "the data_dir argument"
-    elif os.environ.get(DATA_DIR_ENV):
-        path, origin = Path(os.environ[DATA_DIR_ENV]).expanduser(), f"${DATA_DIR_ENV}"
-    else:
+def data_dir_path(data_dir: str | os.PathLike | None = None, default: str | os.PathLike | None = None) -> Path:
+    """The data folder by the one rule of dms_llm (calibration, perplexity, zero-shot, the commands): the
+    argument, else $DMS_DATA_DIR, else `default` (the commands pass ../shared/data beside the repository;
+    the library has no default). An absolute path, not checked to exist: see `resolve_data_dir`."""
+    value = data_dir or os.environ.get(DATA_DIR_ENV) or default
+    if not value:
         raise FileNotFoundError(
             f"no data folder given: pass the folder that holds boolq/, piqa/, wikitext-2-raw/, ... as --data-dir DIR "
             f"(dms-llm), data_dir=DIR (Python), --metadata '{{\"data_dir\": \"DIR\"}}' (lm_eval), or set {DATA_DIR_ENV}=DIR."
         )
+    return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The data folder (`data_dir_path`), checked to exist, with its links resolved."""
+    path = data_dir_path(data_dir)
+    origin = "the data_dir argument" if data_dir else f"${DATA_DIR_ENV}"
     if not path.is_dir():
         raise FileNotFoundError(
             f"evaluation data folder {path} (from {origin}) does not exist. Pass the folder that holds boolq/, piqa/, "
