@@ -269,6 +269,26 @@ def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
     assert summaries["fsdp"]["parity_max_abs_diff"] < 1e-5  # the checkpoint written from the files
 
 
+def test_sharded_search_with_checkpointing_and_distillation_equals_data_parallel(setup):
+    """The 70B recipe's settings (gradient checkpointing, distillation from the same sharded weights with the
+    masks off) on the sharded model, each process loading only its shard: the same steps as DDP."""
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5", "--gradient-checkpointing", "--distill")
+    for name, extra in {"ddp": (), "fsdp": ("--fsdp",)}.items():
+        proc = _torchrun(_args(model_dir, corpus, tmp / name, *common, *extra, steps=4))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = {name: _read_metrics(tmp / name) for name in ("ddp", "fsdp")}
+    # masks start at one (the teacher's model); later the student differs from it
+    assert metrics["fsdp"][0]["distill_loss"] == 0 and metrics["fsdp"][-1]["distill_loss"] > 1e-6
+    for a, b in zip(metrics["fsdp"], metrics["ddp"]):
+        assert (a["step"], a["params"]) == (b["step"], b["params"])
+        for key in ("task_loss", "distill_loss", "budget_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    plans = {name: json.load(open(tmp / name / "dms_plan.json")) for name in metrics}
+    assert plans["fsdp"]["layers"] == plans["ddp"]["layers"]
+    assert json.load(open(tmp / "fsdp" / "search_summary.json"))["parity_max_abs_diff"] < 1e-5
+
+
 def test_fsdp_needs_processes_and_frozen_weights(setup, capsys):
     model_dir, corpus, tmp = setup
     assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.5", "--fsdp", "--train-weights", "lora")) == 2

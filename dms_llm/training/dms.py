@@ -29,8 +29,10 @@ from ..inject import MaskHooks
 from ..masks import ModelMasks
 from ..method import DMSConfig
 from ..plan import PrunePlan
-from ..prune import prune_model
+from ..prune import pruned_tensor_reader
+from ..streamed import skeleton, streamed
 from .engine import Engine, RunSettings, has_checkpoint, set_activation_checkpointing
+from .sharding import is_sharded, shard_model
 
 # The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
 # size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
@@ -71,15 +73,17 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
     (`plan.metadata["heldout_loss"]`). Raises `dms_llm.training.engine.Stopped` when `run.stop_after`
     or Ctrl-C ends the search early (after checkpointing into `run_dir`).
 
-    `check` prunes a copy in memory to prove that the binarised masked model and the pruned one agree on
-    the first block (`plan.metadata["masked_vs_pruned_max_abs_logit_diff"]`) and scores `heldout` on it.
-    A caller that prunes elsewhere (from the checkpoint files, to spare the memory of that copy) passes
-    `check=False` and a dict `probe_out`, which receives the masked model's logits on that block
-    (`probe`, `logits`) for `check_pruned`.
+    `check` proves that the binarised masked model and the pruned one agree on the first block
+    (`plan.metadata["masked_vs_pruned_max_abs_logit_diff"]`) and scores `heldout` on the pruned model,
+    never built whole: each of its decoder layers is sliced from `model` when it runs and dropped after
+    (`streamed`), so the check costs one pruned layer of memory. A caller that prunes elsewhere (from the
+    checkpoint files) passes `check=False` and a dict `probe_out`, which receives the masked model's
+    logits on that block (`probe`, `logits`) for `check_pruned`.
 
     With `run.fsdp` (two or more processes, frozen weights) the model's weights are sharded in place
-    across the processes (FSDP2, one unit per decoder layer), so it stays sharded afterwards: prune from
-    the checkpoint files (`check=False`).
+    across the processes (`training.sharding.shard_model`; a model that `checkpoints.sharded.load_sharded`
+    loaded comes sharded already), so it stays sharded afterwards: prune from the checkpoint files
+    (`check=False`).
     """
     from accelerate.utils import set_seed
 
@@ -124,8 +128,10 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
         if probe_out is not None:
             probe_out.update(probe=probe, logits=masked_logits)
         return plan
-    pruned = prune_model(model, plan)
-    score(pruned, plan, probe, masked_logits, heldout, run.batch_size, say=engine.say)
+    first = next(model.parameters())
+    pruned = skeleton(plan.pruned_config(), first.dtype, getattr(model.config, "_attn_implementation", None))
+    with streamed(pruned, pruned_tensor_reader(model, plan), first.device):
+        score(pruned, plan, probe, masked_logits, heldout, run.batch_size, say=engine.say)
     return plan
 
 
@@ -273,18 +279,15 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
 
 
 def _shard(model, config: DMSConfig, engine: Engine, check: bool) -> None:
-    """FSDP2 over the frozen weights: each decoder layer is one unit, the embeddings and head the root's."""
+    """FSDP2 over the frozen weights (`shard_model`), unless the model was loaded sharded."""
     if engine.acc.num_processes < 2:
         raise ValueError("fsdp shards the weights across processes: launch two or more (accelerate launch / torchrun)")
     if config.train_weights != "none":
         raise ValueError("fsdp shards frozen weights only: use train_weights none (distillation is fine)")
     if check:
         raise ValueError("with fsdp the model stays sharded: prune from the checkpoint files (check=False)")
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in ModelParts(model).layers:
-        fully_shard(layer)
-    fully_shard(model)
+    if not is_sharded(model):
+        shard_model(model)
 
 
 def _fit(engine: Engine, masks, counter, target: int, dense: int, config: DMSConfig) -> dict:
