@@ -277,6 +277,23 @@ def plan_of(model: nn.Module) -> PrunePlan:
     return plan
 
 
+def pruned_tensor_reader(model: nn.Module, plan: PrunePlan):
+    """`read(name)`: the pruned model's parameter `name`, sliced from `model` by `plan` when it is asked
+    for, by the same rules as `prune_model` (for `streamed.streamed`: the plan checked without a pruned
+    copy in memory)."""
+    _check_plan_matches(model, plan)
+    first = next(model.parameters())
+    slicer = PlanSlicer(plan, arch_spec(model.config), first.device)
+    src_params = dict(model.named_parameters())
+
+    @torch.no_grad()
+    def read(name: str) -> torch.Tensor:
+        recipe = slicer.recipe(name)
+        return slicer.make(recipe, src_params.get(recipe.source), first.dtype)
+
+    return read
+
+
 def _output_bias(plan: PrunePlan, src_bias, layer: int, kind: str, hidden: torch.Tensor, dtype) -> torch.Tensor:
     """The source's output bias (zero when it has none) plus the plan's delta, on the kept hidden rows.
     Summed in float32 so a bf16 model loses nothing more than the final rounding."""

@@ -101,6 +101,8 @@ def main(argv=None) -> None:
                 cell[dataset] = perplexity(pruned, tokenizer, dataset, max_windows=args.max_windows,
                                            data_dir=args.data_dir, progress=False)["ppl"]
             print(json.dumps({k: v for k, v in cell.items() if k != "refit"}), flush=True)
+            # read again before writing: another study may have added cells to the same file meanwhile
+            results = json.load(open(args.out)) if os.path.isfile(args.out) else {}
             results[key] = cell
             write_json_atomic(args.out, results)
 

@@ -29,6 +29,10 @@ SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    # meta-llama/Meta-Llama-3-8B (GQA 32/8, rope theta 500000); eval/shape_smoke.py writes it with 2 layers
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),  # the ids of the word-level tokenizer below
     # for tests of this script
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1200, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -57,13 +61,14 @@ def write_tokenizer(folder: str, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
 
 
-def write_checkpoint(folder: str, shape: str, max_shard_size: str = "2GB", seed: int = 0) -> None:
+def write_checkpoint(folder: str, shape: str, max_shard_size: str = "2GB", seed: int = 0, layers: int | None = None) -> None:
+    """`layers`: fewer decoder layers than the shape has (the real layer shapes, a shallower model)."""
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaConfig
 
-    config = LlamaConfig(**SHAPES[shape])
+    config = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers is not None else {})})
     config.dtype = "bfloat16"
     model = meta_model(config)
     state = model.state_dict()
@@ -133,6 +138,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="where the checkpoint goes (must not exist)")
     p.add_argument("--shape", default="llama-2-7b", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plan", help="also write a plan for the checkpoint here")
@@ -141,8 +147,11 @@ def main(argv=None) -> int:
     if os.path.exists(args.folder):
         print(f"error: {args.folder} exists; choose a new folder", file=sys.stderr)
         return 2
+    if args.layers is not None and args.layers < 1:
+        print(f"error: --layers must be at least 1, got {args.layers}", file=sys.stderr)
+        return 2
     start = time.time()
-    write_checkpoint(args.folder, args.shape, args.max_shard_size, args.seed)
+    write_checkpoint(args.folder, args.shape, args.max_shard_size, args.seed, args.layers)
     print(f"checkpoint written to {args.folder} in {time.time() - start:.1f} s")
     if args.plan:
         plan = random_plan(args.folder, args.plan_ratio, args.seed)

@@ -200,10 +200,10 @@ def test_source_folder_is_never_written(setup):
     assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(model_dir, "*"))} == before
 
 
-def _torchrun(args, timeout=300, script=os.path.join(REPO, "dms_llm", "search.py")):
+def _torchrun(args, timeout=300, script=os.path.join(REPO, "dms_llm", "search.py"), env=None):
     """`script` with `args` in two processes (torchrun, gloo on CPU), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -267,6 +267,40 @@ def test_sharded_search_equals_data_parallel_and_resumes_exactly(setup):
     assert summaries["fsdp"]["params"] == summaries["ddp"]["params"] == summaries["resumed"]["params"]
     assert summaries["fsdp"]["num_processes"] == 2 and summaries["fsdp"]["pruned_from_files"]
     assert summaries["fsdp"]["parity_max_abs_diff"] < 1e-5  # the checkpoint written from the files
+
+
+def test_sharded_search_with_checkpointing_and_distillation_equals_data_parallel(setup):
+    """The 70B recipe's settings (gradient checkpointing, distillation from the same sharded weights with the
+    masks off, perplexity before and after) on the sharded model, each process loading only its shard: the
+    same steps as DDP, and the same evaluation, run by both processes on the shards."""
+    model_dir, corpus, tmp = setup
+    common = ("--target-ratio", "0.5", "--gradient-checkpointing", "--distill")
+    evaluation = ("--eval-ppl", "wikitext2", "--eval-max-windows", "3", "--data-dir", SHARED_DATA)
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    for name, extra in {"ddp": (), "fsdp": ("--fsdp",)}.items():
+        args = [a for a in _args(model_dir, corpus, tmp / name, *common, *extra, *evaluation, steps=4) if a != "--no-eval"]
+        # each run its own cache: the sharded one must compute the dense evaluation, not read the other's
+        proc = _torchrun(args, env={"DMS_LLM_CACHE": str(tmp / f"cache-{name}")})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    results = {name: json.load(open(tmp / name / "results.json")) for name in ("ddp", "fsdp")}
+    for row in (lambda r: r, lambda r: r["baseline"]):  # the pruned model, the dense one
+        ddp, fsdp = row(results["ddp"]), row(results["fsdp"])
+        assert fsdp["params"] == ddp["params"] and fsdp["ppl"] and fsdp["ppl"].keys() == ddp["ppl"].keys()
+        for dataset, cells in ddp["ppl"].items():
+            for protocol, value in cells.items():
+                assert fsdp["ppl"][dataset][protocol] == pytest.approx(value, rel=1e-5)
+    assert results["fsdp"]["params"] < results["fsdp"]["baseline"]["params"]
+    metrics = {name: _read_metrics(tmp / name) for name in ("ddp", "fsdp")}
+    # masks start at one (the teacher's model); later the student differs from it
+    assert metrics["fsdp"][0]["distill_loss"] == 0 and metrics["fsdp"][-1]["distill_loss"] > 1e-6
+    for a, b in zip(metrics["fsdp"], metrics["ddp"]):
+        assert (a["step"], a["params"]) == (b["step"], b["params"])
+        for key in ("task_loss", "distill_loss", "budget_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    plans = {name: json.load(open(tmp / name / "dms_plan.json")) for name in metrics}
+    assert plans["fsdp"]["layers"] == plans["ddp"]["layers"]
+    assert json.load(open(tmp / "fsdp" / "search_summary.json"))["parity_max_abs_diff"] < 1e-5
 
 
 def test_fsdp_needs_processes_and_frozen_weights(setup, capsys):

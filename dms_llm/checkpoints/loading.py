@@ -253,10 +253,12 @@ def count_parameters(model) -> int:
 
     Deduplicates by storage as well as by object, so weights tied by sharing a tensor (not the same
     Parameter) are not counted twice either."""
+    from torch.distributed.tensor import DTensor
+
     seen: set = set()
     total = 0
     for p in model.parameters():
-        if p.device.type == "meta":
+        if p.device.type == "meta" or isinstance(p, DTensor):  # no storage of the whole tensor to compare
             key = ("id", id(p))
         else:
             key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))

@@ -117,15 +117,19 @@ def evaluate(model, tokenizer, cfg, name: str) -> dict:
     )
 
 
-def evaluate_once(paths: list[str | None], compute, state) -> dict:
+def evaluate_once(paths: list[str | None], compute, state, every_process: bool = False) -> dict:
     """`compute()`'s result, computed once: read from the first of `paths` that exists, else computed by the
-    main process and written to every path (the others wait and read it)."""
+    main process (with `every_process`, by all of them in step: a sharded model's forward is collective)
+    and written to every path by the main one (the others wait and read it)."""
     paths = [p for p in paths if p]
-    for path in paths:
-        if os.path.exists(path):
-            result = read_json(path)
-            break
+    found = next((p for p in paths if os.path.exists(p)), None)
+    # Nothing is written before every process has looked: all of them compute, or none does.
+    state.wait_for_everyone()
+    if found is not None:
+        result = read_json(found)
     else:
+        if every_process and not state.is_main_process:
+            compute()
         if state.is_main_process:
             result = compute()
             for path in paths:
@@ -137,16 +141,18 @@ def evaluate_once(paths: list[str | None], compute, state) -> dict:
     return result
 
 
-def evaluate_after(model, tokenizer, cfg, out: str, before: dict | None) -> dict:
-    """Evaluate the saved run's model, with `before` as the baseline row; results.json/.md and the card."""
+def evaluate_after(model, tokenizer, cfg, out: str, before: dict | None, write: bool = True) -> dict:
+    """Evaluate the saved run's model, with `before` as the baseline row; with `write` (the main process;
+    a sharded model is evaluated by every process) results.json/.md and the card."""
     from ..checkpoints.card import update_model_card
     from ..evaluation import write_results
 
     results = evaluate(model, tokenizer, cfg, name=out)
     if before:
         results["baseline"] = before
-    write_results(results, os.path.join(out, "results.json"))
-    update_model_card(out, results)
+    if write:
+        write_results(results, os.path.join(out, "results.json"))
+        update_model_card(out, results)
     return results
 
 

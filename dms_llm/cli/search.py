@@ -186,7 +186,7 @@ def _check_supported(source: str) -> None:
 # ----- the command --------------------------------------------------------------------------------
 def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
     """One search (or the best of `--restarts`), saved into --output-dir, then evaluated and pushed."""
-    from ..checkpoints.loading import load_model_and_tokenizer, resolve_model, training_dtype
+    from ..checkpoints.loading import resolve_model, training_dtype
     from .restarts import RESTARTS_DIR, keep_best
     from .runs import evaluate_once, push, report
 
@@ -228,17 +228,19 @@ def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
         summary = keep_best(out, candidates) if state.is_main_process else {}
         state.wait_for_everyone()
         if not cfg.no_eval:  # every rank takes part: evaluate_once synchronises them
-            dtype = training_dtype(cfg.dtype)
-            dense, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
-            dense_eval = evaluate_once([os.path.join(out, RESTARTS_DIR, "dense_eval.json"), _dense_cache(cfg, source, dtype)],
-                                       lambda: _evaluate_dense(dense, tokenizer, cfg), state)
+            dense, tokenizer = _load(cfg, source, training_dtype(cfg.dtype), state)
+            dense_eval = evaluate_once([os.path.join(out, RESTARTS_DIR, "dense_eval.json"),
+                                        _dense_cache(cfg, source, training_dtype(cfg.dtype))],
+                                       lambda: _evaluate_dense(dense, tokenizer, cfg), state, every_process=cfg.fsdp)
             del dense
-            if state.is_main_process:
-                pruned, tokenizer = load_model_and_tokenizer(out, dtype=dtype)
-    if not cfg.no_eval and state.is_main_process:
+    if not cfg.no_eval:
         from .runs import evaluate_after
 
-        summary["results"] = evaluate_after(pruned, tokenizer, cfg, out, dense_eval)
+        if pruned is None or cfg.fsdp:  # under --fsdp every process evaluates its shard of the pruned model
+            pruned, tokenizer = _load(dataclasses.replace(cfg, model=out), out, training_dtype(cfg.dtype), state,
+                                      main_only=True)
+        if pruned is not None:
+            summary["results"] = evaluate_after(pruned, tokenizer, cfg, out, dense_eval, write=state.is_main_process)
     push(cfg, out, summary, state)
     if state.is_main_process:
         report(summary, dense_eval, f"parameters: {summary['dense_params']:,} -> {summary['params']:,} "
@@ -250,7 +252,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     """Load, search (`search_plan`, checkpointing into `out`), prune and save into `out`; with `evaluate`,
     the dense model is evaluated first (once per folder and settings). Returns the summary and, when
     finished, the pruned model, the tokenizer and the dense evaluation."""
-    from ..checkpoints.loading import load_model_and_tokenizer, training_dtype
+    from ..checkpoints.loading import training_dtype
     from ..data import load_calibration
     from ..prune import prune_model
     from ..training import Stopped, resolve_budget, search_plan
@@ -260,8 +262,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     dtype = training_dtype(cfg.dtype)
     if state.is_main_process:
         print(f"loading {cfg.model or 'smollm2-135m (embedded default)'} as {dtype}", flush=True)
-    with state.main_process_first():  # the first process converts/caches, the others reuse
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=dtype)
+    model, tokenizer = _load(cfg, source, dtype, state)
     method = cfg.method()
     files = _prune_from_files(cfg, source)
     try:
@@ -280,7 +281,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     dense_eval = None
     if evaluate:
         dense_eval = evaluate_once([os.path.join(out, "dense_eval.json"), _dense_cache(cfg, source, dtype)],
-                                   lambda: _evaluate_dense(model, tokenizer, cfg), state)
+                                   lambda: _evaluate_dense(model, tokenizer, cfg), state, every_process=cfg.fsdp)
     probe = {}
     try:
         plan = search_plan(model, blocks, target_params=target, config=method, run=cfg.run_settings(), run_dir=out,
@@ -341,6 +342,24 @@ def _summary(plan, dense: int, out: str, dtype: str, pruned_from_files: bool) ->
     return summary
 
 
+def _load(cfg: SearchConfig, source: str, dtype: str, state, main_only: bool = False):
+    """(model, tokenizer) of `cfg.model` (at `source`). Under --fsdp every process reads only its shard from
+    the files (`load_sharded`: no process holds the whole model); otherwise the whole model, on every
+    process, or with `main_only` on the main one alone ((None, None) elsewhere)."""
+    from ..checkpoints.loading import load_model_and_tokenizer, load_tokenizer, local_model_folder
+
+    if cfg.fsdp:
+        from ..checkpoints.sharded import load_sharded
+
+        with state.main_process_first():  # the embedded default is converted to files once, by the first process
+            folder = local_model_folder(cfg.model)
+        return load_sharded(folder, dtype), load_tokenizer(folder, cfg.model or source)
+    if main_only:  # no barrier here: the other processes are not loading
+        return load_model_and_tokenizer(cfg.model, dtype=dtype) if state.is_main_process else (None, None)
+    with state.main_process_first():  # the first process converts/caches, the others reuse
+        return load_model_and_tokenizer(cfg.model, dtype=dtype)
+
+
 def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
     """The folder whose safetensors files the pruned checkpoint is written from (--prune-from-files), or
     None to prune a copy in memory. Only frozen weights are the files' weights."""
@@ -365,18 +384,22 @@ def _prune_from_files(cfg: SearchConfig, source: str) -> str | None:
 
 def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, batch_size, state,
                           refit=None):
-    """On the main process (None elsewhere): write the checkpoint from the source files (memory: one shard)
-    into the run folder, read the pruned model back and score it (parity with the masked model, held-out
-    loss), recording both in its plan. `refit(pruned, source, read_source)`, when given, refits the model
-    read back, its source read from the files one pass's sublayers at a time, and the refit checkpoint
-    replaces the sliced one."""
+    """On the main process: write the checkpoint from the source files (memory: one shard) into the run
+    folder and score it (parity with the masked model, held-out loss) as written, one layer at a time
+    (`streamed`: never the whole pruned model), recording both in its plan; returns None. With
+    `refit(pruned, source, read_source)` the pruned model is read back whole (the refit changes it; its
+    source is read from the files one pass's sublayers at a time), scored, refit, saved over the sliced
+    one and returned (None on the other processes)."""
     import gc
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..checkpoints.loading import _torch_dtype
     from ..checkpoints.save import DEFAULT_MAX_SHARD_SIZE
     from ..checkpoints.stream_prune import prune_checkpoint, source_structure
+    from ..checkpoints.weights import WeightFiles
     from ..plan import PrunePlan
+    from ..streamed import skeleton, streamed
     from ..training.dms import score
     from .runs import save_into_run_folder
 
@@ -393,14 +416,18 @@ def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe
 
         prune_checkpoint(plan, files, out, dtype=dtype, max_shard_size=DEFAULT_MAX_SHARD_SIZE, model_card_info=card,
                          tokenizer=tokenizer, save=save)
-        pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
-        score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
-        if refit is not None:
+        if refit is not None:  # the refit changes the pruned model's weights: it needs them all in memory
+            pruned = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).to(probe["probe"].device).eval()
+            score(pruned, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
             source, source_files = source_structure(files, pruned.dtype)
             refit(pruned, source, source_files.read)
             save_into_run_folder(pruned, tokenizer, out, plan, card, files, carry=carry)
-        else:  # measured on the model read back from the written checkpoint: add it to its plan
+        else:  # measured on the written checkpoint, read one layer at a time: add it to its plan
             from ..checkpoints.save import PLAN_FILE
+
+            written = skeleton(AutoConfig.from_pretrained(out), _torch_dtype(dtype))
+            with streamed(written, WeightFiles(out).read, probe["probe"].device):
+                score(written, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
 
             saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
             saved.metadata.update({k: plan.metadata[k] for k in ("masked_vs_pruned_max_abs_logit_diff", "heldout_loss")

@@ -13,12 +13,13 @@ import math
 import torch
 from torch import nn
 
-from ..arch import ModelParts, arch_spec
+from ..arch import arch_spec
 from ..budget import ParameterCounter, budget_loss, fit_to_budget, resolve_target, smallest_reachable
 from ..masks import ModelMasks
 from ..method import DMSConfig
 from ..plan import PrunePlan
 from .engine import Engine, RunSettings, add_lora, set_activation_checkpointing
+from .sharding import is_sharded, shard_model
 
 # The end-of-search fit should trim a rounding remainder; cutting more than this fraction of the dense
 # size at once means the search did not follow its budget schedule (seen: LoRA + distillation at 50%).
@@ -192,16 +193,13 @@ def warm_up_importance(engine: Engine, module, masks: ModelMasks, blocks: torch.
 
 
 def shard(model, config: DMSConfig, engine: Engine) -> None:
-    """FSDP2 over the frozen weights: each decoder layer is one unit, the embeddings and head the root's."""
+    """FSDP2 over the frozen weights (`shard_model`), unless the model was loaded sharded."""
     if engine.acc.num_processes < 2:
         raise ValueError("fsdp shards the weights across processes: launch two or more (accelerate launch / torchrun)")
     if config.train_weights != "none":
         raise ValueError("fsdp shards frozen weights only: use train_weights none (distillation is fine)")
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in ModelParts(model).layers:
-        fully_shard(layer)
-    fully_shard(model)
+    if not is_sharded(model):
+        shard_model(model)
 
 
 def fit_architecture(engine: Engine, masks, counter, target: int, dense: int, config: DMSConfig) -> dict:

@@ -29,7 +29,8 @@ from ..inject import MaskHooks
 from ..masks import ModelMasks
 from ..method import DMSConfig
 from ..plan import PrunePlan
-from ..prune import prune_model
+from ..prune import pruned_tensor_reader
+from ..streamed import skeleton, streamed
 from .dms import (
     SearchLoop,
     SearchModule,
@@ -220,7 +221,8 @@ def search(model, blocks: torch.Tensor, config: DMSConfig | None = None, *, run:
     `prepare`, `config.steps` steps, `plan`. Raises `Stopped` when `run.stop_after` or Ctrl-C ends it early
     (after checkpointing into `run_dir`; `resume=True` continues it).
 
-    `check` builds the pruned model once (as much memory as the pruned model) to record in the plan that it
+    `check` runs the pruned model layer by layer (sliced from `model` as each layer runs: one pruned layer of
+    memory, `streamed`) to record in the plan that it
     matches the binarised masked model on the first block (`masked_vs_pruned_max_abs_logit_diff`); `heldout`
     blocks, never searched on, are scored on it too (`heldout_loss`)."""
     blocks = _token_ids(blocks)
@@ -228,7 +230,7 @@ def search(model, blocks: torch.Tensor, config: DMSConfig | None = None, *, run:
         searcher.run(blocks, resume=resume)
         plan = searcher.plan(source_model=source_model, probe=blocks[:1] if check or heldout is not None else None)
     if searcher.probe is not None:
-        searcher.verify(prune_model(model, plan), heldout)
+        _verify_streamed(searcher, model, plan, heldout)
     return plan
 
 
@@ -253,5 +255,14 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
     if probe_out is not None:
         probe_out.update(searcher.probe)
     if check or heldout is not None:
-        searcher.verify(prune_model(model, plan), heldout)
+        _verify_streamed(searcher, model, plan, heldout)
     return plan
+
+
+def _verify_streamed(searcher: Searcher, model, plan: PrunePlan, heldout) -> None:
+    """`searcher.verify` on the pruned model without building it whole: each decoder layer is sliced from
+    `model` when it runs and dropped after (`streamed`), so the check costs one pruned layer of memory."""
+    first = next(model.parameters())
+    pruned = skeleton(plan.pruned_config(), first.dtype, getattr(model.config, "_attn_implementation", None))
+    with streamed(pruned, pruned_tensor_reader(model, plan), first.device):
+        searcher.verify(pruned, heldout)
