@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -204,7 +205,16 @@ def _torchrun(args, timeout=300, script=os.path.join(REPO, "dms_llm", "search.py
     """`script` with `args` in two processes (torchrun, gloo on CPU), one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # A session of its own, so that a timeout ends the workers too, not only torchrun (they would run on)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_two_processes_agree_on_the_plan(setup):
