@@ -199,7 +199,7 @@ class ModelMasks(nn.Module):
             return key, self.heads[layer] if layer in self.heads else None
         if kind == "channels":
             return key, self.channels[layer] if layer in self.channels else None
-        if kind in ("hidden", "attn_out", "mlp_out") and self.hidden is not None and self.mode == "soft":
+        if kind in ("hidden", "attn_out", "mlp_out") and self.hidden is not None:
             return "hidden", self.hidden
         return key, None
 
