@@ -20,13 +20,16 @@ import time
 
 import torch
 
+from dms_llm.arch import ModelParts
 from dms_llm.baselines import METHODS
+from dms_llm.baselines.common import output_proj_input_stats, per_group
+from dms_llm.baselines.flap import OUTPUT_BIAS, compensation, fluctuation_scores
 from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
 from dms_llm.cli.options import data_dir_default
 from dms_llm.data import load_calibration
 from dms_llm.evaluation.perplexity import perplexity
 from dms_llm.files import write_json_atomic
-from dms_llm.plan import PrunePlan, count_plan_parameters
+from dms_llm.plan import LayerPlan, PrunePlan, count_plan_parameters
 from dms_llm.prune import prune_model
 from dms_llm.refit import DEFAULT_ALPHA, refit_output_projections
 
@@ -45,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--output-bias", action="store_true",
                    help="with --plan: give every kept o_proj/down_proj an output bias (zero until the refit fits it as "
                         "an intercept, as FLAP's plans carry); the row's name gets '+bias'")
+    p.add_argument("--mean-compensation", choices=["plan", "fluctuation"],
+                   help="with --plan: replace every removed head and channel by its calibration mean (FLAP's output "
+                        "biases), keeping the plan's heads and channels ('plan', name +mean) or its widths filled "
+                        "with FLAP's best-scored ones ('fluctuation', name +fluct)")
     p.add_argument("--variants", default="none,refit,select", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--refit-samples", default="128", help="calibration blocks for the refit; comma-separated sizes")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the refit's ridge term")
@@ -63,6 +70,33 @@ def parse_args(argv=None):
     return args
 
 
+@torch.no_grad()
+def mean_compensated(model, plan: PrunePlan, blocks, select: str) -> PrunePlan:
+    """The plan with FLAP's mean compensation of what it removes (so the refit starts where FLAP's own plans
+    start); with `select="fluctuation"` each layer's widths are filled with FLAP's best-scored heads and channels."""
+    stats = output_proj_input_stats(model, blocks, 8)
+    head_cols, chans = fluctuation_scores(model, stats)
+    parts = ModelParts(model)
+    heads = {i: list(lp.attention_groups) for i, lp in enumerate(plan.layers) if i in head_cols}
+    channels = {i: list(lp.mlp_channels) for i, lp in enumerate(plan.layers) if i in chans}
+    for i, layer in enumerate(plan.layers):
+        if select == "plan":
+            continue
+        if i in head_cols:
+            score = per_group(head_cols[i], parts, i)  # the within-layer order of FLAP's standardised group mean
+            heads[i] = sorted(score.argsort(descending=True)[: len(layer.attention_groups)].tolist())
+        if i in chans:
+            channels[i] = sorted(chans[i].argsort(descending=True)[: len(layer.mlp_channels)].tolist())
+    values, dropped = compensation(model, stats, heads, channels)
+    new = PrunePlan.from_dict(plan.to_dict())
+    new.layers = [LayerPlan(heads.get(i, lp.attention_groups), channels.get(i, lp.mlp_channels))
+                  for i, lp in enumerate(plan.layers)]
+    new.output_bias, new.output_bias_values = dict(OUTPUT_BIAS), values
+    new.params_after = count_plan_parameters(new)
+    new.metadata = dict(plan.metadata, mean_compensation=select, compensation_dropped=dropped)
+    return new
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     results = json.load(open(args.out)) if os.path.isfile(args.out) else {}
@@ -77,6 +111,11 @@ def main(argv=None) -> None:
             plan.output_bias, plan.output_bias_values = {"attention": True, "mlp": True}, {}
             plan.params_after = count_plan_parameters(plan)
             name += "+bias"
+        if args.mean_compensation:
+            started = time.perf_counter()
+            plan = mean_compensated(model, plan, blocks[: args.calib_samples], args.mean_compensation)
+            print(f"mean compensation ({args.mean_compensation}) in {time.perf_counter() - started:.0f} s", flush=True)
+            name += "+fluct" if args.mean_compensation == "fluctuation" else "+mean"
     else:
         name = args.name or f"{args.method}-b{args.budget}"
         target = int(args.budget * count_parameters(model))
