@@ -221,7 +221,7 @@ class Benchmark(RowMeasurements):
         method, budget = row["method"], row["budget"]
         work = self.args.work
         if method == "dense":
-            from ..checkpoints import count_parameters
+            from ..budget import count_parameters
 
             row.update(params=count_parameters(self.dense()), time_s=0.0, artifact=None)
         elif row["recovery"]:

@@ -17,6 +17,7 @@ from ..arch import arch_spec
 from ..budget import ParameterCounter, budget_loss, fit_to_budget, resolve_target, smallest_reachable
 from ..masks import ModelMasks
 from ..method import DMSConfig
+from ..passes import window_nll
 from ..plan import PrunePlan
 from .engine import Engine, RunSettings, add_lora, set_activation_checkpointing
 from .sharding import is_sharded, shard_model
@@ -79,8 +80,6 @@ def score(pruned, plan: PrunePlan, probe, masked_logits, heldout=None, batch_siz
 
 def heldout_loss(model, heldout: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token loss of `model` on the held-out calibration blocks (what --restarts ranks by)."""
-    from ..evaluation import window_nll
-
     nll, tokens = window_nll(model, heldout, batch_size=batch_size, progress=False)
     return nll / tokens
 
