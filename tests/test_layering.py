@@ -14,7 +14,7 @@ LAYERS = [
               # the data-folder rule; standalone (lm-eval loads tasks/utils.py by path), so data/ may use it
               "dms_llm.evaluation.tasks"]),
     # the method: masks, budget, plan, pruning, and the passes over calibration blocks they need
-    ("core", ["dms_llm.arch", "dms_llm.method", "dms_llm.dtopk", "dms_llm.budget", "dms_llm.plan", "dms_llm.masks",
+    ("core", ["dms_llm.arch", "dms_llm.method", "dms_llm.dtopk", "dms_llm.budget", "dms_llm.plan", "dms_llm.provenance", "dms_llm.masks",
               "dms_llm.inject", "dms_llm.prune", "dms_llm.passes", "dms_llm.refit", "dms_llm.streamed"]),
     # what turns a model into a plan (or trains its weights): the DMS search, recovery, the one-shot baselines
     ("training", ["dms_llm.training", "dms_llm.baselines"]),

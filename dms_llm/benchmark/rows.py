@@ -237,10 +237,10 @@ class Benchmark(RowMeasurements):
             seconds = time.perf_counter() - start
             path = os.path.join(work, "plans", row["name"] + ".json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            plan.metadata["time_s"] = seconds
+            plan.metadata.time_s = seconds
             plan.to_json(path)
             row.update(params=plan.params_after, time_s=seconds, artifact=os.path.relpath(path, work),
-                       info={k: v for k, v in plan.metadata.items() if k not in ("block_influence",)})
+                       info={k: v for k, v in plan.metadata.to_dict().items() if k not in ("block_influence",)})
         else:
             self.build_dms(row)
         if method != "dense" and not (row.get("info") or {}).get("adopted"):

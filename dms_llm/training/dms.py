@@ -69,11 +69,11 @@ def check_pruned(pruned, probe: torch.Tensor, masked_logits: torch.Tensor, plan:
 def score(pruned, plan: PrunePlan, probe, masked_logits, heldout=None, batch_size: int = 8, say=print) -> None:
     """Record in the plan the parity of the pruned model with the masked one, and its held-out loss."""
     parity = check_pruned(pruned, probe, masked_logits, plan)
-    plan.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
+    plan.metadata.masked_vs_pruned_max_abs_logit_diff = parity
     if heldout is not None and len(heldout):
-        plan.metadata["heldout_loss"] = heldout_loss(pruned, heldout, batch_size)
-        say(f"held-out calibration loss of the pruned model: {plan.metadata['heldout_loss']:.4f} ({len(heldout)} blocks)")
-    before, target = plan.params_before, plan.metadata["target_params"]
+        plan.metadata.heldout_loss = heldout_loss(pruned, heldout, batch_size)
+        say(f"held-out calibration loss of the pruned model: {plan.metadata.heldout_loss:.4f} ({len(heldout)} blocks)")
+    before, target = plan.params_before, plan.metadata.target_params
     say(f"pruned: {plan.params_after:,} parameters ({plan.params_after / before:.2%} of dense, "
         f"{(target - plan.params_after) / target:.3%} under target); masked vs pruned logits max diff {parity:.2e}")
 
