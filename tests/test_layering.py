@@ -39,7 +39,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str], str] = {
     ("dms_llm.benchmark.rows", "dms_llm.cli.search"): _RUNS_THE_COMMANDS,
     ("dms_llm.benchmark.rows", "dms_llm.cli.finetune"): _RUNS_THE_COMMANDS,
     ("dms_llm.benchmark.rows", "dms_llm.cli.options"): _RUNS_THE_COMMANDS,
-    ("dms_llm.benchmark.rows", "dms_llm.cli.restarts"): _RUNS_THE_COMMANDS,
 }
 
 

@@ -37,17 +37,6 @@ def run_command(name: str, values: dict, config_path: str) -> None:
         raise ActionableError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
 
 
-def _restarts_of(folder: str) -> int | None:
-    """How many searches a finished `dms-llm search --restarts` run compared (None: not a restarts run)."""
-    from ..cli.restarts import RECORD_FILE
-
-    path = os.path.join(folder, RECORD_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return len(json.load(f)["searches"])
-
-
 # `dms-llm search` settings that do not change the searched model: where it is written, how it is checkpointed,
 # evaluated or published, and how the source is read.
 _OUTSIDE_THE_SEARCH = {"output_dir", "overwrite", "resume", "stop_after", "checkpoint_every", "data_dir", "no_eval",
