@@ -4,6 +4,8 @@ import is still a dependency), so the test needs nothing installed and sees what
 
 The map is explicit: a new module without a layer fails the test until it is given one."""
 
+from pathlib import Path
+
 import pytest
 from test_layout import _imports, _modules
 
@@ -83,6 +85,22 @@ def test_imports_go_down_the_layers():
     gone = sorted(set(KNOWN_VIOLATIONS) - found)
     assert not new, "imports from a higher layer (docs/DESIGN.md, Layers and modules):\n" + _describe(new)
     assert not gone, f"no longer violations, remove them from KNOWN_VIOLATIONS: {gone}"
+
+
+def test_the_picture_in_design_md_is_this_map():
+    """docs/DESIGN.md draws the layers top to bottom; its picture names the layers of LAYERS in that order,
+    and every package of a layer on that layer's line."""
+    design = (Path(__file__).resolve().parents[1] / "docs" / "DESIGN.md").read_text()
+    picture = design.split("## Layers and modules", 1)[1].split("```", 2)[1]
+    lines = [line.strip() for line in picture.splitlines() if line.strip() and line.strip() != "^"]
+    drawn = [line.split()[0] for line in lines if line.startswith(tuple(name for name, _ in LAYERS))]
+    assert drawn == [name for name, _ in reversed(LAYERS)], drawn
+    for name, prefixes in LAYERS:
+        start = next(i for i, line in enumerate(lines) if line.split()[0] == name)
+        text = " ".join(lines[start:start + 2])  # a layer may take two lines
+        for prefix in prefixes:
+            short = prefix.removeprefix("dms_llm.").replace(".", "/")
+            assert short in text or prefix == "dms_llm", (name, prefix, text)
 
 
 # ----- the check itself can fail -----------------------------------------------------------------------------
