@@ -22,6 +22,7 @@ from .masks import ModelMasks
 from .method import STRUCTURES, DMSConfig, MinKept, Temperatures
 from .modeling import register_auto_classes
 from .plan import PrunePlan
+from .provenance import PlanRecord
 from .prune import convert, plan_of, prune_model
 from .refit import refit_output_projections
 from .training import RunSettings, Searcher, Stopped, prepare, search, search_plan
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DMSConfig", "DifferentiableTopK", "HookTargetError", "MaskHooks", "MinKept", "ModelMasks", "ParameterCounter",
-    "PrunePlan", "RunSettings", "STRUCTURES", "Searcher", "Stopped", "Temperatures", "UnsupportedArchitectureError",
+    "PlanRecord", "PrunePlan", "RunSettings", "STRUCTURES", "Searcher", "Stopped", "Temperatures", "UnsupportedArchitectureError",
     "arch_spec", "budget_loss", "convert", "kept_count", "load_calibration", "load_model_and_tokenizer",
     "normalized_ranks", "plan_of", "prepare", "prune_model", "refit_output_projections", "register_family",
     "save_pruned", "search", "search_plan",

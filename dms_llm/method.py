@@ -178,9 +178,9 @@ class DMSConfig:
 
     @classmethod
     def from_plan(cls, plan) -> "DMSConfig":
-        """The config a DMS search recorded in its plan (`plan.metadata["method"]`), for plans of any
+        """The config a DMS search recorded in its plan (`plan.metadata.method`), for plans of any
         dms_llm version: a field the plan predates takes the value that reproduces it."""
-        record = plan.metadata.get("method")
+        record = plan.metadata.method
         if not isinstance(record, dict):
             raise ValueError(f"plan of {plan.source_model!r} records no DMS method (a baseline's plan, or hand-made)")
         return cls.from_dict({**_LEGACY_VALUES, **record})

@@ -21,6 +21,7 @@ from typing import Any
 from .arch import FAMILIES, bias_facts, model_shapes
 from .budget import ParameterCounter
 from .files import write_atomic, write_text_atomic
+from .provenance import PlanRecord
 
 PLAN_FORMAT = "dms_plan/1"
 # Output-bias deltas (e.g. FLAP's bias compensation) live beside the plan JSON: `dms_plan.json` ->
@@ -88,7 +89,8 @@ class PrunePlan:
     layers: list[LayerPlan]
     params_before: int | None = None
     params_after: int | None = None
-    metadata: dict = field(default_factory=dict)
+    # How the plan was made (`PlanRecord`); a dict given here or assigned later becomes one.
+    metadata: PlanRecord = field(default_factory=PlanRecord)
     # Output biases the pruned model gains on o_proj ("attention") / down_proj ("mlp") of every present
     # sublayer, e.g. {"attention": True, "mlp": True}; None = none added (the JSON then omits the key).
     output_bias: dict | None = None
@@ -186,7 +188,7 @@ class PrunePlan:
             "layers": [{"attention_groups": lp.attention_groups, "mlp_channels": lp.mlp_channels} for lp in self.layers],
             "params_before": self.params_before,
             "params_after": self.params_after,
-            "metadata": self.metadata,
+            "metadata": self.metadata.to_dict(),
         }
         if self.output_bias is not None:  # absent otherwise: plans without biases stay byte-identical
             d["output_bias"] = dict(self.output_bias)
@@ -219,7 +221,7 @@ class PrunePlan:
             layers=layers,
             params_before=d.get("params_before"),
             params_after=d.get("params_after"),
-            metadata=d.get("metadata") or {},
+            metadata=PlanRecord.from_dict(d.get("metadata")),
             output_bias=d.get("output_bias"),
         )
 
@@ -381,6 +383,19 @@ class PrunePlan:
             )
             j += 0 if lp.removed else 1
         return rows
+
+
+def _record_of(plan: PrunePlan) -> PlanRecord:
+    return plan.__dict__["metadata"]
+
+
+def _set_record(plan: PrunePlan, value) -> None:
+    # A plan's record is always typed, however it is given: older code and notebooks assign plain dicts. It is
+    # kept under its own name in the instance dict, so `PrunePlan(**plan.__dict__)` still copies a plan.
+    plan.__dict__["metadata"] = value if isinstance(value, PlanRecord) else PlanRecord.from_dict(value)
+
+
+PrunePlan.metadata = property(_record_of, _set_record, doc="How the plan was made: a `PlanRecord`.")
 
 
 def count_plan_parameters(plan: PrunePlan) -> int:

@@ -368,3 +368,23 @@ def test_two_processes_through_the_script(ckpts, tmp_path):
     summary = json.load(open(out / "finetune_summary.json"))
     assert summary["num_processes"] == 2 and summary["merge_max_abs_diff"] < 1e-5
     assert len(_metrics(out)) == 4  # one writer: each step logged once
+
+
+def test_the_card_tells_the_command_the_plan_records_then_this_one(ckpts, tmp_path):
+    """The pruning command comes from the pruned checkpoint's plan (`PlanRecord.command`), not from its README:
+    a card edited by hand changes nothing."""
+    pruned = tmp_path / "pruned"
+    shutil.copytree(ckpts["stock"], pruned)
+    plan = json.load(open(pruned / "dms_plan.json"))
+    plan["metadata"]["command"] = "dms-llm search --target-ratio 0.6 --output-dir runs/a"
+    (pruned / "dms_plan.json").write_text(json.dumps(plan))
+    card = (pruned / "README.md").read_text()
+    (pruned / "README.md").write_text(card + "\n## How it was made\n\n```bash\ndms-llm search --edited-by-hand\n```\n")
+    out = tmp_path / "out"
+    assert main(_args(pruned, out, ckpts["corpus"], "--distill-weight", "0", steps=2)) == 0
+    command = json.load(open(out / "dms_plan.json"))["metadata"]["command"]
+    first, then, this = command.split("\n")
+    assert first == "dms-llm search --target-ratio 0.6 --output-dir runs/a" and then == "# then"
+    assert this.startswith("dms-llm finetune --model " + str(pruned))
+    card = (out / "README.md").read_text()
+    assert command in card and "--edited-by-hand" not in card

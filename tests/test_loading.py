@@ -11,7 +11,8 @@ from conftest import tiny_model
 
 import dms_llm.checkpoints.embedded as embedded
 import dms_llm.checkpoints.loading as loading
-from dms_llm.checkpoints.loading import MODEL_ALIASES, count_parameters, load_model_and_tokenizer, resolve_model
+from dms_llm.budget import count_parameters
+from dms_llm.checkpoints.loading import MODEL_ALIASES, load_model_and_tokenizer, resolve_model
 from dms_llm.hub import HUB_ID
 
 

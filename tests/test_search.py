@@ -515,6 +515,7 @@ def _comparable(out, drop=("prune_from_files", "prune-from-files")):
             plan["metadata"]["search"] = {k: v for k, v in plan["metadata"]["search"].items()
                                           if k not in ("prune_from_files", "output_dir")}
             plan["metadata"].pop("search_time_s")
+            plan["metadata"].pop("command")  # names --output-dir and --prune-from-files, as the card's line dropped below
             data = plan
         elif name == "README.md":
             data = [line.replace(str(out), "OUT") for line in data.decode().splitlines()

@@ -148,7 +148,8 @@ def check_budget(plan: PrunePlan, counted: int, target: int) -> PrunePlan:
         raise RuntimeError(f"count_plan_parameters gives {plan.params_after:,}, the allocation counted {counted:,}")
     if plan.params_after > target:
         raise RuntimeError(f"plan has {plan.params_after:,} parameters, above the target {target:,}")
-    plan.metadata.update(target_params=int(target), params=plan.params_after, budget_gap=(target - plan.params_after) / target)
+    plan.metadata.target_params = int(target)
+    plan.metadata.update(params=plan.params_after, budget_gap=(target - plan.params_after) / target)  # in `extra`
     return plan
 
 

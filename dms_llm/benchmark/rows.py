@@ -37,17 +37,6 @@ def run_command(name: str, values: dict, config_path: str) -> None:
         raise ActionableError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
 
 
-def _restarts_of(folder: str) -> int | None:
-    """How many searches a finished `dms-llm search --restarts` run compared (None: not a restarts run)."""
-    from ..cli.restarts import RECORD_FILE
-
-    path = os.path.join(folder, RECORD_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return len(json.load(f)["searches"])
-
-
 # `dms-llm search` settings that do not change the searched model: where it is written, how it is checkpointed,
 # evaluated or published, and how the source is read.
 _OUTSIDE_THE_SEARCH = {"output_dir", "overwrite", "resume", "stop_after", "checkpoint_every", "data_dir", "no_eval",
@@ -221,7 +210,7 @@ class Benchmark(RowMeasurements):
         method, budget = row["method"], row["budget"]
         work = self.args.work
         if method == "dense":
-            from ..checkpoints import count_parameters
+            from ..budget import count_parameters
 
             row.update(params=count_parameters(self.dense()), time_s=0.0, artifact=None)
         elif row["recovery"]:
@@ -237,10 +226,10 @@ class Benchmark(RowMeasurements):
             seconds = time.perf_counter() - start
             path = os.path.join(work, "plans", row["name"] + ".json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            plan.metadata["time_s"] = seconds
+            plan.metadata.time_s = seconds
             plan.to_json(path)
             row.update(params=plan.params_after, time_s=seconds, artifact=os.path.relpath(path, work),
-                       info={k: v for k, v in plan.metadata.items() if k not in ("block_influence",)})
+                       info={k: v for k, v in plan.metadata.to_dict().items() if k not in ("block_influence",)})
         else:
             self.build_dms(row)
         if method != "dense" and not (row.get("info") or {}).get("adopted"):

@@ -246,24 +246,3 @@ def local_model_folder(name: str | None) -> str:
     follows HF_HOME / HF_HUB_CACHE)."""
     source = resolve_model(name)
     return source if os.path.isdir(source) else cached_snapshot(source, label=name)
-
-
-def count_parameters(model) -> int:
-    """Number of distinct parameters; a tied embedding / lm_head is counted once.
-
-    Deduplicates by storage as well as by object, so weights tied by sharing a tensor (not the same
-    Parameter) are not counted twice either."""
-    from torch.distributed.tensor import DTensor
-
-    seen: set = set()
-    total = 0
-    for p in model.parameters():
-        if p.device.type == "meta" or isinstance(p, DTensor):  # no storage of the whole tensor to compare
-            key = ("id", id(p))
-        else:
-            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()))
-        if key in seen:
-            continue
-        seen.add(key)
-        total += p.numel()
-    return total

@@ -131,8 +131,8 @@ def save_pruned(
 
     Refuses to write into (or around) the source model folder (`source_dir`, and `plan.source_model`
     when it is a local folder), and into a non-empty `out_dir` unless `overwrite`. `model_card_info`
-    may hold: title, description, base_model, license, tags, datasets, repo_id, command, settings
-    (dict), results (see `update_model_card`). Returns the absolute path of the saved folder.
+    may hold: title, description, base_model, license, tags, datasets, repo_id, command (default: the one
+    the plan records, `plan.metadata.command`), settings (dict), results (see `update_model_card`). Returns the absolute path of the saved folder.
 
     `write_weights(folder)`, when given, writes the weight files (safetensors and their index) instead of
     `model.save_pretrained`; the model then only provides config, class and generation config, and may be
@@ -152,6 +152,8 @@ def save_pruned(
             warnings.warn(f"plan.{field_name} = {given:,} but the saved model's count is {true_value:,}; saving the latter")
     plan = dataclasses.replace(plan, params_before=dense, params_after=counted)
     info = dict(model_card_info or {})
+    if plan.metadata.command and "command" not in info:  # the card's "How it was made": what the plan records
+        info["command"] = plan.metadata.command
 
     def fill(staging):
         _write_checkpoint(model, tokenizer, staging, plan, max_shard_size, write_weights)

@@ -32,9 +32,10 @@ from pathlib import Path
 
 from ..benchmark.report import markdown, write_outputs
 from ..benchmark.cells import parse_ppl_extra, ppl_cells
-from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of
+from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark
 from ..method import DMSConfig
 from .options import HelpFormatter, data_dir_default, exit_code
+from .restarts import restarts_of
 
 
 def _apply_config(p: argparse.ArgumentParser, argv) -> str | None:
@@ -243,7 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not os.path.isfile(os.path.join(folder, "search_summary.json")):
             p.error(f"--adopt {spec!r}: {folder} holds no search_summary.json (not a finished dms-llm search run)")
         if method == "dms-restarts":
-            searches = _restarts_of(folder)
+            searches = restarts_of(folder)
             if searches != args.dms_restarts:
                 p.error(f"--adopt {spec!r}: a dms-restarts row needs a `dms-llm search --restarts {args.dms_restarts}` run; "
                         f"{folder} holds {searches or 'no restarts.json, so one search'}")

@@ -356,29 +356,17 @@ def card_section(summary: dict) -> str:
             "the architecture is unchanged.\n\n" + "\n".join(table(["", ""], rows)))
 
 
-def _how_it_was_made(pruned_dir: str, this: str) -> str:
-    """The pruning command from the pruned checkpoint's card, then this one: the card tells both steps."""
-    import re
-
-    try:
-        with open(os.path.join(pruned_dir, "README.md")) as f:
-            m = re.search(r"^## How it was made\s*```bash\n(.*?)\n```", f.read(), re.S | re.M)
-    except OSError:
-        m = None
-    return f"{m.group(1).strip()}\n# then\n{this}" if m else this
-
-
 def _save(model, tokenizer, plan, cfg, out, pruned_dir, summary, command) -> None:
     """Save the checkpoint into `out` (the same format as the pruned one), keeping the run's files beside it."""
     from ..files import write_json_atomic
     from .runs import save_into_run_folder
 
-    plan.metadata["finetune"] = {k: summary[k] for k in ("method", "steps", "teacher", "distill_weight", "lr", "train_time_s")} | {
+    record = plan.metadata  # the pruned checkpoint's: its search, and the command that made it
+    record.finetune = {k: summary[k] for k in ("method", "steps", "teacher", "distill_weight", "lr", "train_time_s")} | {
         "data": summary["data"].get("dataset"), "pruned_model": pruned_dir}
-    search = plan.metadata.get("search") or {}
+    record.then(command)  # the card's "How it was made": the pruning command, then this one
     card = {"description": card_section(summary),
-            "settings": {k: v for k, v in search.items() if v not in (None, False, "")},
-            "command": _how_it_was_made(pruned_dir, command),
+            "settings": {k: v for k, v in (record.search or {}).items() if v not in (None, False, "")},
             "tags": ["fine-tuned"] + (["lora"] if cfg.method == "lora" else []) + (["knowledge-distillation"] if summary["teacher"] else [])}
     save_into_run_folder(model, tokenizer, out, plan, card, pruned_dir,
                          carry=("metrics.jsonl", "finetune_config.json", "tensorboard", "lora_adapter"),

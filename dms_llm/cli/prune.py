@@ -66,11 +66,11 @@ def run(cfg: PruneConfig, argv=()) -> dict:
     from ..plan import PrunePlan
 
     plan = PrunePlan.from_json(cfg.plan)
-    command = "dms-llm prune " + " ".join(argv)
+    plan.metadata.then("dms-llm prune " + " ".join(argv))  # after the command that made the plan, if it says
     out = prune_checkpoint(plan, cfg.model, cfg.output_dir, overwrite=cfg.overwrite, dtype=cfg.dtype,
-                           max_shard_size=cfg.max_shard_size, model_card_info={"command": command})
+                           max_shard_size=cfg.max_shard_size)
     if cfg.refit:
-        _refit(cfg, plan, out, {"command": command})
+        _refit(cfg, plan, out)
     saved = PrunePlan.from_json(os.path.join(out, "dms_plan.json"))
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".safetensors"))
     print(f"pruned checkpoint: {out}\nparameters: {saved.params_before:,} -> {saved.params_after:,} "
@@ -78,7 +78,7 @@ def run(cfg: PruneConfig, argv=()) -> dict:
     return {"finished": True, "output_dir": out}
 
 
-def _refit(cfg: PruneConfig, plan, out: str, card: dict) -> None:
+def _refit(cfg: PruneConfig, plan, out: str) -> None:
     """Compensate the checkpoint just written in `out` and write it again (plan and weights)."""
     from transformers import AutoModelForCausalLM
 
@@ -94,12 +94,12 @@ def _refit(cfg: PruneConfig, plan, out: str, card: dict) -> None:
     pruned = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
     source_dir = local_model_folder(cfg.model)
     source, files = source_structure(source_dir, pruned.dtype)
-    plan.metadata["refit"] = refit_output_projections(pruned, source, plan, blocks, alpha=cfg.refit_alpha,
-                                                      select=cfg.refit_select, progress=True, read_source=files.read)
-    info = plan.metadata["refit"]
+    plan.metadata.refit = refit_output_projections(pruned, source, plan, blocks, alpha=cfg.refit_alpha,
+                                                   select=cfg.refit_select, progress=True, read_source=files.read)
+    info = plan.metadata.refit
     print(f"refit ({cfg.refit_select}): relative sublayer error {info['relative_error_before']:.4f} -> "
           f"{info['relative_error_after']:.4f} on {info['tokens']:,} tokens in {info['time_s']:.0f} s")
-    save_pruned(pruned, tokenizer, out, plan, overwrite=True, model_card_info=card, source_dir=source_dir,
+    save_pruned(pruned, tokenizer, out, plan, overwrite=True, source_dir=source_dir,
                 max_shard_size=cfg.max_shard_size)
 
 

@@ -13,6 +13,7 @@ their plan, summary and metrics but not their weights.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -20,6 +21,15 @@ from ..files import replace_folder, write_json_atomic
 
 RESTARTS_DIR = "restarts"
 RECORD_FILE = "restarts.json"
+
+
+def restarts_of(folder: str) -> int | None:
+    """How many searches a finished `dms-llm search --restarts` run compared (None: not a restarts run)."""
+    path = os.path.join(folder, RECORD_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return len(json.load(f)["searches"])
 
 
 def keep_best(out: str, candidates: list[dict]) -> dict:

@@ -291,17 +291,17 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         if state.is_main_process:
             print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
         return {"summary": {"finished": False, "step": e.step}}
-    plan.metadata = {"search": dataclasses.asdict(cfg), **plan.metadata}
-    card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}, "command": command}
+    plan.metadata.search, plan.metadata.command = dataclasses.asdict(cfg), command  # the card shows the command
+    card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}}
     carry = ("metrics.jsonl", "search_config.json", "tensorboard")
 
     def refit(pruned_model, source_model, read_source=None):
-        plan.metadata["refit"] = refit_output_projections(pruned_model, source_model, plan, blocks[:cfg.refit_samples],
+        plan.metadata.refit = refit_output_projections(pruned_model, source_model, plan, blocks[:cfg.refit_samples],
                                                           alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
                                                           select=cfg.refit_select,
                                                           progress=state.is_main_process, read_source=read_source)
         if len(heldout):  # recorded only: restarts rank the plain slices (the architectures; docs/CLI.md)
-            plan.metadata["heldout_loss_after_refit"] = heldout_loss(pruned_model, heldout, cfg.batch_size)
+            plan.metadata.heldout_loss_after_refit = heldout_loss(pruned_model, heldout, cfg.batch_size)
 
     # The plan is the same on every rank; only the main process, which saves and evaluates, builds the pruned
     # model (and refits it): the other ranks would each hold and refit a copy for nothing.
@@ -329,16 +329,16 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
 
 def _summary(plan, dense: int, out: str, dtype: str, pruned_from_files: bool) -> dict:
     """search_summary.json: the budget, the result and how it was reached, from the plan's metadata."""
-    meta, target = plan.metadata, plan.metadata["target_params"]
+    meta, target = plan.metadata, plan.metadata.target_params
     summary = {"finished": True, "dense_params": dense, "target_params": target, "params": plan.params_after,
-               "params_before_fit": meta["budget_fit"]["params_before"], "params_ratio": plan.params_after / dense,
-               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta["search_time_s"],
-               "parity_max_abs_diff": meta.get("masked_vs_pruned_max_abs_logit_diff"), "output_dir": out,
-               "num_processes": meta["num_processes"], "dtype": dtype, "plan_sha256_per_rank": meta["plan_sha256_per_rank"],
-               "pruned_from_files": pruned_from_files, "refit": meta.get("refit")}
+               "params_before_fit": meta.budget_fit["params_before"], "params_ratio": plan.params_after / dense,
+               "budget_gap": (target - plan.params_after) / target, "search_time_s": meta.search_time_s,
+               "parity_max_abs_diff": meta.masked_vs_pruned_max_abs_logit_diff, "output_dir": out,
+               "num_processes": meta.num_processes, "dtype": dtype, "plan_sha256_per_rank": meta.plan_sha256_per_rank,
+               "pruned_from_files": pruned_from_files, "refit": meta.refit}
     for key in ("heldout_loss", "heldout_loss_after_refit"):
-        if key in meta:
-            summary[key] = meta[key]
+        if getattr(meta, key) is not None:
+            summary[key] = getattr(meta, key)
     return summary
 
 
@@ -398,7 +398,6 @@ def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe
     from ..checkpoints.save import DEFAULT_MAX_SHARD_SIZE
     from ..checkpoints.stream_prune import prune_checkpoint, source_structure
     from ..checkpoints.weights import WeightFiles
-    from ..plan import PrunePlan
     from ..streamed import skeleton, streamed
     from ..training.dms import score
     from .runs import save_into_run_folder
@@ -428,11 +427,9 @@ def _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe
             written = skeleton(AutoConfig.from_pretrained(out), _torch_dtype(dtype))
             with streamed(written, WeightFiles(out).read, probe["probe"].device):
                 score(written, plan, probe["probe"], probe["logits"], heldout, batch_size, say=say)
-
-            saved = PrunePlan.from_json(os.path.join(out, PLAN_FILE))
-            saved.metadata.update({k: plan.metadata[k] for k in ("masked_vs_pruned_max_abs_logit_diff", "heldout_loss")
-                                   if k in plan.metadata})
-            saved.to_json(os.path.join(out, PLAN_FILE))
+            # The plan written above, now with the scores in its record (its counts are the saved model's: the
+            # same formula), replaces the file: nothing is read back from disk.
+            plan.to_json(os.path.join(out, PLAN_FILE))
     state.wait_for_everyone()
     return pruned
 

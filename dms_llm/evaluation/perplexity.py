@@ -38,7 +38,8 @@ import torch
 
 from ..files import sha256_file
 from ..hub import HUB_ERRORS, hub_reachable
-from ..passes import model_device
+# window_nll lives in passes (core): the search scores held-out blocks with it and sits below evaluation.
+from ..passes import window_nll
 from .tasks.utils import resolve_data_dir
 
 logger = logging.getLogger(__name__)
@@ -250,35 +251,6 @@ def _model_dtype(model) -> str:
         return str(next(model.parameters()).dtype).replace("torch.", "")
     except (StopIteration, AttributeError):
         return "unknown"
-
-
-@torch.no_grad()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = True, desc: str = "ppl") -> tuple[float, int]:
-    """(sum of NLL in nats, number of predicted tokens) over the windows, each window on its own."""
-    from tqdm.auto import tqdm
-
-    device = model_device(model)
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        starts = range(0, windows.shape[0], batch_size)
-        for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
-            batch = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            # fp32 log-softmax whatever the model dtype: bf16 logits lose ~2 digits in the loss.
-            logits = logits[:, :-1, :].float()
-            targets = batch[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-            )
-            # fp64 sum: an fp32 sum over ~300k tokens drifts in the 6th digit.
-            total += nll.double().sum().cpu()
-            count += targets.numel()
-    finally:
-        model.train(was_training)
-    return total.item(), count
 
 
 def perplexity_of_ids(model, ids: torch.Tensor, seq_len: int, batch_size: int | None = None, max_windows: int | None = None,

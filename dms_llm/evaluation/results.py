@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..checkpoints.loading import count_parameters
+from ..budget import count_parameters
 from ..files import write_text_atomic
 from ..markdown import table, table_row
 from ..passes import model_device

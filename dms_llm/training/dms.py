@@ -17,6 +17,7 @@ from ..arch import arch_spec
 from ..budget import ParameterCounter, budget_loss, fit_to_budget, resolve_target, smallest_reachable
 from ..masks import ModelMasks
 from ..method import DMSConfig
+from ..passes import window_nll
 from ..plan import PrunePlan
 from .engine import Engine, RunSettings, add_lora, set_activation_checkpointing
 from .sharding import is_sharded, shard_model
@@ -68,19 +69,17 @@ def check_pruned(pruned, probe: torch.Tensor, masked_logits: torch.Tensor, plan:
 def score(pruned, plan: PrunePlan, probe, masked_logits, heldout=None, batch_size: int = 8, say=print) -> None:
     """Record in the plan the parity of the pruned model with the masked one, and its held-out loss."""
     parity = check_pruned(pruned, probe, masked_logits, plan)
-    plan.metadata["masked_vs_pruned_max_abs_logit_diff"] = parity
+    plan.metadata.masked_vs_pruned_max_abs_logit_diff = parity
     if heldout is not None and len(heldout):
-        plan.metadata["heldout_loss"] = heldout_loss(pruned, heldout, batch_size)
-        say(f"held-out calibration loss of the pruned model: {plan.metadata['heldout_loss']:.4f} ({len(heldout)} blocks)")
-    before, target = plan.params_before, plan.metadata["target_params"]
+        plan.metadata.heldout_loss = heldout_loss(pruned, heldout, batch_size)
+        say(f"held-out calibration loss of the pruned model: {plan.metadata.heldout_loss:.4f} ({len(heldout)} blocks)")
+    before, target = plan.params_before, plan.metadata.target_params
     say(f"pruned: {plan.params_after:,} parameters ({plan.params_after / before:.2%} of dense, "
         f"{(target - plan.params_after) / target:.3%} under target); masked vs pruned logits max diff {parity:.2e}")
 
 
 def heldout_loss(model, heldout: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token loss of `model` on the held-out calibration blocks (what --restarts ranks by)."""
-    from ..evaluation import window_nll
-
     nll, tokens = window_nll(model, heldout, batch_size=batch_size, progress=False)
     return nll / tokens
 

@@ -157,9 +157,10 @@ class Searcher:
             self._probe_logits = masked_model_logits(self._hooked, self.masks, self._probe)
         self._merge_weights()
         self._hooks.remove()
-        plan.metadata.update({"method": c.to_dict(), "target_params": self.target, "budget_fit": fit,
-                              "search_time_s": self.search_time, "num_processes": self.engine.acc.num_processes,
-                              "plan_sha256_per_rank": hashes})
+        record = plan.metadata
+        record.method, record.target_params, record.budget_fit = c.to_dict(), self.target, fit
+        record.search_time_s, record.num_processes, record.plan_sha256_per_rank = (
+            self.search_time, self.engine.acc.num_processes, hashes)
         self.engine.acc.free_memory()  # the optimiser state and the references Accelerate holds
         self._plan = plan
         return plan
@@ -171,7 +172,7 @@ class Searcher:
         if self._probe_logits is None:
             raise RuntimeError("verify needs the masked model's logits: call plan(probe=token_ids) first")
         score(pruned, self._plan, self._probe, self._probe_logits, heldout, self.settings.batch_size, say=self.engine.say)
-        return self._plan.metadata["masked_vs_pruned_max_abs_logit_diff"]
+        return self._plan.metadata.masked_vs_pruned_max_abs_logit_diff
 
     @property
     def probe(self) -> dict | None:
@@ -239,7 +240,7 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
                 resume: bool = False, heldout: torch.Tensor | None = None, source_model: str | None = None,
                 verbose: bool = True, check: bool = False, probe_out: dict | None = None) -> PrunePlan:
     """`search` with the budget beside the config (as the command gives it) instead of in it; the plan records
-    the config as given (`metadata["method"]`) and the budget in parameters (`metadata["target_params"]`).
+    the config as given (`metadata.method`) and the budget in parameters (`metadata.target_params`).
     `probe_out`, a dict, receives the first block and the masked model's logits on it (`probe`, `logits`), for
     a pruned model the caller builds (`dms_llm.training.dms.score`)."""
     given = config if config is not None else DMSConfig()
@@ -251,7 +252,7 @@ def search_plan(model, blocks: torch.Tensor, target_params: float | None = None,
         searcher.run(_token_ids(blocks), resume=resume)
         wants_probe = check or heldout is not None or probe_out is not None
         plan = searcher.plan(source_model=source_model, probe=blocks[:1] if wants_probe else None)
-    plan.metadata["method"] = given.to_dict()
+    plan.metadata.method = given.to_dict()
     if probe_out is not None:
         probe_out.update(searcher.probe)
     if check or heldout is not None:
