@@ -253,6 +253,55 @@ def test_recovery_rows_fine_tune_every_pruned_model(setup):
     assert recovered["ppl"]["wikitext2"]["llm-pruner"] != one_shot["ppl"]["wikitext2"]["llm-pruner"]
 
 
+def test_compensated_baselines_are_their_plans_refit_on_the_recipes_calibration(setup, monkeypatch):
+    import torch
+
+    from dms_llm.baselines import AUTHORS_CALIBRATION_TOKENS, METHODS
+    from dms_llm.checkpoints import load_model_and_tokenizer
+    from dms_llm.data import load_calibration
+    from dms_llm.prune import prune_model
+    from dms_llm.refit import refit_output_projections
+
+    # FLAP's authors' default as 12 blocks of the recipe's 16 tokens: more than the recipe's 8, so its row reads 12
+    monkeypatch.setitem(AUTHORS_CALIBRATION_TOKENS, "flap", 12 * 16)
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-comp", setup["tmp"] / "work-comp"
+    methods = "dense,flap,flap+compensation,wanda-sp,wanda-sp+compensation"
+    assert bench.main(_argv(setup, out, work, methods, speed_reps=0)) == 0
+    rows = {r["method"]: r for r in json.loads((out / f"{Path(setup['model']).name}.json").read_text())["rows"]}
+    assert list(rows) == methods.split(",")
+    assert rows["flap+compensation"]["calib_tokens"] == 12 * 16 and rows["wanda-sp+compensation"]["calib_tokens"] == 8 * 16
+    # wanda-sp calibrates on the same 8 blocks either way: the same plan, and the refit alone moves the perplexity
+    assert rows["wanda-sp+compensation"]["params"] == rows["wanda-sp"]["params"]
+    ppl = {m: r["ppl"]["wikitext2"]["llm-pruner"] for m, r in rows.items()}
+    assert ppl["wanda-sp+compensation"] != ppl["wanda-sp"]
+
+    # the saved folder is the flap plan on the 12 blocks, refit on the first 8 of them (the refit's default
+    # 128 capped by what there is), built here independently
+    dense, tok = load_model_and_tokenizer(setup["model"], dtype="float32")
+    blocks = load_calibration(setup["corpus"], tok, 16, 12, seed=0)
+    plan = METHODS["flap"](dense, blocks, int(0.7 * sum(p.numel() for p in dense.parameters())), align=1)
+    expected = prune_model(dense, plan)
+    refit_output_projections(expected, dense, plan, blocks[:128])
+    row = json.loads((work / "rows" / f"{rows['flap+compensation']['name']}.json").read_text())
+    saved, _ = load_model_and_tokenizer(str(work / row["artifact"]), dtype="float32")
+    ids = blocks[:2]
+    sliced = prune_model(dense, plan)  # the same plan without the refit: what the comparison must tell apart
+    with torch.no_grad():
+        got, want, unfit = saved(ids).logits, expected(ids).logits, sliced(ids).logits
+    assert (want - unfit).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compensated_rows_need_the_dms_recipe(setup, capsys):
+    bench = _load_benchmark()
+    argv = _argv(setup, setup["tmp"] / "r-norecipe", setup["tmp"] / "w-norecipe", "dense,flap+compensation", speed_reps=0)
+    i = argv.index("--dms-config")
+    del argv[i:i + 2]
+    assert bench.main(argv) != 0
+    assert "--dms-config" in capsys.readouterr().err
+
+
 def test_recovery_recipe_and_speed_reuse(setup):
     """--recovery-config sets the fine-tuning; a recovered row reuses its pruned row's timing (same shapes)."""
     bench = _load_benchmark()
