@@ -36,7 +36,7 @@ from ..benchmark.cells import parse_ppl_extra, ppl_cells
 from ..benchmark.report import markdown, write_outputs
 from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark, _restarts_of
 from ..method import DMSConfig
-from .options import ConfigError, data_dir_default, exit_code, make, merge, option, read_options
+from .options import ConfigError, data_dir_default, exit_code, make, option, read_options
 from .run_eval import DTYPES, EvalOptions
 
 
@@ -110,8 +110,8 @@ class BenchmarkConfig(EvalOptions):
 def parse_args(argv=None) -> argparse.Namespace:
     """The benchmark's settings: the options, checked, with what they resolve to (lists, the alignment,
     the device, the perplexity cells, the adopted folders), every error before any work."""
-    recipe, given, path = read_options(BenchmarkConfig, argv, __doc__, prog="dms-llm benchmark")
-    cfg = make(BenchmarkConfig, merge(BenchmarkConfig, recipe, given))
+    values, given, path = read_options(BenchmarkConfig, argv, __doc__, prog="dms-llm benchmark")
+    cfg = make(BenchmarkConfig, values)
     args = argparse.Namespace(**vars(cfg), config=path, out=cfg.output_dir)
     args.budgets = [float(b) for b in cfg.budgets.split(",") if b.strip()]
     if not args.budgets or any(not 0 < b < 1 for b in args.budgets):

@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import MISSING, dataclass, field
+from collections import namedtuple
+from dataclasses import MISSING, field
 
 from ..errors import ActionableError
 
@@ -37,15 +38,9 @@ def part(config, cls, **overrides):
     return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if f.init} | overrides)
 
 
-@dataclass(frozen=True)
-class Option:
-    name: str  # the option's name in recipes and records (`--` + name with dashes on the command line)
-    field: str
-    kind: type  # int, float, bool, str, tuple (comma text on the command line), list (repeatable)
-    help: str
-    default: object
-    positional: bool = False
-    choices: tuple | None = None
+# name: in recipes and records (`--` + name with dashes on the command line); kind: int, float, bool, str, tuple
+# (a comma list on the command line) or list (repeatable)
+Option = namedtuple("Option", "name field kind help default positional choices")
 
 
 def _kind(f):
@@ -140,24 +135,24 @@ def build_parser(cls, description: str, prog: str | None = None) -> argparse.Arg
     return parser
 
 
+_CONVERT = {int: lambda v: v if isinstance(v, int) else _integer(str(v)), float: lambda v: v if isinstance(v, (int, float)) else float(v),
+            str: str, tuple: str}
+
+
 def _value(o: Option, key, value, where: str):
     """A recipe value as the command line would give it: numbers from YAML's strings (YAML 1.1 reads 5.47e9
-    and 2e-4 as text), a list as a comma list, and the type checked."""
+    and 2e-4 as text), a list as a comma list (a list for a repeatable option), the type and choices checked."""
     if o.kind is list:
         return [str(v) for v in (value if isinstance(value, list) else [value])]
     if isinstance(value, list) and o.kind in (str, tuple):
         value = ",".join(str(v) for v in value)
-    if o.kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)  # budgets: 0.8, a comma list of one
-    if o.kind in (int, float) and isinstance(value, (str, float)) and not isinstance(value, bool):
+    if value is not None:
         try:
-            value = float(value) if o.kind is float else _integer(str(value) if isinstance(value, str) else repr(value))
+            if (not isinstance(value, bool)) if o.kind is bool else isinstance(value, (bool, dict, list)):
+                raise ValueError(value)
+            value = value if o.kind is bool else _CONVERT[o.kind](value)
         except ValueError:
-            raise ConfigError(f"{where}: {key}: expected {o.kind.__name__}, got {value!r}") from None
-    expected = {tuple: str}.get(o.kind, o.kind)
-    if value is not None and not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-        if not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
-            raise ConfigError(f"{where}: {key}: expected {expected.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: {key}: expected {'str' if o.kind is tuple else o.kind.__name__}, got {value!r}") from None
     if o.choices and value is not None and value not in o.choices:
         raise ConfigError(f"{where}: {key}: choose from {', '.join(map(str, o.choices))}, got {value!r}")
     return value
@@ -200,49 +195,32 @@ def load_recipe(path: str, cls) -> dict:
 
 def make(cls, values: dict):
     """The config from option values by name (a comma list where the field is a tuple)."""
-    fields = {}
-    for o in options(cls):
-        if o.name in values:
-            value = values[o.name]
-            if o.kind is tuple and isinstance(value, str):
-                value = tuple(s.strip() for s in value.split(",") if s.strip())
-            fields[o.field] = value
-    return cls(**fields)
+    split = lambda v: tuple(s.strip() for s in v.split(",") if s.strip()) if isinstance(v, str) else v  # noqa: E731
+    return cls(**{o.field: split(values[o.name]) if o.kind is tuple else values[o.name] for o in options(cls) if o.name in values})
 
 
 def record(config) -> dict:
     """The config by option name, as a recipe would hold it: what a run folder records and resumes by."""
-    values = {}
-    for o in options(type(config)):
-        value = getattr(config, o.field)
-        values[o.name] = ",".join(value) if o.kind is tuple else value
-    return values
+    return {o.name: ",".join(getattr(config, o.field)) if o.kind is tuple else getattr(config, o.field) for o in options(type(config))}
 
 
-def read_options(cls, argv, description: str, prog: str | None = None) -> tuple[dict, dict, str | None]:
-    """(the recipe's values, the command line's values, the recipe's path), by option name."""
+def read_options(cls, argv, description: str, prog: str | None = None, exclusive=()) -> tuple[dict, set, str | None]:
+    """(option values by name, the names given on the command line, the recipe's path): the recipe's values,
+    overridden by the command line's (a repeatable option's add to the recipe's list). For each group in
+    `exclusive` (options of which one is given, like a budget or a length) a command-line value replaces the
+    whole group."""
     args = vars(build_parser(cls, description, prog).parse_args(argv))
     path = args.pop("config", None)
-    recipe = load_recipe(path, cls) if path else {}
-    return recipe, {k: v for k, v in args.items() if v is not None}, path
+    recipe, given = load_recipe(path, cls) if path else {}, {k: v for k, v in args.items() if v is not None}
+    for group in exclusive:
+        if any(name in given for name in group):
+            recipe = {k: v for k, v in recipe.items() if k not in group}
+    repeatable = {o.name for o in options(cls) if o.kind is list}
+    return {**recipe, **{k: recipe.get(k, []) + v if k in repeatable else v for k, v in given.items()}}, set(given), path
 
 
 def parse_config(cls, argv, description: str, exclusive=(), prog: str | None = None):
-    """Recipe values, overridden by the command line (a repeatable option adds to the recipe's list). For
-    each group in `exclusive` (options of which one is given, like a budget or a length), a command-line
-    value replaces the whole group."""
-    recipe, given, _ = read_options(cls, argv, description, prog)
-    for group in exclusive:
-        if any(name in given for name in group):
-            for name in group:
-                recipe.pop(name, None)
-    return make(cls, merge(cls, recipe, given))
-
-
-def merge(cls, recipe: dict, given: dict) -> dict:
-    """The command line's values over the recipe's; a repeatable option's add to the recipe's list."""
-    repeatable = {o.name for o in options(cls) if o.kind is list}
-    return {**recipe, **{k: recipe.get(k, []) + v if k in repeatable else v for k, v in given.items()}}
+    return make(cls, read_options(cls, argv, description, prog, exclusive)[0])
 
 
 def run_main(run, parse, argv=None) -> int:

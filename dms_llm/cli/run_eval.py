@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 from .options import ConfigError, data_dir_default, exit_code, option
 from .options import parse_config as _parse_config
