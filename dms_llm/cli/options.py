@@ -117,7 +117,7 @@ def build_parser(cls, description: str, prog: str | None = None) -> argparse.Arg
         shown = ",".join(o.default) if o.kind is tuple else o.default if o.default not in (None, False, "", []) else None
         text = o.help + (f" (default: {str(shown).replace('%', '%%')})" if shown is not None and "default" not in o.help else "")
         if o.positional:
-            parser.add_argument(o.name, nargs="?", default=None, help=text)
+            parser.add_argument(o.name, nargs="?", metavar=o.name.upper(), default=None, help=text)
         elif o.kind is bool:
             # --X / --no-X, so that the command line can turn off what a recipe turns on; a switch that is
             # itself a negation (--no-eval) stays one flag (argparse would read it as the negative form)
