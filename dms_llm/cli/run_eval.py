@@ -106,8 +106,7 @@ def evaluate(args) -> int:
         ev.resolve_data_dir(args.data_dir)  # the data folder will be needed: say so now if it is missing
     out = Path(args.output) if args.output else default_output(args.model)
     json_path = out if out.suffix == ".json" else out / "results.json"
-    model_id = model_identity(args.model)
-    ev.check_output(json_path, model_id, overwrite=args.overwrite)
+    ev.check_output(json_path, model_identity(args.model), overwrite=args.overwrite)
 
     common = dict(ppl=ppl, protocols=protocols, tasks=tasks, data_dir=args.data_dir, limit=args.limit,
                   batch_size=args.batch_size, max_windows=args.max_windows, seed=args.seed, source=args.source,
@@ -128,26 +127,19 @@ def evaluate(args) -> int:
             results["baseline"] = state["baseline"]
         ev.write_results(results, json_path, overwrite=True)
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, **load_kwargs)
-    load_s = time.perf_counter() - t0
-    results = ev.evaluate_model(model, tokenizer, model_name=model_id, on_part_done=lambda r: save(r, "main"), **common)
-    results["time_s"]["load"] = round(load_s, 2)
-    state["main"] = results
-    del model
-    gc.collect()
-
-    if args.baseline:
+    for which, name in (("main", args.model), ("baseline", args.baseline)):
+        if not name:
+            continue
         t0 = time.perf_counter()
-        base_model, base_tok = load_model_and_tokenizer(args.baseline, **load_kwargs)
-        base_load_s = time.perf_counter() - t0
-        baseline = ev.evaluate_model(base_model, base_tok, model_name=model_identity(args.baseline),
-                                     on_part_done=lambda r: save(r, "baseline"), **common)
-        baseline["time_s"]["load"] = round(base_load_s, 2)
-        results["baseline"] = baseline
-        del base_model
+        model, tokenizer = load_model_and_tokenizer(name, **load_kwargs)
+        load_s = time.perf_counter() - t0
+        state[which] = ev.evaluate_model(model, tokenizer, model_name=model_identity(name),
+                                         on_part_done=lambda r, which=which: save(r, which), **common)
+        state[which]["time_s"]["load"] = round(load_s, 2)
+        del model  # one model in memory at a time
         gc.collect()
 
+    results = dict(state["main"], **({"baseline": state["baseline"]} if args.baseline else {}))
     results["complete"] = True
     path = ev.write_results(results, json_path, overwrite=True)
     rows = [results["baseline"], results] if args.baseline else [results]
