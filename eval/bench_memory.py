@@ -532,6 +532,7 @@ def large_recipes(recipe_dir: str = RECIPE_DIR) -> dict[str, dict]:
 
     import yaml
 
+    from dms_llm.cli.options import make
     from dms_llm.cli.search import SearchConfig, load_recipe
 
     found = {}
@@ -540,7 +541,7 @@ def large_recipes(recipe_dir: str = RECIPE_DIR) -> dict[str, dict]:
         shape = SHAPE_OF_MODEL.get(values.get("model"), values.get("model"))
         if shape not in MEASURED_SHAPES:
             continue
-        cfg = SearchConfig(**{**values, "output_dir": "unused"})
+        cfg = make(SearchConfig, {**values, "output_dir": "unused"})
         method, run = cfg.method(), cfg.run_settings()
         kind = next((k for k, v in KINDS.items() if v == (method.train_weights, method.distill)), None)
         if kind is None:

@@ -9,6 +9,7 @@ import pytest
 from conftest import WORDS, save_tiny_checkpoint, write_corpus
 
 import dms_llm.benchmark.rows as rows_module
+from dms_llm.cli.options import ConfigError
 from dms_llm.evaluation.speed import decode_tokens_per_s, prefill_tokens_per_s, relative_speed
 
 
@@ -47,9 +48,9 @@ def setup(tmp_path_factory):
 
 def _argv(setup, out, work, methods, **extra):
     argv = ["--model", setup["model"], "--budgets", "0.7", "--methods", methods, "--calib-dataset", setup["corpus"],
-            "--calib-samples", "8", "--seq-len", "16", "--ppl", "wikitext2", "--protocols", "llm-pruner",
+            "--calib-samples", "8", "--seq-len", "16", "--ppl", "wikitext2", "--protocol", "llm-pruner",
             "--data-dir", setup["data"], "--dms-config", setup["recipe"], "--speed-reps", "1", "--speed-seq-len", "16",
-            "--speed-new-tokens", "4", "--out", str(out), "--work", str(work), "--batch-size", "4", "--align", "1",
+            "--speed-new-tokens", "4", "--output-dir", str(out), "--work", str(work), "--batch-size", "4", "--align", "1",
             "--dms-seeds", "0"]  # one dms row: the rows of several seeds are tested on their own below
     for k, v in extra.items():
         argv += [f"--{k.replace('_', '-')}"] + ([str(v)] if v != "" else [])
@@ -219,7 +220,7 @@ def test_a_results_file_fills_an_empty_cache_and_rebuilt_models_are_checked(setu
     no_cells = {**report, "settings": {k: v for k, v in report["settings"].items() if k != "ppl_cell_specs"}}
     for text in (json.dumps(unnamed), json.dumps(no_cells), "[]"):
         tampered_path.write_text(text)
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError):
             bench.parse_args(_argv(setup, out, work, methods, from_results=tampered_path))
 
 
@@ -317,8 +318,7 @@ def test_recovery_recipe_and_speed_reuse(setup):
     saved = [json.loads(p.read_text()) for p in (work / "rows").glob("magnitude-*-rec2-*.json")]
     assert len(saved) == 1 and saved[0]["info"]["recovery"]["method"] == "full"  # the recipe, not the default LoRA
     assert saved[0]["info"]["recovery"]["steps"] == 2 and saved[0]["identity"]["recovery_recipe"]["lr"] == 1e-3
-    with pytest.raises(SystemExit):
-        bench.main(_argv(setup, out, work, "dense,magnitude", recovery_config=setup["tmp"] / "nope.yaml"))
+    assert bench.main(_argv(setup, out, work, "dense,magnitude", recovery_config=setup["tmp"] / "nope.yaml")) == 2
 
 
 def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
@@ -376,8 +376,8 @@ def test_adopting_a_finished_search_folder(setup, monkeypatch, capsys):
     rows = json.loads((out / f"{Path(setup['model']).name}.json").read_text())["rows"]
     assert rows[1]["method"] == "dms" and rows[1]["params"] == summary["params"]
     assert rows[1]["ppl"]["wikitext2"]["llm-pruner"] > 1
-    with pytest.raises(SystemExit):  # a folder made for another budget is refused before any work
-        bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, adopt=f"dms@0.7={setup['tmp']}"))
+    # a folder made for another budget is refused before any work
+    assert bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, adopt=f"dms@0.7={setup['tmp']}")) == 2
     capsys.readouterr()
     assert bench.main(_argv(setup, out, work, "dense,dms", speed_reps=0, budgets=0.5, adopt=f"dms@0.5={run_dir}")) == 2
     assert "its target is" in capsys.readouterr().err
@@ -452,17 +452,16 @@ def test_dms_restarts_row_keeps_the_best_of_its_searches(setup, capsys):
     assert row["ppl"]["wikitext2"]["llm-pruner"] > 1
     single = work / "dms" / name / "restarts" / "seed-0"  # one search, not a restarts run
     for bad in ([f"dms-restarts@0.7={single}"], [f"dms-restarts@0.7={work / 'dms' / name}", "--dms-restarts", "3"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError, match="a dms-restarts row needs a `dms-llm search --restarts"):
             bench.parse_args(_argv(setup, out, work, "dms-restarts", adopt=bad[0]) + bad[1:])
-        assert "a dms-restarts row needs a `dms-llm search --restarts" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         bench.parse_args(_argv(setup, out, work, "dms-restarts", dms_restarts=1))
 
 
 def test_bad_arguments_fail_early(setup):
     bench = _load_benchmark()
     for argv in (["--budgets", "1.2"], ["--methods", "dense,nope"], ["--dms-config", "/no/such.yaml"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError):
             bench.parse_args(argv)
 
 
@@ -556,7 +555,7 @@ def test_dms_seeds_make_one_row_each_and_a_median(setup, monkeypatch):
     out, work = setup["tmp"] / "results-seeds", setup["tmp"] / "work-seeds"
     argv = _argv(setup, out, work, "dense,flap,dms", speed_reps=0, tasks="boolq", limit=4) + [
         "--dms-seeds", "0,1,2", "--adopt", f"dms@0.7={adopted}"]
-    with pytest.raises(SystemExit):  # a folder searched with a seed that is not one of --dms-seeds
+    with pytest.raises(ConfigError):  # a folder searched with a seed that is not one of --dms-seeds
         bench.parse_args(argv[:-4] + ["--dms-seeds", "0,2", "--adopt", f"dms@0.7={adopted}"])
     assert bench.main(argv) == 0
     report = _report(out, setup)
@@ -728,7 +727,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     assert [(c.dataset, c.column) for c in again.ppl_cells] == [("wikitext2", "llm-pruner"), ("wikitext2", "sparsegpt")]
     for text in ("nope: 1\n", "report-only: maybe\n", "- a list\n"):
         config.write_text(text)
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError):
             bench.parse_args(["--config", str(config)])
 
     import importlib.util
@@ -738,7 +737,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
               str(repo / "recipes" / "smollm2-135m-default.yaml"), "--recovery-config",
               str(repo / "recipes" / "finetune" / "smollm2-135m-recover.yaml")]
     if importlib.util.find_spec("llama_cpp") is None:
-        with pytest.raises(SystemExit):  # the preset asks for llama.cpp columns; without the extra they are refused
+        with pytest.raises(ConfigError):  # the preset asks for llama.cpp columns; without the extra they are refused
             bench.parse_args(preset)
         assert bench.parse_args(preset + ["--report-only"]).llamacpp  # ... but their cached values can be reported
         preset.append("--no-llamacpp")
@@ -746,16 +745,18 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
     assert a.dms_steps == {0.5: 480}
     assert bench.parse_args(preset + ["--budgets", "0.8"]).dms_steps == {}  # the file's 0.5=480 names no row here
-    with pytest.raises(SystemExit):  # ... but given on the command line, a budget not benchmarked is a typo
+    with pytest.raises(ConfigError):  # ... but given on the command line, a budget not benchmarked is a typo
         bench.parse_args(preset + ["--budgets", "0.8", "--dms-steps", "0.5=480"])
-    assert a.methods == ["dense", "magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt", "dms", "dms-restarts", "dms-lora"]
+    assert a.methods == ["dense", "magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt", "flap+compensation",
+                         "llm-pruner+compensation", "dms", "dms-restarts", "dms-lora"]
     assert a.tasks == ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"] and a.limit == 500
     assert [(c.dataset, c.protocol, c.max_windows, c.budgets) for c in a.ppl_cells] == [
         ("wikitext2", "llm-pruner", 320, None), ("ptb", "llm-pruner", 320, None),
         ("wikitext2", "sparsegpt", None, (0.8,)), ("ptb", "sparsegpt", None, (0.8,))]
     assert a.align == 32 and a.dtype == "float32" and a.llamacpp_outtype == "q8_0"
     rows = [(m, b, r) for m, b, r in bench.plan_rows(a) for _ in bench.Benchmark(a).seeds(m)]
-    assert len(rows) == 1 + 2 * 2 * (5 + 3 + 1 + 1)  # dense; per budget, one-shot and recovered: 5 baselines, 3 DMS seeds, restarts, LoRA
+    # dense; per budget, one-shot and recovered: 5 baselines, 2 compensated ones, 3 DMS seeds, restarts, LoRA
+    assert len(rows) == 1 + 2 * 2 * (5 + 2 + 3 + 1 + 1)
 
 
 def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):
@@ -767,7 +768,7 @@ def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):
     out, work = setup["tmp"] / "results-warmup", setup["tmp"] / "work-warmup"
     argv = _argv(setup, out, work, "dms,magnitude", speed_reps=0, dms_config=recipe)
     argv = argv[: argv.index("--align")] + argv[argv.index("--align") + 2:]
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError):
         bench.parse_args(argv + ["--align", "4"])
     assert bench.parse_args(argv + ["--align", "2"]).align == 2 and bench.parse_args(_argv(setup, out, work, "dms")).align == 1
     assert bench.main(argv) == 0
@@ -787,7 +788,7 @@ def test_dms_steps_replace_the_recipe_steps_for_one_budget_only(setup):
     recipe_steps = 4  # the fixture recipe's
     argv = _argv(setup, out, work, "dms", speed_reps=0, budgets="0.7,0.5")
     for bad in ("0.5", "0.5=x", "0.6=4", "0.5=0"):
-        with pytest.raises(SystemExit):
+        with pytest.raises(ConfigError):
             bench.parse_args(argv + ["--dms-steps", bad])
     plain, stepped = bench.Benchmark(bench.parse_args(argv)), bench.Benchmark(bench.parse_args(argv + ["--dms-steps", "0.5=3"]))
     assert stepped.row_name("dms", 0.7, 0) == plain.row_name("dms", 0.7, 0)

@@ -56,19 +56,15 @@ def same_search(recorded: dict, values: dict) -> bool:
     """Whether a search folder's `search_config.json` (`recorded`) is the search that the recipe `values` runs:
     both read as `dms-llm search` reads its settings (defaults and derived values filled in, names
     normalised), every setting that shapes the result agrees."""
-    import dataclasses
-
-    from ..cli.options import ConfigError
+    from ..cli.options import ConfigError, make, read_values, record
     from ..cli.search import SearchConfig
 
-    fields = {f.name for f in dataclasses.fields(SearchConfig)}
-
     def settings(given: dict) -> dict | None:
-        try:
-            config = SearchConfig(**{k.replace("-", "_"): v for k, v in given.items() if k.replace("-", "_") in fields})
+        try:  # a record also holds what the run derived (the resolved budget): not options, left out
+            config = make(SearchConfig, read_values(SearchConfig, given, "search settings", lenient=True))
         except (ConfigError, TypeError):
             return None  # not settings a search accepts (today)
-        return {k: v for k, v in dataclasses.asdict(config).items() if k not in _OUTSIDE_THE_SEARCH}
+        return {k: v for k, v in record(config).items() if k not in _OUTSIDE_THE_SEARCH}
 
     expected = settings(values)
     return expected is not None and settings(recorded) == expected

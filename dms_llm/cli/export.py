@@ -11,41 +11,42 @@ quantizer from an f16 file, which needs llama-cpp-python: pip install 'dms_llm[l
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 from ..export import OUTTYPES, export_gguf
 from ..export.quantize import KQUANTS, QK_K
-from .options import exit_code
+from .options import ConfigError, exit_code, option
+from .options import parse_config as _parse_config
 
 FORMATS = ("gguf",)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dms-llm export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("checkpoint", help="a checkpoint folder saved by dms_llm (or any Llama/Mistral/Qwen2 safetensors folder)")
-    parser.add_argument("--to", choices=FORMATS, default="gguf", help="target format (default: %(default)s)")
-    parser.add_argument("--outtype", choices=[*OUTTYPES, *KQUANTS], default="f16",
-                        help="tensor type of the weight matrices; norms and biases stay f32. The k-quants need rows "
-                             f"that are a multiple of {QK_K}: llama.cpp stores other matrices in another type, "
-                             "and the command lists them (default: %(default)s)")
-    parser.add_argument("--output", required=True, help="the file to write, e.g. model.gguf")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="threads of llama.cpp's quantizer, for the k-quants (default: every core)")
-    return parser
+@dataclass
+class ExportConfig:
+    """`dms-llm export`."""
+
+    model: str | None = option(None, "a checkpoint folder saved by dms_llm (or any Llama/Mistral/Qwen2 safetensors folder)",
+                               positional=True)
+    to: str = option("gguf", "target format", choices=FORMATS)
+    outtype: str = option("f16", "tensor type of the weight matrices; norms and biases stay f32. The k-quants need rows "
+                                 f"that are a multiple of {QK_K}: llama.cpp stores other matrices in another type, and the "
+                                 "command lists them", choices=(*OUTTYPES, *KQUANTS))
+    output: str | None = option(None, "the file to write, e.g. model.gguf")
+    overwrite: bool = option(False, "replace --output if it exists")
+    threads: int = option(0, "threads of llama.cpp's quantizer, for the k-quants (0: every core)")
+
+    def __post_init__(self):
+        if not self.model or not self.output:
+            raise ConfigError("give the checkpoint folder and --output: dms-llm export CHECKPOINT --output FILE")
+        if self.threads < 0:
+            raise ConfigError("--threads must be 0 (every core) or more")
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.threads < 0:
-        parser.error("--threads must be 0 (every core) or more")
-
     def run() -> int:
-        summary = export_gguf(args.checkpoint, args.output, args.outtype, overwrite=args.overwrite, threads=args.threads)
+        cfg = _parse_config(ExportConfig, argv, __doc__, prog="dms-llm export")
+        summary = export_gguf(cfg.model, cfg.output, cfg.outtype, overwrite=cfg.overwrite, threads=cfg.threads)
         print(f"wrote {summary['output']} ({summary['architecture']} architecture, {summary['outtype']}, "
               f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
         for note in summary["notes"]:

@@ -13,51 +13,56 @@ weights; distillation from the teacher, a second full model in memory, not loade
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..markdown import table
 from ..training.engine import process_state
-from .options import ConfigError, data_dir_default, option, run_main
+from ..training.recovery import RecoveryConfig
+from .options import ConfigError, data_dir_default, option, part, record, run_main
 from .options import load_recipe as _load_recipe
 from .options import parse_config as _parse_config
-from .runs import RunOptions
+from .runs import RunOptions, check_resume
 
 STATE_DIR = "finetune_state"
-SETTINGS_FILE = "finetune_settings.json"
+CONFIG_FILE = "finetune_config.json"
 PLAN_FILE = "dms_plan.json"
 # A folder that holds one of these is a checkpoint or a fine-tuning run: --overwrite may replace it.
-RUN_MARKERS = ("config.json", PLAN_FILE, "finetune_config.json", STATE_DIR)
-# Settings a resumed run must share with the run it continues (the checkpoint means nothing otherwise).
-RESUME_KEYS = ("model", "teacher", "method", "lora_r", "lora_alpha", "lora_dropout", "dataset", "text_field",
-               "seq_len", "num_samples", "batch_size", "grad_accum", "seed", "dtype", "distill_weight", "steps_resolved")
+RUN_MARKERS = ("config.json", PLAN_FILE, CONFIG_FILE, STATE_DIR)
 DEFAULT_LR = {"lora": 2e-4, "full": 2e-5}
 
 
 @dataclass
-class FinetuneConfig(RunOptions):
+class FinetuneConfig(RunOptions, RecoveryConfig):
+    """`dms-llm finetune`: the training (`RecoveryConfig`, its length and schedule resolved here), the run
+    (`RunOptions`) and what the command adds: the checkpoint, the teacher, the data and the output."""
+
+    HIDDEN: ClassVar[tuple] = ("fsdp",)  # the recovery trains every weight of one replicated model
+    HELP: ClassVar[dict] = {
+        "method": "lora (adapters on every projection, merged at the end) or full (every weight)",
+        "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping (global L2 norm)",
+        "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
+        "lora_dropout": "dropout on the LoRA branch input",
+        "distill_weight": "weight of KL(teacher || student); 0 disables the teacher (not loaded)",
+        "distill_temperature": "distillation temperature T (the KL is scaled by T^2)"}
+    # Settings a resumed run must share with the run it continues (the checkpoint means nothing otherwise).
+    RESUME: ClassVar[tuple] = RunOptions.RESUME + ("model", "teacher", "method", "lora_r", "lora_alpha", "lora_dropout",
+                                                   "distill_weight", "steps_resolved")
+
     model: str | None = option(None, "the pruned checkpoint folder to fine-tune (holds dms_plan.json)")
     teacher: str | None = option(None, "dense model for distillation: folder, Hub id or alias; default: the plan's source model")
     output_dir: str | None = option(None, "where the fine-tuned checkpoint, metrics and results go")
-    method: str = option("lora", "lora (adapters on every projection, merged at the end) or full (every weight)")
-    distill_weight: float = option(1.0, "weight of KL(teacher || student); 0 disables the teacher (not loaded)")
-    distill_temperature: float = option(1.0, "distillation temperature T (the KL is scaled by T^2)")
     steps: int | None = option(None, "optimiser steps (give this or --epochs; neither: one epoch)")
     epochs: float | None = option(None, "passes over the --num-samples blocks (may be fractional)")
     lr: float | None = option(None, "peak learning rate (default: 2e-4 for lora, 2e-5 for full)")
     warmup_steps: int | None = option(None, "linear warmup steps, then constant (default: 10%% of the steps, at most 20)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    max_grad_norm: float = option(1.0, "gradient clipping (global L2 norm)")
     dataset: str = option("default", "training text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
     num_samples: int = option(512, "training blocks (one epoch = this many blocks)")
-    lora_r: int = option(8, "LoRA rank")
-    lora_alpha: int = option(16, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = option(0.05, "dropout on the LoRA branch input")
     overwrite: bool = option(False, "replace an existing --output-dir that holds a checkpoint or a fine-tuning run")
 
     def __post_init__(self):
@@ -152,18 +157,6 @@ def check_vocabularies(student_dir: str, teacher_source: str, teacher_label: str
         )
 
 
-def check_resume_settings(cfg: FinetuneConfig, out: str, steps: int) -> None:
-    path = os.path.join(out, SETTINGS_FILE)
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    now = _resume_identity(cfg, steps)
-    changed = [f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]]
-    if changed:
-        raise ConfigError(f"--resume with different settings than the checkpoint in {out}: {'; '.join(changed)}")
-
-
 def resolve_steps(cfg: FinetuneConfig, num_processes: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
@@ -175,26 +168,15 @@ def resolve_warmup(cfg: FinetuneConfig, steps: int) -> int:
     return cfg.warmup_steps if cfg.warmup_steps is not None else min(20, steps // 10)
 
 
-def _resume_identity(cfg: FinetuneConfig, steps: int) -> dict:
-    values = dataclasses.asdict(cfg) | {"steps_resolved": steps}
-    return {k: values[k] for k in RESUME_KEYS}
-
-
-def recovery_config(cfg: FinetuneConfig, steps: int):
-    from ..training.recovery import RecoveryConfig
-
-    return RecoveryConfig(steps=steps, method=cfg.method, lr=cfg.lr, warmup_steps=resolve_warmup(cfg, steps),
-                          weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, lora_r=cfg.lora_r,
-                          lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, distill_weight=cfg.distill_weight,
-                          distill_temperature=cfg.distill_temperature)
+def recovery_config(cfg: FinetuneConfig, steps: int) -> RecoveryConfig:
+    return part(cfg, RecoveryConfig, steps=steps, warmup_steps=resolve_warmup(cfg, steps))
 
 
 # ----- the command --------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     from ..checkpoints.loading import load_model_and_tokenizer, resolve_model, training_dtype
-    from ..data import describe_dataset, load_calibration
-    from ..files import write_json_atomic
-    from ..training.engine import METRICS_FILE, Stopped, has_checkpoint
+    from ..data import load_calibration
+    from ..training.engine import Stopped, has_checkpoint
     from ..training.recovery import recover
     from .runs import check_output_dir, evaluate, evaluate_after, evaluate_once, push, report, start_run_folder
 
@@ -212,15 +194,13 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     state = process_state()
     say = lambda *a: state.is_main_process and print(*a, flush=True)  # noqa: E731
     steps = resolve_steps(cfg, state.num_processes)
-    if cfg.resume:
-        check_resume_settings(cfg, out, steps)
+    check_resume(cfg, out, CONFIG_FILE, {"steps_resolved": steps})
     dtype = training_dtype(cfg.dtype)
     say(f"loading the pruned model {pruned_dir} as {dtype}")
     model, tokenizer = load_model_and_tokenizer(pruned_dir, dtype=dtype)
-    data_dir = data_dir_default(cfg.data_dir)
     with state.main_process_first():
         blocks = load_calibration(cfg.dataset, tokenizer, cfg.seq_len, cfg.num_samples, seed=cfg.seed,
-                                  text_field=cfg.text_field, data_dir=data_dir)
+                                  text_field=cfg.text_field, data_dir=data_dir_default(cfg.data_dir))
     teacher_model = None
     if teacher_source:
         say(f"loading the teacher {teacher} as {dtype} (a second full model in memory)")
@@ -231,10 +211,8 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
         say("--distill-weight 0: the teacher is not loaded")
 
     if state.is_main_process:
-        start_run_folder(out, cfg.overwrite and not cfg.resume, dataclasses.asdict(cfg) | {
-            "steps_resolved": steps, "teacher_resolved": teacher}, "finetune_config.json",
-            stale=(STATE_DIR, SETTINGS_FILE, "before_eval.json", "lora_adapter"))
-        write_json_atomic(os.path.join(out, SETTINGS_FILE), _resume_identity(cfg, steps))
+        start_run_folder(out, cfg.overwrite and not cfg.resume, record(cfg) | {"steps_resolved": steps, "teacher_resolved": teacher},
+                         CONFIG_FILE, stale=(STATE_DIR, "before_eval.json", "lora_adapter"))
     state.wait_for_everyone()
 
     before = None
@@ -250,34 +228,15 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     model = result.model
     del teacher_model  # free it before saving
 
-    metrics = []
-    if state.is_main_process:
-        with open(os.path.join(out, METRICS_FILE)) as f:
-            metrics = [json.loads(line) for line in f]
-    window = max(1, min(10, len(metrics) // 2))  # first and last steps are averaged: single steps are noisy
-    per_step = cfg.batch_size * cfg.grad_accum * state.num_processes
-    summary = {
-        "finished": True, "method": cfg.method, "pruned_model": pruned_dir, "teacher": teacher,
-        "distill_weight": cfg.distill_weight if teacher else 0.0, "distill_temperature": cfg.distill_temperature,
-        "steps": steps, "epochs": steps * per_step / cfg.num_samples, "tokens": steps * per_step * cfg.seq_len,
-        "lr": cfg.lr, "warmup_steps": resolve_warmup(cfg, steps), "max_grad_norm": cfg.max_grad_norm,
-        "data": _describe_data(describe_dataset, cfg, data_dir),
-        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": result.lora_targets}
-        if cfg.method == "lora" else None,
-        "params": sum(p.numel() for p in model.parameters()), "trainable_params": result.trainable_params,
-        "loss_window": window,
-        "loss_first": _mean([m["loss"] for m in metrics[:window]]), "loss_last": _mean([m["loss"] for m in metrics[-window:]]),
-        "task_loss_first": _mean([m["task_loss"] for m in metrics[:window]]),
-        "task_loss_last": _mean([m["task_loss"] for m in metrics[-window:]]),
-        "train_time_s": result.train_time_s, "merge_max_abs_diff": result.merge_max_abs_diff, "output_dir": out,
-        "num_processes": state.num_processes, "dtype": dtype, "mixed_precision": cfg.mixed_precision,
-    }
+    summary = _summary(cfg, result, steps, teacher, pruned_dir, out, dtype, state)
     if state.is_main_process:
         say(f"fine-tuned {steps} steps in {result.train_time_s:.0f} s; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
             + (f"; merged vs LoRA logits max diff {result.merge_max_abs_diff:.2e}" if result.merge_max_abs_diff is not None else ""))
         _save(model, tokenizer, plan, cfg, out, pruned_dir, summary, command)
     state.wait_for_everyone()
     if not cfg.no_eval and state.is_main_process:
+        from ..files import write_json_atomic
+
         summary["results"] = evaluate_after(model, tokenizer, cfg, out, before)
         write_json_atomic(os.path.join(out, "finetune_summary.json"), summary)
     push(cfg, out, summary, state)
@@ -287,10 +246,39 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     return summary
 
 
+def _summary(cfg: FinetuneConfig, result, steps: int, teacher, pruned_dir: str, out: str, dtype: str, state) -> dict:
+    """finetune_summary.json: what was trained, on what, how long, and the loss at the start and the end."""
+    from ..data import describe_dataset
+    from ..training.engine import METRICS_FILE
+
+    metrics = []
+    if state.is_main_process:
+        with open(os.path.join(out, METRICS_FILE)) as f:
+            metrics = [json.loads(line) for line in f]
+    window = max(1, min(10, len(metrics) // 2))  # first and last steps are averaged: single steps are noisy
+    per_step = cfg.batch_size * cfg.grad_accum * state.num_processes
+    return {
+        "finished": True, "method": cfg.method, "pruned_model": pruned_dir, "teacher": teacher,
+        "distill_weight": cfg.distill_weight if teacher else 0.0, "distill_temperature": cfg.distill_temperature,
+        "steps": steps, "epochs": steps * per_step / cfg.num_samples, "tokens": steps * per_step * cfg.seq_len,
+        "lr": cfg.lr, "warmup_steps": resolve_warmup(cfg, steps), "max_grad_norm": cfg.max_grad_norm,
+        "data": _describe_data(describe_dataset, cfg, data_dir_default(cfg.data_dir)),
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": result.lora_targets}
+        if cfg.method == "lora" else None,
+        "params": sum(p.numel() for p in result.model.parameters()), "trainable_params": result.trainable_params,
+        "loss_window": window,
+        "loss_first": _mean([m["loss"] for m in metrics[:window]]), "loss_last": _mean([m["loss"] for m in metrics[-window:]]),
+        "task_loss_first": _mean([m["task_loss"] for m in metrics[:window]]),
+        "task_loss_last": _mean([m["task_loss"] for m in metrics[-window:]]),
+        "train_time_s": result.train_time_s, "merge_max_abs_diff": result.merge_max_abs_diff, "output_dir": out,
+        "num_processes": state.num_processes, "dtype": dtype, "mixed_precision": cfg.mixed_precision,
+    }
+
+
 def reusable_results(pruned_dir: str, cfg: FinetuneConfig, model) -> dict | None:
     """The pruned checkpoint's own results.json as the 'before' row, when it measured exactly what this
     run will measure (same datasets, protocol, windows, tasks, limit, dtype): saves one evaluation."""
-    from ..evaluation import PPL_DATASETS, check_ppl_datasets, check_tasks
+    from ..evaluation import PPL_DATASETS, check_ppl_datasets, check_protocols, check_tasks
 
     path = os.path.join(pruned_dir, "results.json")
     try:
@@ -308,7 +296,7 @@ def reusable_results(pruned_dir: str, cfg: FinetuneConfig, model) -> dict | None
         want_ppl.add(got.pop())
     same = (
         set(results.get("ppl", {})) == want_ppl
-        and all(set(v) == {cfg.eval_protocol} for v in results.get("ppl", {}).values())
+        and all(set(v) == set(check_protocols(cfg.eval_protocol)) for v in results.get("ppl", {}).values())
         and set(results.get("zero_shot", {})) == set(check_tasks(cfg.eval_tasks))
         and results.get("max_windows") == cfg.eval_max_windows
         and results.get("limit") == (cfg.eval_limit if cfg.eval_tasks else results.get("limit"))
@@ -369,7 +357,7 @@ def _save(model, tokenizer, plan, cfg, out, pruned_dir, summary, command) -> Non
             "settings": {k: v for k, v in (record.search or {}).items() if v not in (None, False, "")},
             "tags": ["fine-tuned"] + (["lora"] if cfg.method == "lora" else []) + (["knowledge-distillation"] if summary["teacher"] else [])}
     save_into_run_folder(model, tokenizer, out, plan, card, pruned_dir,
-                         carry=("metrics.jsonl", "finetune_config.json", "tensorboard", "lora_adapter"),
+                         carry=("metrics.jsonl", CONFIG_FILE, "tensorboard", "lora_adapter"),
                          add=lambda folder: write_json_atomic(os.path.join(folder, "finetune_summary.json"), summary))
 
 

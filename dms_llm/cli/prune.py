@@ -24,7 +24,26 @@ from .options import parse_config as _parse_config
 
 
 @dataclass
-class PruneConfig:
+class RefitOptions:
+    """The refit after pruning (`dms_llm.refit`), the same in `dms-llm search` and `dms-llm prune`."""
+
+    refit: bool = option(False, "after pruning, refit each kept o_proj/down_proj by least squares so that the kept heads "
+                                "and channels rebuild the source sublayer's output on calibration blocks")
+    refit_select: str = option("plan", "which heads and channels each layer keeps in the refit: plan (the plan's choice) or "
+                                       "reconstruction (chosen again by the refit's error, same counts)",
+                               choices=REFIT_SELECTIONS)
+    refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
+    refit_samples: int = option(128, "calibration blocks the refit reads (a search's: the first of its own)")
+
+    def __post_init__(self):
+        if not self.refit_alpha > 0:
+            raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
+        if self.refit_samples < 1:
+            raise ConfigError("--refit-samples must be at least 1")
+
+
+@dataclass
+class PruneConfig(RefitOptions):
     plan: str | None = option(None, "the plan (dms_plan.json, as a search or a baseline writes it)")
     model: str | None = option(None, "the source model: local folder, Hub id in the local cache, or alias "
                                      "(default: the embedded SmolLM2-135M)")
@@ -32,12 +51,6 @@ class PruneConfig:
     overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
     dtype: str = option("auto", "auto (the checkpoint's own), float32, bfloat16 or float16")
     max_shard_size: str = option(DEFAULT_MAX_SHARD_SIZE, "largest output shard, e.g. 2GB; one shard is held in memory")
-    refit: bool = option(False, "then refit each kept o_proj/down_proj by least squares on calibration blocks, as "
-                                "dms-llm search --refit does")
-    refit_select: str = option("plan", "with --refit: plan (keep the plan's heads and channels) or reconstruction "
-                                       "(choose them again by the refit's error, same counts)")
-    refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
-    refit_samples: int = option(128, "calibration blocks the refit reads")
     dataset: str = option("default", "calibration text of the refit (as dms-llm search --dataset)")
     seq_len: int = option(256, "tokens per calibration block")
     data_seed: int = option(0, "seed of the calibration block selection")
@@ -50,12 +63,9 @@ class PruneConfig:
             raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
         if not os.path.isfile(self.plan):
             raise ConfigError(f"--plan {self.plan}: no such file")
-        if self.refit_select not in REFIT_SELECTIONS:
-            raise ConfigError(f"--refit-select must be one of {', '.join(REFIT_SELECTIONS)}, got {self.refit_select!r}")
-        if not self.refit_alpha > 0:
-            raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
-        if self.refit_samples < 1 or self.seq_len < 1:
-            raise ConfigError("--refit-samples and --seq-len must be positive")
+        super().__post_init__()
+        if self.seq_len < 1:
+            raise ConfigError("--seq-len must be positive")
 
 
 def parse_config(argv=None) -> PruneConfig:

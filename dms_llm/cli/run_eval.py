@@ -9,50 +9,67 @@ checkpoint). Results go to DIR/eval/results.json (+ results.md) for a local fold
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .options import ConfigError, HelpFormatter, data_dir_default, exit_code
+from .options import ConfigError, data_dir_default, exit_code, option
+from .options import parse_config as _parse_config
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dms-llm eval", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("model", help="alias (smollm2-135m), Hub id, or local checkpoint folder")
-    p.add_argument("--ppl", default="wikitext2",
-                   help="comma list of perplexity datasets: wikitext2, wikitext2-valid, ptb (test), ptb-valid, c4, "
-                        "'all' or 'none'")
-    p.add_argument("--protocol", default="llm-pruner",
-                   help="comma list: llm-pruner (128-token windows), sparsegpt (2048), or 'all'")
-    p.add_argument("--tasks", default="none",
-                   help="comma list of zero-shot tasks: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, "
-                        "openbookqa, 'all' or 'none'")
-    p.add_argument("--data-dir", default=None,
-                   help="evaluation data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
-    p.add_argument("--source", choices=("auto", "local", "hub"), default="auto",
-                   help="datasets from the Hub or the data folder; auto = Hub when reachable")
-    p.add_argument("--limit", type=float, default=None,
-                   help="zero-shot: only the first N documents of each task (a fraction if < 1)")
-    p.add_argument("--max-windows", type=int, default=None, help="perplexity: only the first N windows")
-    p.add_argument("--baseline", default=None, help="a dense model evaluated in the same run, shown side by side")
-    p.add_argument("--output", default=None, help="results .json path or folder")
-    p.add_argument("--overwrite", action="store_true", help="replace results of a different model at --output")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the loader's choice)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="sequences per forward pass for lm-eval and perplexity (perplexity batches are also capped "
-                        "at 8192 tokens)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-remote-code", action="store_true", help="for checkpoints with their own modeling code")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.limit is not None and args.limit >= 1:
-        args.limit = int(args.limit)
-    return args
+@dataclass
+class EvalOptions:
+    """What is measured and how, in `dms-llm eval` and `dms-llm benchmark` alike (the training commands
+    name the same settings `--eval-*`: there they describe the evaluation after the run)."""
+
+    ppl: str = option("wikitext2", "perplexity datasets (comma list): wikitext2, wikitext2-valid, ptb (test), ptb-valid, "
+                                   "c4, 'all' or 'none'")
+    protocol: str = option("llm-pruner", "perplexity protocols (comma list): llm-pruner (128-token windows), sparsegpt "
+                                         "(2048), or 'all'")
+    max_windows: int | None = option(None, "perplexity: only the first N windows")
+    tasks: str = option("none", "zero-shot tasks (comma list): boolq, piqa, hellaswag, winogrande, arc_easy, "
+                                "arc_challenge, openbookqa, 'all' or 'none'")
+    limit: float | None = option(None, "zero-shot: only the first N documents of each task (a fraction if < 1)")
+    data_dir: str | None = option(None, "data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
+    dtype: str = option("float32", "weights dtype of the evaluated models", choices=DTYPES)
+    batch_size: int = option(8, "sequences per forward pass (perplexity batches are also capped at 8192 tokens)")
+    seed: int = option(0, "seed of everything random (lm-eval's few-shot sampling, window order)")
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit >= 1:
+            self.limit = int(self.limit)  # a count of documents; below 1 a fraction of each task
+        if self.batch_size < 1 or (self.max_windows is not None and self.max_windows < 1):
+            raise ConfigError("--batch-size and --max-windows must be at least 1")
+
+
+@dataclass
+class EvalConfig(EvalOptions):
+    """`dms-llm eval`."""
+
+    model: str | None = option(None, "alias (smollm2-135m), Hub id, or local checkpoint folder", positional=True)
+    source: str = option("auto", "datasets from the Hub or the data folder; auto = Hub when reachable",
+                         choices=("auto", "local", "hub"))
+    baseline: str | None = option(None, "a dense model evaluated in the same run, shown side by side")
+    output: str | None = option(None, "results .json path or folder")
+    overwrite: bool = option(False, "replace results of a different model at --output")
+    device: str | None = option(None, "cpu, cuda, ... (default: the loader's choice)")
+    trust_remote_code: bool = option(False, "for checkpoints with their own modeling code")
+    no_progress: bool = option(False, "no progress bars")
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("give the model to evaluate: dms-llm eval MODEL_OR_DIR")
+        super().__post_init__()
+
+
+def parse_args(argv=None) -> EvalConfig:
+    return _parse_config(EvalConfig, argv, __doc__, prog="dms-llm eval")
 
 
 def model_identity(name: str) -> str:
@@ -70,8 +87,7 @@ def default_output(model: str) -> Path:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    return exit_code(lambda: evaluate(args))
+    return exit_code(lambda: evaluate(parse_args(argv)))
 
 
 def evaluate(args) -> int:
@@ -90,8 +106,7 @@ def evaluate(args) -> int:
         ev.resolve_data_dir(args.data_dir)  # the data folder will be needed: say so now if it is missing
     out = Path(args.output) if args.output else default_output(args.model)
     json_path = out if out.suffix == ".json" else out / "results.json"
-    model_id = model_identity(args.model)
-    ev.check_output(json_path, model_id, overwrite=args.overwrite)
+    ev.check_output(json_path, model_identity(args.model), overwrite=args.overwrite)
 
     common = dict(ppl=ppl, protocols=protocols, tasks=tasks, data_dir=args.data_dir, limit=args.limit,
                   batch_size=args.batch_size, max_windows=args.max_windows, seed=args.seed, source=args.source,
@@ -112,26 +127,19 @@ def evaluate(args) -> int:
             results["baseline"] = state["baseline"]
         ev.write_results(results, json_path, overwrite=True)
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model, **load_kwargs)
-    load_s = time.perf_counter() - t0
-    results = ev.evaluate_model(model, tokenizer, model_name=model_id, on_part_done=lambda r: save(r, "main"), **common)
-    results["time_s"]["load"] = round(load_s, 2)
-    state["main"] = results
-    del model
-    gc.collect()
-
-    if args.baseline:
+    for which, name in (("main", args.model), ("baseline", args.baseline)):
+        if not name:
+            continue
         t0 = time.perf_counter()
-        base_model, base_tok = load_model_and_tokenizer(args.baseline, **load_kwargs)
-        base_load_s = time.perf_counter() - t0
-        baseline = ev.evaluate_model(base_model, base_tok, model_name=model_identity(args.baseline),
-                                     on_part_done=lambda r: save(r, "baseline"), **common)
-        baseline["time_s"]["load"] = round(base_load_s, 2)
-        results["baseline"] = baseline
-        del base_model
+        model, tokenizer = load_model_and_tokenizer(name, **load_kwargs)
+        load_s = time.perf_counter() - t0
+        state[which] = ev.evaluate_model(model, tokenizer, model_name=model_identity(name),
+                                         on_part_done=lambda r, which=which: save(r, which), **common)
+        state[which]["time_s"]["load"] = round(load_s, 2)
+        del model  # one model in memory at a time
         gc.collect()
 
+    results = dict(state["main"], **({"baseline": state["baseline"]} if args.baseline else {}))
     results["complete"] = True
     path = ev.write_results(results, json_path, overwrite=True)
     rows = [results["baseline"], results] if args.baseline else [results]

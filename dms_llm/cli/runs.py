@@ -7,37 +7,43 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..files import check_output_folder, read_json, replace_folder, write_json_atomic
 from ..training.engine import RunSettings
-from .options import ConfigError, data_dir_default, option
-
-R = RunSettings  # the library's defaults are the commands'
-
+from .options import ConfigError, data_dir_default, option, options, part, record
 
 @dataclass
-class RunOptions:
-    """The options the training commands (search, finetune) share: data, execution, checkpoints,
-    evaluation after the run, Hub push. Each command's own options come first in its --help."""
+class RunOptions(RunSettings):
+    """The options the training commands (search, finetune) share: the engine's `RunSettings` (batch,
+    accumulation, seed, precision, checkpoints) and data, evaluation after the run, Hub push."""
+
+    HELP: ClassVar[dict] = {
+        "batch_size": "blocks per micro-batch and process", "grad_accum": "micro-batches per step",
+        "seed": "seed of the data order and of everything random (LoRA init, dropout)",
+        "mixed_precision": "no, bf16 or fp16 (autocast through Accelerate)",
+        "gradient_checkpointing": "recompute activations in backward to save memory",
+        "checkpoint_every": "checkpoint every N steps (and on Ctrl-C)",
+        "stop_after": "checkpoint and stop after this many steps (continue with --resume)",
+        "fsdp": "shard the frozen weights across the processes (FSDP2, a unit per decoder layer) instead of replicating "
+                "them; needs 2+ processes, --train-weights none, a safetensors source"}
+    # Settings a checkpoint depends on: a resumed run must have the values its checkpoint was made with.
+    RESUME: ClassVar[tuple] = ("seed", "dataset", "text_field", "num_samples", "seq_len", "batch_size", "grad_accum", "dtype")
+    # What a run's record lacks when it predates a setting: the value that reproduces that run.
+    LEGACY: ClassVar[dict] = {}
 
     text_field: str = option("text", "field holding the text in .json/.jsonl/.parquet data")
     data_dir: str | None = option(None, "data folder (default: $DMS_DATA_DIR, else ../shared/data beside the repository)")
     seq_len: int = option(256, "tokens per block")
-    batch_size: int = option(R.batch_size, "blocks per micro-batch and process")
-    grad_accum: int = option(R.grad_accum, "micro-batches per step")
-    mixed_precision: str = option(R.mixed_precision, "no, bf16 or fp16 (autocast through Accelerate)")
     dtype: str = option("auto", "weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    gradient_checkpointing: bool = option(R.gradient_checkpointing, "recompute activations in backward to save memory")
-    seed: int = option(R.seed, "seed of the data order and of everything random (LoRA init, dropout)")
-    checkpoint_every: int = option(R.checkpoint_every, "checkpoint every N steps (and on Ctrl-C)")
-    stop_after: int | None = option(None, "checkpoint and stop after this many steps (continue with --resume)")
     resume: bool = option(False, "continue from the checkpoint in --output-dir")
     no_eval: bool = option(False, "skip the evaluation (of the model before and of the result after)")
     eval_ppl: str = option("wikitext2", "held-out perplexity datasets (comma list)")
-    eval_protocol: str = option("llm-pruner", "perplexity protocol: llm-pruner (128-token windows) or sparsegpt (2048)")
+    eval_protocol: str = option("llm-pruner", "perplexity protocols (comma list): llm-pruner (128-token windows), "
+                                              "sparsegpt (2048)")
     eval_max_windows: int | None = option(None, "evaluate only the first N windows (default: the whole split)")
     eval_tasks: str = option("", "zero-shot tasks (comma list; empty: none)")
-    eval_limit: int | None = option(None, "examples per zero-shot task")
+    eval_limit: float | None = option(None, "zero-shot: the first N documents of each task (a fraction if < 1)")
     push_to_hub: str | None = option(None, "Hub repo id to upload the saved folder to")
     hub_private: bool = option(False, "create the Hub repo as private")
 
@@ -47,11 +53,34 @@ class RunOptions:
         for name in ("seq_len", "batch_size", "grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.eval_limit is not None and self.eval_limit >= 1:
+            self.eval_limit = int(self.eval_limit)
+        if not self.no_eval:  # a misspelt dataset fails now, not after hours of search
+            from ..evaluation import check_ppl_datasets, check_protocols, check_tasks
+
+            try:
+                check_ppl_datasets(self.eval_ppl), check_protocols(self.eval_protocol), check_tasks(self.eval_tasks)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def run_settings(self) -> RunSettings:
-        return RunSettings(batch_size=self.batch_size, grad_accum=self.grad_accum, seed=self.seed,
-                           mixed_precision=self.mixed_precision, gradient_checkpointing=self.gradient_checkpointing,
-                           checkpoint_every=self.checkpoint_every, stop_after=self.stop_after)
+        return part(self, RunSettings)
+
+
+def check_resume(cfg, out: str, record_file: str, derived: dict | None = None) -> None:
+    """The one resume rule of every command: a checkpoint continues only the run it was made by, so each
+    setting in `cfg.RESUME` (with the values the run `derived`, e.g. its resolved step count) must equal
+    the one in the run's record (`record_file` in `out`, written when the run started)."""
+    path = os.path.join(out, record_file)
+    if not (cfg.resume and os.path.isfile(path)):
+        return
+    saved, now = read_json(path), record(cfg) | (derived or {})
+    defaults = {o.name: o.default for o in options(type(cfg))} | cfg.LEGACY
+    recorded = {k: saved.get(k, defaults.get(k)) for k in cfg.RESUME}
+    changed = [k for k in cfg.RESUME if recorded[k] != now[k]]
+    if changed:
+        was = ", ".join(f"--{k.replace('_', '-')} {recorded[k]} (now {now[k]})" for k in changed)
+        raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
 
 
 def check_output_dir(out: str, overwrite: bool, resume: bool, can_resume: bool, protected: dict[str, str],
@@ -108,10 +137,10 @@ def save_into_run_folder(model, tokenizer, out: str, plan, model_card_info: dict
 
 def evaluate(model, tokenizer, cfg, name: str) -> dict:
     """The evaluation a command's `eval_*` options ask for."""
-    from ..evaluation import evaluate_model
+    from ..evaluation import check_protocols, evaluate_model
 
     return evaluate_model(
-        model, tokenizer, ppl=[d for d in cfg.eval_ppl.split(",") if d], protocols=[cfg.eval_protocol],
+        model, tokenizer, ppl=[d for d in cfg.eval_ppl.split(",") if d], protocols=check_protocols(cfg.eval_protocol),
         tasks=[t for t in cfg.eval_tasks.split(",") if t], data_dir=data_dir_default(cfg.data_dir), limit=cfg.eval_limit,
         max_windows=cfg.eval_max_windows, seed=cfg.seed, model_name=name,
     )

@@ -17,119 +17,104 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from typing import ClassVar
 
-from ..method import DMSConfig, parse_structures
-from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
-from ..refit import SELECTIONS as REFIT_SELECTIONS
+from ..method import DMSConfig
 from ..refit import refit_output_projections
 from ..training.engine import process_state
-from .options import ConfigError, data_dir_default, option, run_main
+from .options import ConfigError, data_dir_default, option, part, record, run_main
 from .options import load_recipe as _load_recipe
 from .options import parse_config as _parse_config
-from .runs import RunOptions
+from .prune import RefitOptions
+from .runs import RunOptions, check_resume
 
 # Held-out blocks that score --restarts: 32 x 256 tokens ranked six SmolLM2 searches as their test
 # perplexities did wherever those differed by 20% or more (docs/RESULTS.md, section 4).
 DEFAULT_HELDOUT_SAMPLES = 32
-# Settings that shape the mask state, the schedule or the data order: a checkpoint made with others
-# cannot be continued into the run it would have been.
-RESUME_SETTINGS = ("prune", "depth", "spare_first", "spare_last", "align", "steps", "target_params", "target_ratio",
-                   "seed", "data_seed", "dataset", "num_samples", "seq_len", "batch_size", "grad_accum",
-                   "train_weights", "distill", "warmup_blocks", "importance")
-M = DMSConfig  # the library's defaults are the command's
 
 
 @dataclass
-class SearchConfig(RunOptions):
+class SearchConfig(RunOptions, RefitOptions, DMSConfig):
+    """`dms-llm search`: the method (`DMSConfig`, the library's defaults), the run (`RunOptions`), the refit
+    (`RefitOptions`, as `dms-llm prune`) and what the command adds: the model, data, restarts, the output."""
+
+    OPTION_NAMES: ClassVar[dict] = {"structures": "prune"}
+    HELP: ClassVar[dict] = {
+        "target_params": "parameter budget of the pruned model, e.g. 5.47e9",
+        "target_ratio": "budget as a fraction of the dense parameter count, e.g. 0.8",
+        "structures": "structures to search: any of heads,channels,hidden,layers",
+        "depth": "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)",
+        "spare_first": "keep the first N decoder layers whole (not searched)",
+        "spare_last": "keep the last N decoder layers whole (not searched)",
+        "align": "kept MLP channels and hidden channels in multiples of N (fast engine kernels; 1: exact)",
+        "steps": "search steps; the last 20%% refine channel widths only",
+        "ratio_lr": "learning rate of the kept ratios (constant, Adam, no weight decay)",
+        "budget_weight": "lambda_res, weight of the budget loss",
+        "schedule_fraction": "the target descends over this fraction of the steps, then the widths are refined",
+        "hold_budget": "in the refine phase, freeze the hidden width with heads and depth and pull the count onto the "
+                       "budget from either side (two-sided budget term)",
+        "fit_budget": "at the end, rescale the kept ratios so that the hard count meets the budget",
+        "warmup_blocks": "start the importances as the mean Taylor score over this many calibration blocks (0: from "
+                         "zero, as the paper)",
+        "train_weights": "model weights during the search: none (frozen), lora, full",
+        "weight_lr": "learning rate of model weights (with --train-weights lora|full)",
+        "lora_r": "LoRA rank (with --train-weights lora)", "lora_alpha": "LoRA alpha",
+        "distill": "add KL to the unpruned model's logits (the same weights with masks off)",
+        "distill_weight": "weight of the distillation term", "distill_temperature": "distillation temperature",
+        "importance": "Taylor score per step: block (the gradient summed over the block, squared: the paper) or token "
+                      "(each token's contribution squared, then summed)",
+        "ema_decay": "decay of the Taylor-importance moving average",
+        "single_element_temperature": "soft-mask steepness of a structure with one element",
+    }
+    # Settings that shape the mask state, the schedule or the data order: a checkpoint made with others
+    # cannot be continued into the run it would have been.
+    RESUME: ClassVar[tuple] = RunOptions.RESUME + (
+        "prune", "depth", "spare_first", "spare_last", "align", "steps", "target_params", "target_ratio", "data_seed",
+        "train_weights", "distill", "warmup_blocks", "importance", "schedule_fraction", "ema_decay")
+    LEGACY: ClassVar[dict] = {"align": 1}  # a run that did not record it searched exact widths
+
     model: str | None = option(None, "local folder, Hub id or alias (smollm2-135m, llama-7b, ...); default: embedded SmolLM2-135M")
-    target_params: float | None = option(None, "parameter budget of the pruned model, e.g. 5.47e9")
-    target_ratio: float | None = option(None, "budget as a fraction of the dense parameter count, e.g. 0.8")
     output_dir: str | None = option(None, "where the pruned checkpoint, plan, metrics and results go")
-    prune: str = option(",".join(M.structures), "structures to search: any of heads,channels,hidden,layers")
-    depth: str = option(M.depth, "'sublayer': attention and MLP gated separately; 'block': whole layers (paper)")
-    spare_first: int = option(M.spare_first, "keep the first N decoder layers whole (not searched)")
-    spare_last: int = option(M.spare_last, "keep the last N decoder layers whole (not searched)")
-    align: int = option(M.align, "kept MLP channels and hidden channels in multiples of N (fast engine kernels; 1: exact)")
     dataset: str = option("default", "calibration text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
     num_samples: int = option(256, "calibration blocks")
-    steps: int = option(M.steps, "search steps; the last 20%% refine channel widths only")
-    ratio_lr: float = option(M.ratio_lr, "learning rate of the kept ratios (constant, Adam, no weight decay)")
-    warmup_blocks: int = option(M.warmup_blocks, "start the importances as the mean Taylor score over this many "
-                                                 "calibration blocks (0: from zero, as the paper)")
-    importance: str = option(M.importance, "Taylor score per step: block (the gradient summed over the block, squared: "
-                                           "the paper) or token (each token's contribution squared, then summed)")
-    weight_lr: float = option(M.weight_lr, "learning rate of model weights (with --train-weights lora|full)")
-    budget_weight: float = option(M.budget_weight, "lambda_res, weight of the budget loss")
-    hold_budget: bool = option(M.hold_budget, "in the refine phase, freeze the hidden width with heads and depth and "
-                                              "pull the count onto the budget from either side (two-sided budget term)")
-    train_weights: str = option(M.train_weights, "model weights during the search: none (frozen), lora, full")
-    lora_r: int = option(M.lora_r, "LoRA rank (with --train-weights lora)")
-    lora_alpha: int = option(M.lora_alpha, "LoRA alpha")
-    distill: bool = option(M.distill, "add KL to the unpruned model's logits (the same weights with masks off)")
-    distill_weight: float = option(M.distill_weight, "weight of the distillation term")
-    distill_temperature: float = option(M.distill_temperature, "distillation temperature")
-    refit: bool = option(False, "after pruning, refit each kept o_proj/down_proj by least squares so that the kept "
-                                "heads and channels rebuild the source sublayer's output on calibration blocks")
-    refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
-    refit_samples: int = option(128, "calibration blocks the refit reads (the first of the search's)")
-    refit_select: str = option("plan", "which heads and channels each layer keeps in the refit: plan (the search's "
-                                       "choice) or reconstruction (chosen again by the refit's error, same counts)")
     data_seed: int | None = option(None, "seed of the calibration block selection (default: --seed)")
     restarts: int = option(1, "independent searches (seeds --seed, --seed+1, ...; same calibration blocks); "
                               "the one with the lowest held-out calibration loss is kept")
     heldout_samples: int | None = option(None, "calibration blocks held out of the search to score it "
                                                "(default: 32 with --restarts, else none)")
     overwrite: bool = option(False, "replace an existing, non-empty --output-dir")
-    fsdp: bool = option(False, "shard the frozen weights across the processes (FSDP2, a unit per decoder layer) instead "
-                               "of replicating them; needs 2+ processes, --train-weights none, a safetensors source")
     prune_from_files: str = option("auto", "write the pruned checkpoint from the source's safetensors files, tensor by "
                                            "tensor, instead of pruning a copy in memory: auto (when the source is sharded "
-                                           "and the weights are frozen), always, never")
+                                           "and the weights are frozen), always, never", choices=("auto", "always", "never"))
 
     def __post_init__(self):
         if (self.target_params is None) == (self.target_ratio is None):
             raise ConfigError("give exactly one of --target-params and --target-ratio")
-        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
-            raise ConfigError(f"--target-ratio must be in (0, 1), got {self.target_ratio}")
         if self.restarts < 1:
             raise ConfigError(f"--restarts must be at least 1, got {self.restarts}")
         if self.heldout_samples is None:
             self.heldout_samples = DEFAULT_HELDOUT_SAMPLES if self.restarts > 1 else 0
         if self.heldout_samples < 0 or (self.restarts > 1 and self.heldout_samples == 0):
             raise ConfigError(f"--heldout-samples must be >= 0, and > 0 with --restarts (it scores them); got {self.heldout_samples}")
-        super().__post_init__()
-        if not self.refit_alpha > 0:
-            raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
-        if self.refit_select not in REFIT_SELECTIONS:
-            raise ConfigError(f"--refit-select must be one of {', '.join(REFIT_SELECTIONS)}, got {self.refit_select!r}")
-        for name in ("num_samples", "steps", "refit_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.num_samples < 1:
+            raise ConfigError("--num-samples must be at least 1")
         if self.output_dir is None:
             raise ConfigError("give --output-dir (where the pruned checkpoint goes)")
-        if self.prune_from_files not in ("auto", "always", "never"):
-            raise ConfigError(f"--prune-from-files must be auto, always or never, got {self.prune_from_files!r}")
         if self.prune_from_files == "always" and self.train_weights != "none":
             raise ConfigError("--prune-from-files always needs --train-weights none: trained weights differ from the files")
         if self.fsdp and (self.train_weights != "none" or self.prune_from_files == "never"):
             raise ConfigError("--fsdp shards frozen weights and prunes from the source files: it needs --train-weights none "
                               "and --prune-from-files auto or always")
-        self.prune = ",".join(self.method().structures)
-
-    def run_settings(self):
-        return dataclasses.replace(super().run_settings(), fsdp=self.fsdp)
-
-    def method(self) -> DMSConfig:
+        super().__post_init__()
+        RefitOptions.__post_init__(self)  # the other bases' checks: RunOptions, the first, does not chain
         try:
-            return DMSConfig(structures=parse_structures(self.prune), depth=self.depth, spare_first=self.spare_first, spare_last=self.spare_last,
-                             align=self.align,
-                             steps=self.steps, ratio_lr=self.ratio_lr, budget_weight=self.budget_weight,
-                             hold_budget=self.hold_budget, warmup_blocks=self.warmup_blocks, importance=self.importance,
-                             train_weights=self.train_weights, weight_lr=self.weight_lr, lora_r=self.lora_r,
-                             lora_alpha=self.lora_alpha, distill=self.distill, distill_weight=self.distill_weight,
-                             distill_temperature=self.distill_temperature)
+            DMSConfig.__post_init__(self)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+
+    def method(self) -> DMSConfig:
+        """The method's settings; the budget goes beside them (`search_plan`), resolved against the model."""
+        return part(self, DMSConfig, target_params=None, target_ratio=None)
 
 
 def load_recipe(path: str) -> dict:
@@ -158,18 +143,7 @@ def _check_output(cfg: SearchConfig, out: str, source: str) -> None:
     # --overwrite replaces a checkpoint or a search run, never a folder of something else
     markers = ("config.json", "dms_plan.json", "search_config.json", "search_state", RESTARTS_DIR)
     check_output_dir(out, cfg.overwrite, cfg.resume, resumable(out), protected, markers)
-    path = os.path.join(out, "search_config.json")
-    if not (cfg.resume and os.path.isfile(path)):
-        return
-    with open(path) as f:
-        saved = json.load(f)
-    # A setting the run did not record had the value that meant "off" then: align 1 (exact widths).
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)} | {"align": 1}
-    recorded = {k: saved.get(k, defaults[k]) for k in RESUME_SETTINGS}
-    changed = [k for k in RESUME_SETTINGS if recorded[k] != getattr(cfg, k)]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in changed)
-        raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
+    check_resume(cfg, out, "search_config.json")
 
 
 def _check_supported(source: str) -> None:
@@ -275,7 +249,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
                                   text_field=cfg.text_field, data_dir=data_dir_default(cfg.data_dir))
     blocks, heldout = blocks[:cfg.num_samples], blocks[cfg.num_samples:]
     if state.is_main_process:
-        start_run_folder(out, cfg.overwrite and not cfg.resume, dataclasses.asdict(cfg) | {
+        start_run_folder(out, cfg.overwrite and not cfg.resume, record(cfg) | {
             "target_params_resolved": target, "dense_params": dense}, "search_config.json", stale=("search_state", "dense_eval.json"))
     state.wait_for_everyone()
     dense_eval = None
@@ -291,8 +265,8 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
         if state.is_main_process:
             print(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
         return {"summary": {"finished": False, "step": e.step}}
-    plan.metadata.search, plan.metadata.command = dataclasses.asdict(cfg), command  # the card shows the command
-    card = {"settings": {k: v for k, v in dataclasses.asdict(cfg).items() if v not in (None, False, "")}}
+    plan.metadata.search, plan.metadata.command = record(cfg), command  # the card shows the command
+    card = {"settings": {k: v for k, v in record(cfg).items() if v not in (None, False, "")}}
     carry = ("metrics.jsonl", "search_config.json", "tensorboard")
 
     def refit(pruned_model, source_model, read_source=None):
