@@ -3,11 +3,7 @@ as asked. The one-shot baselines are plans applied to the dense model; the DMS r
 fine-tuning run the `dms-llm search` / `dms-llm finetune` commands (each with a recipe written beside its
 folder), so their folders are exactly what those commands write and `--adopt` takes a folder made
 either way.
-
-A `BASELINE+compensation` row gets what the DMS recipe gives its own plan: the baseline's plan computed on
-the DMS search's calibration blocks (or on the authors' larger default, `AUTHORS_CALIBRATION_TOKENS`),
-then the same refit of o_proj/down_proj on the first of those blocks. It separates what a search's
-allocation is worth from what the refit adds."""
+The `BASELINE+compensation` rows are built in `compensated.py`."""
 
 from __future__ import annotations
 
@@ -19,13 +15,12 @@ import time
 from ..errors import ActionableError
 from ..files import read_json, write_json_atomic, write_text_atomic
 from .cells import ppl_cells
+from .compensated import COMPENSATED, COMPENSATION, build_compensated, compensation_calibration, refit_settings
 from .measure import RowMeasurements
 from .report import note_machine
 
 BASELINES = ("magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt")
 DMS_METHODS = ("dms", "dms-restarts", "dms-lora")
-COMPENSATION = "+compensation"
-COMPENSATED = tuple(b + COMPENSATION for b in BASELINES)
 ALL_METHODS = ("dense",) + BASELINES + COMPENSATED + DMS_METHODS
 # dms-restarts costs --dms-restarts searches per budget, so it runs only when asked for; the compensated
 # baselines read the DMS recipe's calibration and refit settings, so a config names them.
@@ -145,7 +140,7 @@ class Benchmark(RowMeasurements):
             from ..baselines import VERSIONS
 
             base = method[: -len(COMPENSATION)]
-            ident.update(calib=self.compensation_calibration(base), refit=self.refit_settings(),
+            ident.update(calib=compensation_calibration(self, base), refit=refit_settings(self.dms_recipe),
                          version=VERSIONS[base])
         adopted = None if as_recipe else self.adopted_folder(method, budget, seed)
         if adopted:
@@ -226,7 +221,7 @@ class Benchmark(RowMeasurements):
         elif row["recovery"]:
             self.build_recovered(row)
         elif method in COMPENSATED:
-            self.build_compensated(row)
+            build_compensated(self, row)
         elif method in BASELINES:
             from ..baselines import METHODS
 
@@ -308,53 +303,6 @@ class Benchmark(RowMeasurements):
         if method == "dms-restarts":
             values["restarts"] = a.dms_restarts
         return values
-
-    def refit_settings(self) -> list:
-        """[blocks, alpha] of the DMS recipe's refit, which the compensated baselines get too."""
-        from ..refit import DEFAULT_ALPHA, DEFAULT_BLOCKS
-
-        if self.dms_recipe is None:
-            raise ActionableError("the +compensation rows take the DMS recipe's calibration and refit: give --dms-config")
-        return [int(self.dms_recipe.get("refit_samples") or DEFAULT_BLOCKS),
-                float(self.dms_recipe.get("refit_alpha") or DEFAULT_ALPHA)]
-
-    def compensation_calibration(self, base: str) -> list:
-        """[dataset, blocks, seq_len, seed] a compensated baseline calibrates on: the DMS search's blocks, or
-        as many as the authors' default needs when that is more."""
-        from ..baselines import AUTHORS_CALIBRATION_TOKENS
-
-        self.refit_settings()  # the recipe is needed
-        r, a = self.dms_recipe, self.args
-        seq_len, blocks = int(r.get("seq_len") or a.seq_len), int(r.get("num_samples") or a.calib_samples)
-        authors = AUTHORS_CALIBRATION_TOKENS.get(base, 0)
-        return [r.get("dataset") or a.calib_dataset, max(blocks, -(-authors // seq_len)), seq_len, a.seed]
-
-    def build_compensated(self, row: dict) -> None:
-        """The baseline's plan, pruned, refit like the DMS recipe's plans, saved as a checkpoint folder."""
-        from ..baselines import METHODS
-        from ..checkpoints import save_pruned
-        from ..data import load_calibration
-        from ..prune import prune_model
-        from ..refit import refit_output_projections
-
-        a, base = self.args, row["method"][: -len(COMPENSATION)]
-        dataset, n_blocks, seq_len, seed = self.compensation_calibration(base)
-        refit_blocks, alpha = self.refit_settings()
-        blocks = load_calibration(dataset, self.tokenizer(), seq_len, n_blocks, seed=seed, data_dir=a.data_dir)
-        print(f"[benchmark] {row['method']} at {row['budget']:g}: {base}'s plan on {blocks.numel():,} tokens, "
-              f"then the refit on {min(refit_blocks, len(blocks))} blocks", flush=True)
-        start = time.perf_counter()
-        plan = METHODS[base](self.dense(), blocks, self.target(row["budget"]), source_model=a.model, align=a.align)
-        pruned = prune_model(self.dense(), plan)
-        plan.metadata.refit = refit_output_projections(pruned, self.dense(), plan, blocks[:refit_blocks], alpha=alpha,
-                                                       batch_size=a.batch_size, progress=True)
-        seconds = time.perf_counter() - start
-        plan.metadata.time_s = seconds
-        folder = os.path.join(a.work, "compensated", row["name"])
-        save_pruned(pruned, self.tokenizer(), folder, plan, overwrite=True,
-                    source_dir=a.model if os.path.isdir(a.model) else None)
-        row.update(params=plan.params_after, time_s=seconds, artifact=os.path.relpath(folder, a.work),
-                   info={k: v for k, v in plan.metadata.to_dict().items() if k not in ("block_influence",)})
 
     def build_dms(self, row: dict) -> None:
         a = self.args
