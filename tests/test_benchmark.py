@@ -9,7 +9,7 @@ import pytest
 from conftest import WORDS, save_tiny_checkpoint, write_corpus
 
 import dms_llm.benchmark.rows as rows_module
-from dms_llm.cli.options import ConfigError
+from dms_llm.runs.options import ConfigError
 from dms_llm.evaluation.speed import decode_tokens_per_s, prefill_tokens_per_s, relative_speed
 
 

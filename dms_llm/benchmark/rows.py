@@ -1,7 +1,7 @@
 """The benchmark's rows: one cached JSON per (method, budget, recovery), built once and evaluated as far
 as asked. The one-shot baselines are plans applied to the dense model; the DMS rows and the recovery
-fine-tuning run the `dms-llm search` / `dms-llm finetune` commands (each with a recipe written beside its
-folder), so their folders are exactly what those commands write and `--adopt` takes a folder made
+fine-tuning run what `dms-llm search` / `dms-llm finetune` run (`dms_llm.runs`, on a recipe written beside
+the folder), so their folders are exactly what those commands write and `--adopt` takes a folder made
 either way.
 
 A `BASELINE+compensation` row gets what the DMS recipe gives its own plan: the baseline's plan computed on
@@ -18,6 +18,7 @@ import time
 
 from ..errors import ActionableError
 from ..files import read_json, write_json_atomic, write_text_atomic
+from ..runs.search import same_search
 from .cells import ppl_cells
 from .measure import RowMeasurements
 from .report import note_machine
@@ -34,40 +35,20 @@ ROW_FORMAT = "dms_benchmark_row/1"
 
 
 def run_command(name: str, values: dict, config_path: str) -> None:
-    """`dms-llm NAME --config CONFIG_PATH`, with `values` written as that recipe."""
+    """`dms-llm NAME --config CONFIG_PATH` in-process, with `values` written as that recipe: the recipe is read
+    back as the command reads it and its `run` (`dms_llm.runs`) writes the folder, which records that command."""
+    import shlex
+
     import yaml
 
-    from ..commands import main
+    from ..runs import finetune, search
+    from ..runs.options import load_recipe, make
 
+    cls, run = {"search": (search.SearchConfig, search.run), "finetune": (finetune.FinetuneConfig, finetune.run)}[name]
     write_text_atomic(config_path, yaml.safe_dump(values, sort_keys=True))
-    code = main([name, "--config", config_path])
-    if code != 0:
-        raise ActionableError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
-
-
-# `dms-llm search` settings that do not change the searched model: where it is written, how it is checkpointed,
-# evaluated or published, and how the source is read.
-_OUTSIDE_THE_SEARCH = {"output_dir", "overwrite", "resume", "stop_after", "checkpoint_every", "data_dir", "no_eval",
-                       "eval_ppl", "eval_protocol", "eval_max_windows", "eval_tasks", "eval_limit", "push_to_hub",
-                       "hub_private", "gradient_checkpointing", "fsdp", "prune_from_files"}
-
-
-def same_search(recorded: dict, values: dict) -> bool:
-    """Whether a search folder's `search_config.json` (`recorded`) is the search that the recipe `values` runs:
-    both read as `dms-llm search` reads its settings (defaults and derived values filled in, names
-    normalised), every setting that shapes the result agrees."""
-    from ..cli.options import ConfigError, make, read_values, record
-    from ..cli.search import SearchConfig
-
-    def settings(given: dict) -> dict | None:
-        try:  # a record also holds what the run derived (the resolved budget): not options, left out
-            config = make(SearchConfig, read_values(SearchConfig, given, "search settings", lenient=True))
-        except (ConfigError, TypeError):
-            return None  # not settings a search accepts (today)
-        return {k: v for k, v in record(config).items() if k not in _OUTSIDE_THE_SEARCH}
-
-    expected = settings(values)
-    return expected is not None and settings(recorded) == expected
+    command = f"dms-llm {name} " + shlex.join(["--config", config_path])  # as `dms-llm` records its own argv
+    if not run(make(cls, load_recipe(config_path, cls)), command).get("finished"):
+        raise ActionableError(f"`{command}` stopped before the end (it is resumable)")
 
 
 def _digest(obj) -> str:
@@ -83,11 +64,11 @@ class Benchmark(RowMeasurements):
         self.dms_recipe = None
         self.recovery_recipe = None
         if args.dms_config:
-            from ..cli.search import load_recipe
+            from ..runs.search import load_recipe
 
             self.dms_recipe = load_recipe(args.dms_config)
         if args.recovery_config:
-            from ..cli.finetune import load_recipe
+            from ..runs.finetune import load_recipe
 
             self.recovery_recipe = load_recipe(args.recovery_config)
         self.ppl_cells = getattr(args, "ppl_cells", None) or ppl_cells(args.ppl, args.protocols, args.max_windows, [])
@@ -377,7 +358,7 @@ class Benchmark(RowMeasurements):
         values = self.dms_search_values(row["method"], row["budget"], seed, out)
         summary_path = os.path.join(out, "search_summary.json")
         if not os.path.isfile(summary_path):
-            from ..cli.search import resumable
+            from ..runs.search import resumable
 
             resume = resumable(out)
             values.update(resume=resume, overwrite=not resume)
