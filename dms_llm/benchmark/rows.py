@@ -22,6 +22,7 @@ from ..runs.search import same_search
 from .cells import ppl_cells
 from .measure import RowMeasurements
 from .report import note_machine
+from .row import Row
 
 BASELINES = ("magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt")
 DMS_METHODS = ("dms", "dms-restarts", "dms-lora")
@@ -174,7 +175,7 @@ class Benchmark(RowMeasurements):
     def row_path(self, name: str) -> str:
         return os.path.join(self.args.work, "rows", name + ".json")
 
-    def load_row(self, method: str, budget: float, recovery: int, seed: int | None = None) -> dict:
+    def load_row(self, method: str, budget: float, recovery: int, seed: int | None = None) -> Row:
         seed = self.args.seed if seed is None else seed
         name = self.row_name(method, budget, recovery, seed)
         path = self.row_path(name)
@@ -188,7 +189,7 @@ class Benchmark(RowMeasurements):
                 "budget": budget, "recovery": bool(recovery), "seed": seed, "params": None, "time_s": None, "artifact": None,
                 "ppl": {}, "zero_shot": {}, "speed": {}, "llamacpp": {}}
 
-    def save_row(self, row: dict) -> None:
+    def save_row(self, row: Row) -> None:
         write_json_atomic(self.row_path(row["name"]), row)
 
     # ----- building pruned models ---------------------------------------------------------------
@@ -197,7 +198,7 @@ class Benchmark(RowMeasurements):
 
         return int(budget * ParameterCounter(self.dense()).dense())
 
-    def build(self, row: dict) -> None:
+    def build(self, row: Row) -> None:
         method, budget = row["method"], row["budget"]
         work = self.args.work
         if method == "dense":
@@ -230,7 +231,7 @@ class Benchmark(RowMeasurements):
         self.describe(row)
         self.save_row(row)
 
-    def describe(self, row: dict) -> bool:
+    def describe(self, row: Row) -> bool:
         """Fills what every row records beside its results: `seed`, `dtype` (evaluation), `train_dtype`
         (search or fine-tuning), `calib_tokens` (the calibration text of the pruning: blocks x tokens) and,
         for a recovered row, `recovery_tokens`; a cached row without them gets them here. True when
@@ -310,7 +311,7 @@ class Benchmark(RowMeasurements):
         authors = AUTHORS_CALIBRATION_TOKENS.get(base, 0)
         return [r.get("dataset") or a.calib_dataset, max(blocks, -(-authors // seq_len)), seq_len, a.seed]
 
-    def build_compensated(self, row: dict) -> None:
+    def build_compensated(self, row: Row) -> None:
         """The baseline's plan, pruned, refit like the DMS recipe's plans, saved as a checkpoint folder."""
         from ..baselines import METHODS
         from ..checkpoints import save_pruned
@@ -337,7 +338,7 @@ class Benchmark(RowMeasurements):
         row.update(params=plan.params_after, time_s=seconds, artifact=os.path.relpath(folder, a.work),
                    info={k: v for k, v in plan.metadata.to_dict().items() if k not in ("block_influence",)})
 
-    def build_dms(self, row: dict) -> None:
+    def build_dms(self, row: Row) -> None:
         a = self.args
         seed = row.get("seed", a.seed)
         adopted = self.adopted_folder(row["method"], row["budget"], seed)
@@ -373,7 +374,7 @@ class Benchmark(RowMeasurements):
         if summary.get("chosen_seed") is not None:
             row["info"]["chosen_seed"] = summary["chosen_seed"]
 
-    def rebuild(self, row: dict) -> None:
+    def rebuild(self, row: Row) -> None:
         """A row restored from a results file (`--from-results`) has measurements but no model: builds it again
         and measures one of its restored perplexity cells (the one with the fewest windows) to check that it is
         the published model. The row keeps the published build time and machine, and records the rebuild's; on
@@ -410,12 +411,12 @@ class Benchmark(RowMeasurements):
         row["machines"] = restored["machines"]
         self.save_row(row)
 
-    def ensure_model(self, row: dict) -> None:
+    def ensure_model(self, row: Row) -> None:
         # a restored row whose rebuild was not checked yet (none, or interrupted before the check) is rebuilt
         if row["method"] != "dense" and (row.get("artifact") is None or (row.get("restored_from") and "rebuilt" not in row)):
             self.rebuild(row)
 
-    def checkpoint_of(self, base: dict) -> str:
+    def checkpoint_of(self, base: Row) -> str:
         """A saved checkpoint folder of a row (fine-tuning and the GGUF export read a folder)."""
         work = self.args.work
         if base["method"] == "dense":
@@ -439,7 +440,7 @@ class Benchmark(RowMeasurements):
                         source_dir=self.args.model if os.path.isdir(self.args.model) else None)
         return folder
 
-    def build_recovered(self, row: dict) -> None:
+    def build_recovered(self, row: Row) -> None:
         a = self.args
         base = self.ensure_built(row["method"], row["budget"], 0, row.get("seed", a.seed))
         pruned_dir = self.checkpoint_of(base)
@@ -463,7 +464,7 @@ class Benchmark(RowMeasurements):
                    info={"recovery": {k: summary.get(k) for k in ("method", "steps", "teacher", "lr", "train_time_s", "dtype",
                                                                    "seed", "tokens")}})
 
-    def ensure_built(self, method: str, budget: float, recovery: int, seed: int | None = None) -> dict:
+    def ensure_built(self, method: str, budget: float, recovery: int, seed: int | None = None) -> Row:
         row = self.load_row(method, budget, recovery, seed)
         if row["params"] is None:
             self.build(row)
@@ -471,12 +472,12 @@ class Benchmark(RowMeasurements):
             self.save_row(row)
         return row
 
-    def materialize(self, row: dict, with_plan: bool = False):
+    def materialize(self, row: Row, with_plan: bool = False):
         """The row's model in memory: the dense model, a baseline plan applied to it, or a saved checkpoint."""
         self.ensure_model(row)
         return self.load_model(row, with_plan)
 
-    def load_model(self, row: dict, with_plan: bool = False):
+    def load_model(self, row: Row, with_plan: bool = False):
         """`materialize` without the rebuild of a restored row (the rebuild's own check loads it this way)."""
         if row["method"] == "dense":
             return self.dense()
