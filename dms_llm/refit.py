@@ -273,7 +273,6 @@ def _capture_inputs(pruned: nn.Module, parts: ModelParts, blocks: torch.Tensor, 
     return hidden, call.get("position_embeddings"), call.get("attention_mask")
 
 
-@torch.no_grad()
 def _check_arguments(source: nn.Module, blocks: torch.Tensor, alpha: float, batch_size: int, select: str,
                      read_source) -> None:
     """The refit's arguments, checked before any work."""
@@ -307,6 +306,7 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
     return before, after, changed
 
 
+@torch.no_grad()
 def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePlan, blocks: torch.Tensor,
                              alpha: float = DEFAULT_ALPHA, batch_size: int = 8, select: str = "plan",
                              progress: bool = False, read_source=None) -> dict:
