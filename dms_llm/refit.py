@@ -273,6 +273,39 @@ def _capture_inputs(pruned: nn.Module, parts: ModelParts, blocks: torch.Tensor, 
     return hidden, call.get("position_embeddings"), call.get("attention_mask")
 
 
+def _check_arguments(source: nn.Module, blocks: torch.Tensor, alpha: float, batch_size: int, select: str,
+                     read_source) -> None:
+    """The refit's arguments, checked before any work."""
+    if not alpha > 0:
+        raise ValueError(f"the refit's alpha must be > 0 (it keeps the solve well posed), got {alpha}")
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    if read_source is not None and any(p.device.type != "meta" for p in source.parameters()):
+        raise ValueError("with read_source, pass the source's structure on the meta device (its weights are read per pass)")
+    list(batches(blocks, batch_size))  # validates the blocks
+
+
+def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidden: torch.Tensor, alpha: float,
+                    select: str, plan: PrunePlan, pruned: nn.Module, source: nn.Module) -> tuple[float, float, int]:
+    """Refit one sublayer on the residual streams entering it (`states`): the source sublayer's input to its
+    output projection, gathered over every block, is what the solve fits. Returns (relative error before, after, kept
+    units the selection changed); `plan` and the pruned model follow a changed selection."""
+    stats, seen = _Statistics(), {}
+    grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
+    with removed_after([grab]):
+        for x in states:
+            run(sub.source, sub.kind, widen(sub.norm(x)))
+            stats.add(seen.pop("z"))
+    old_units = list(sub.kept_units)
+    before, after, units = _solve(sub, stats, hidden, alpha, select == "reconstruction")
+    changed = 0
+    if units != old_units:
+        changed = len(set(old_units) - set(units))
+        _set_units(plan, sub, units)
+        _reslice_inputs(sub, plan, pruned, source)
+    return before, after, changed
+
+
 @torch.no_grad()
 def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePlan, blocks: torch.Tensor,
                              alpha: float = DEFAULT_ALPHA, batch_size: int = 8, select: str = "plan",
@@ -286,14 +319,8 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
 
     `read_source(name)`, when given, returns the source's tensor `name` (a state-dict name) and `source` is
     the source's structure on the meta device: each sublayer's weights are read for its pass only."""
-    if not alpha > 0:
-        raise ValueError(f"the refit's alpha must be > 0 (it keeps the solve well posed), got {alpha}")
-    if select not in SELECTIONS:
-        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    _check_arguments(source, blocks, alpha, batch_size, select, read_source)
     streamed = read_source is not None
-    if streamed and any(p.device.type != "meta" for p in source.parameters()):
-        raise ValueError("with read_source, pass the source's structure on the meta device (its weights are read per pass)")
-    list(batches(blocks, batch_size))  # validates the blocks before any work
     names = {module: name for name, module in source.named_modules()} if streamed else {}
     hidden = torch.as_tensor(plan.hidden_channels, dtype=torch.long)
     full_width = plan.shapes.hidden_size
@@ -324,18 +351,9 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
         for sub in subs:
             if streamed:
                 sub.read_source(read_source, names, sub.out_pruned.weight)
-            stats, seen = _Statistics(), {}
-            grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
-            with removed_after([grab]):
-                for x in states:
-                    run(sub.source, sub.kind, widen(sub.norm(x)))
-                    stats.add(seen.pop("z"))
-            old_units = list(sub.kept_units)
-            before, after, units = _solve(sub, stats, hidden, alpha, select == "reconstruction")
-            if units != old_units:
-                changed += len(set(old_units) - set(units))
-                _set_units(plan, sub, units)
-                _reslice_inputs(sub, plan, pruned, source)
+            before, after, units_changed = _refit_sublayer(sub, states, run, widen, hidden, alpha, select, plan, pruned,
+                                                           source)
+            changed += units_changed
             errors.append((before, after))
             if streamed:
                 sub.drop_source()

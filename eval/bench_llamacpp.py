@@ -110,7 +110,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from dms_llm.cli.options import exit_code
+    from dms_llm.runs.options import exit_code
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dense", default="smollm2-135m", help="the dense model: alias or folder (default: %(default)s)")

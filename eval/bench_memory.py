@@ -532,8 +532,8 @@ def large_recipes(recipe_dir: str = RECIPE_DIR) -> dict[str, dict]:
 
     import yaml
 
-    from dms_llm.cli.options import make
-    from dms_llm.cli.search import SearchConfig, load_recipe
+    from dms_llm.runs.options import make
+    from dms_llm.runs.search import SearchConfig, load_recipe
 
     found = {}
     for path in sorted(glob.glob(os.path.join(recipe_dir, "*.yaml"))):

@@ -244,7 +244,7 @@ def parse_models(specs: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    from dms_llm.cli.options import exit_code
+    from dms_llm.runs.options import exit_code
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="NAME=CHECKPOINT_DIR (or an alias); repeatable")

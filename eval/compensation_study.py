@@ -25,13 +25,13 @@ from dms_llm.baselines import METHODS
 from dms_llm.baselines.common import output_proj_input_stats, per_group
 from dms_llm.baselines.flap import OUTPUT_BIAS, compensation, fluctuation_scores
 from dms_llm.checkpoints import count_parameters, load_model_and_tokenizer
-from dms_llm.cli.options import data_dir_default
 from dms_llm.data import load_calibration
 from dms_llm.evaluation.perplexity import perplexity
 from dms_llm.files import write_json_atomic
 from dms_llm.plan import LayerPlan, PrunePlan, count_plan_parameters
 from dms_llm.prune import prune_model
 from dms_llm.refit import DEFAULT_ALPHA, refit_output_projections
+from dms_llm.runs.options import data_dir_default
 
 VALIDATION = ("wikitext2-valid", "ptb-valid")
 VARIANTS = {"none": None, "refit": "plan", "select": "reconstruction"}

@@ -9,8 +9,8 @@ import pytest
 from conftest import WORDS, save_tiny_checkpoint, write_corpus
 
 import dms_llm.benchmark.rows as rows_module
-from dms_llm.cli.options import ConfigError
 from dms_llm.evaluation.speed import decode_tokens_per_s, prefill_tokens_per_s, relative_speed
+from dms_llm.runs.options import ConfigError
 
 
 def _load_benchmark():
@@ -897,3 +897,28 @@ def test_plot_panels_per_perplexity_cell_with_collapsed_models_at_the_edge(tmp_p
     assert zs["series"][0]["y"] == [pytest.approx(40.0)]
     plot(report, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rows_are_the_typed_records_they_declare(setup, tmp_path):
+    """`Row` / `ReportedRow` type the JSON without changing it: a new row has exactly `Row`'s required keys,
+    and every row the tests above wrote (cache and results files) uses only declared keys."""
+    from types import SimpleNamespace
+
+    from dms_llm.benchmark.row import REPORTED_KEYS, ROW_KEYS, ReportedRow, Row
+
+    args = SimpleNamespace(model=setup["model"], dtype="float32", seed=0, align=1, train_dtype="auto", adopted={},
+                           dms_config=None, recovery_config=None, ppl_cells=["a cell"], work=str(tmp_path))
+    assert set(rows_module.Benchmark(args).load_row("dense", 1.0, 0)) == Row.__required_keys__
+    cached, reported = [], []
+    for path in setup["tmp"].rglob("*.json"):
+        data = json.loads(path.read_text())
+        if path.parent.name == "rows":
+            cached.append((path, data))
+        elif isinstance(data, dict) and {"machine", "rows"} <= set(data):
+            reported += [(path, row) for row in data["rows"]]
+    if not cached or not reported:
+        pytest.skip("checks the rows that the tests above write: run the whole file")
+    for path, row in cached:
+        assert set(row) <= ROW_KEYS and Row.__required_keys__ <= set(row), (path, set(row) ^ ROW_KEYS)
+    for path, row in reported:
+        assert set(row) <= REPORTED_KEYS and ReportedRow.__required_keys__ <= set(row), (path, set(row) ^ REPORTED_KEYS)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dms_llm.cli.options import exit_code
+from dms_llm.runs.options import exit_code
 from dms_llm.commands import SUBCOMMANDS, main
 from dms_llm.errors import ActionableError
 
@@ -48,8 +48,8 @@ def test_help_shows_the_defaults(name, expected, capsys):
 
 
 def test_the_command_line_switches_off_what_a_recipe_switches_on(tmp_path):
-    from dms_llm.cli.options import parse_config
-    from dms_llm.cli.search import SearchConfig
+    from dms_llm.runs.options import parse_config
+    from dms_llm.runs.search import SearchConfig
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"target-ratio: 0.5\noutput-dir: {tmp_path / 'out'}\ndistill: true\ngradient-checkpointing: true\n")
@@ -60,8 +60,8 @@ def test_the_command_line_switches_off_what_a_recipe_switches_on(tmp_path):
 
 
 def test_search_importance_option_reaches_the_method_and_refuses_unknown_modes(tmp_path):
-    from dms_llm.cli.options import ConfigError, parse_config
-    from dms_llm.cli.search import SearchConfig
+    from dms_llm.runs.options import ConfigError, parse_config
+    from dms_llm.runs.search import SearchConfig
 
     base = ["--target-ratio", "0.8", "--output-dir", str(tmp_path / "out")]
     assert parse_config(SearchConfig, base, "search").method().importance == "block"
@@ -95,8 +95,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _config_class(path: Path):
     from dms_llm.cli.benchmark import BenchmarkConfig
-    from dms_llm.cli.finetune import FinetuneConfig
-    from dms_llm.cli.search import SearchConfig
+    from dms_llm.runs.finetune import FinetuneConfig
+    from dms_llm.runs.search import SearchConfig
 
     return {"benchmark": (BenchmarkConfig, {}), "finetune": (FinetuneConfig, {"model": "p", "output_dir": "o"})}.get(
         path.parent.name, (SearchConfig, {"output_dir": "o"}))
@@ -105,7 +105,7 @@ def _config_class(path: Path):
 def test_every_recipe_loads_through_its_command(monkeypatch):
     """Every recipe under recipes/ (but Accelerate's launch configs) is read by its command's config, each
     value reaching the config unchanged, and the command line reads the same config from it."""
-    from dms_llm.cli.options import load_recipe, make, parse_config, record
+    from dms_llm.runs.options import load_recipe, make, parse_config, record
 
     monkeypatch.chdir(REPO)  # the benchmark preset names its search and recovery recipes relative to the root
     found = sorted(p for p in REPO.glob("recipes/**/*.yaml") if "accelerate" not in p.parts)
@@ -125,8 +125,9 @@ def test_every_recipe_loads_through_its_command(monkeypatch):
 
 def test_search_options_are_the_method_fields_without_a_mapping():
     """Each scalar DMSConfig field is a search option (its default the library's) that reaches the method as given."""
-    from dms_llm.cli.options import options
-    from dms_llm.cli.search import SearchConfig, parse_config
+    from dms_llm.runs.options import options
+    from dms_llm.cli.search import parse_config
+    from dms_llm.runs.search import SearchConfig
     from dms_llm.method import DMSConfig
 
     offered = {o.field: o.default for o in options(SearchConfig)}
@@ -142,8 +143,8 @@ def test_search_options_are_the_method_fields_without_a_mapping():
 
 def test_an_option_without_help_text_is_refused():
     """A field added to the library's settings is offered only once documented: --help cannot show a bare name."""
-    from dms_llm.cli.options import options
-    from dms_llm.cli.search import SearchConfig
+    from dms_llm.runs.options import options
+    from dms_llm.runs.search import SearchConfig
 
     @dataclasses.dataclass
     class WithNewSetting(SearchConfig):
@@ -180,8 +181,8 @@ def test_limit_is_a_count_or_a_fraction_in_every_command():
 def test_one_resume_check_names_every_changed_setting(tmp_path):
     """One rule for search and finetune: the settings in the config's RESUME must equal the run's record; a
     record that predates a setting had the value that reproduces it (align 1: exact widths)."""
-    from dms_llm.cli.options import ConfigError, record
-    from dms_llm.cli.runs import check_resume
+    from dms_llm.runs.options import ConfigError, record
+    from dms_llm.runs.folder import check_resume
     from dms_llm.cli.search import parse_config
 
     cfg = parse_config(["--target-ratio", "0.8", "--output-dir", str(tmp_path), "--resume"])

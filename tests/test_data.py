@@ -256,7 +256,7 @@ def test_default_cache_dir_follows_env(monkeypatch, tmp_path):
 
 
 def test_data_dir_resolution(monkeypatch, tmp_path, tok):
-    from dms_llm.cli.options import data_dir_default
+    from dms_llm.runs.options import data_dir_default
     from dms_llm.evaluation.tasks.utils import data_dir_path
 
     monkeypatch.delenv("DMS_DATA_DIR", raising=False)

@@ -242,7 +242,7 @@ def test_offline_auto_reads_local_and_hub_mode_fails_loudly(data_dir):
 
 
 def test_data_dir_rules_agree(monkeypatch, data_dir):
-    from dms_llm.cli.options import data_dir_default
+    from dms_llm.runs.options import data_dir_default
     from dms_llm.data.sources import _data_file
 
     monkeypatch.setenv("DMS_DATA_DIR", str(data_dir))
@@ -250,7 +250,7 @@ def test_data_dir_rules_agree(monkeypatch, data_dir):
     assert data_dir_default() == str(data_dir)  # the commands follow the same rule
     with pytest.raises(FileNotFoundError, match=str(data_dir / "c4")):  # and so does the calibration data
         _data_file(None, "c4/none.jsonl", "calibration")
-    # the library has no default folder of its own: the commands pass theirs (cli.options.data_dir_default)
+    # the library has no default folder of its own: the commands pass theirs (runs.options.data_dir_default)
     monkeypatch.delenv("DMS_DATA_DIR")
     with pytest.raises(FileNotFoundError, match="DMS_DATA_DIR"):
         task_utils.resolve_data_dir()

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import SHARED_DATA, WORDS, input_ids, save_tiny_checkpoint, tiny_tokenizer, write_corpus
 
-from dms_llm.cli.finetune import FinetuneConfig, load_recipe, main, parse_config, resolve_steps, reusable_results
+from dms_llm.cli.finetune import main, parse_config
+from dms_llm.runs.finetune import FinetuneConfig, load_recipe, resolve_steps, reusable_results
 from dms_llm.training.engine import distillation_loss, has_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

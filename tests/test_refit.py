@@ -129,6 +129,24 @@ def test_refit_brings_a_heavily_pruned_model_closer_to_its_source():
     assert changed and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in changed), changed
 
 
+def test_refit_builds_no_autograd_graph():
+    """The refit's passes run without autograd (a graph through every calibration block would hold every
+    activation), even when the caller has it on."""
+    source = tiny_model("llama-gqa", num_hidden_layers=2)
+    plan = PrunePlan.dense(source.config)
+    plan.layers[0].mlp_channels = list(range(0, 40, 2))
+    plan = _checked(plan)
+    pruned = prune_model(source, plan)
+    seen = []
+    hooks = [m.register_forward_hook(lambda *a: seen.append(torch.is_grad_enabled()))
+             for model in (source, pruned) for name, m in model.named_modules() if name.endswith(("self_attn", "mlp"))]
+    with torch.enable_grad():
+        refit_output_projections(pruned, source, plan, input_ids(batch=4, seq=16, seed=3))
+    for hook in hooks:
+        hook.remove()
+    assert seen and not any(seen)
+
+
 def test_refit_rejects_bad_input():
     source = tiny_model("llama-gqa")
     plan = _without_the_copies(source, [1])

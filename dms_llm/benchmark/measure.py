@@ -8,6 +8,7 @@ import os
 
 from .cells import zero_shot_average
 from .report import note_machine
+from .row import ReportedRow, Row
 
 
 class RowMeasurements:
@@ -28,7 +29,7 @@ class RowMeasurements:
         a = settings or self.args
         return f"{a.llamacpp_outtype}|threads={a.llamacpp_threads}|pp={a.llamacpp_pp}|tg={a.llamacpp_tg}|reps={a.llamacpp_reps}"
 
-    def missing(self, row: dict) -> tuple[list, list, bool, bool]:
+    def missing(self, row: Row) -> tuple[list, list, bool, bool]:
         """(perplexity cells, tasks, torch speed, llama.cpp speed) this row still lacks."""
         a = self.args
         ppl = [c for c in self.ppl_cells if c.applies(row["method"], row["budget"])
@@ -38,7 +39,7 @@ class RowMeasurements:
         llamacpp = bool(getattr(a, "llamacpp", False)) and row["method"] != "dense" and self.llamacpp_key() not in row.setdefault("llamacpp", {})
         return ppl, tasks, speed, llamacpp
 
-    def evaluate(self, row: dict) -> None:
+    def evaluate(self, row: Row) -> None:
         ppl, tasks, speed, llamacpp = self.missing(row)
         if (speed or llamacpp) and row["recovery"]:
             # Fine-tuning keeps every shape, and speed depends on shapes only: reuse the pruned row's timings.
@@ -101,7 +102,7 @@ class RowMeasurements:
         if llamacpp:
             self.time_llamacpp(row)
 
-    def time_llamacpp(self, row: dict) -> None:
+    def time_llamacpp(self, row: Row) -> None:
         """The row's checkpoint and the dense one as GGUF files (--llamacpp-outtype) in llama.cpp: prompt
         processing and generation tokens/s, the two models interleaved (dms_llm.export.llamacpp)."""
         from ..export import llamacpp
@@ -124,7 +125,7 @@ class RowMeasurements:
         self.save_row(row)
 
     # ----- the report ---------------------------------------------------------------------------
-    def report_row(self, row: dict) -> dict:
+    def report_row(self, row: Row) -> ReportedRow:
         a = self.args
         ppl: dict = {}
         eval_time: dict = {}

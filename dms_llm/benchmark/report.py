@@ -12,9 +12,10 @@ import sys
 
 from ..files import write_atomic, write_json_atomic, write_text_atomic
 from ..markdown import table, table_row
+from .row import Row
 
 
-def note_machine(row: dict, part: str, cell: str | None = None) -> None:
+def note_machine(row: Row, part: str, cell: str | None = None) -> None:
     """Which machine built or measured this part of the row (build, ppl, zero_shot, speed): a cache can be
     filled on several. A perplexity `cell` (e.g. `ptb/sparsegpt`) measured on another machine than the
     row's earlier cells is named on its own (`ppl/ptb/sparsegpt`)."""
@@ -362,7 +363,7 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(bench, rows: list[dict], argv) -> dict:
+def write_outputs(bench, rows: list[Row], argv) -> dict:
     a = bench.args
     by_part: dict = {}
     for r in rows:

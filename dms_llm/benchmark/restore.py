@@ -11,6 +11,8 @@ import json
 import os
 from types import SimpleNamespace
 
+from .row import ReportedRow, Row
+
 # Relative agreement a rebuilt model's perplexity must reach with the file's. Baseline plans rebuilt on another
 # CPU (Intel Xeon, the file's rows from an AMD EPYC) reproduced their 128-token perplexity to 4e-8; a DMS search
 # with the same seed there took another path (its rounding differs) and ended 13% higher.
@@ -35,7 +37,7 @@ def read_results(path: str) -> dict:
     return results
 
 
-def _row_from_report(bench, row: dict, published: dict, settings: dict) -> None:
+def _row_from_report(bench, row: Row, published: ReportedRow, settings: dict) -> None:
     """The inverse of `RowMeasurements.report_row`: every measurement of the published row under the cache key
     of the settings the file measured it with (which need not be this run's: `--tasks none` here does not
     drop the file's zero-shot results)."""

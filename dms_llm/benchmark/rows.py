@@ -1,7 +1,7 @@
 """The benchmark's rows: one cached JSON per (method, budget, recovery), built once and evaluated as far
 as asked. The one-shot baselines are plans applied to the dense model; the DMS rows and the recovery
-fine-tuning run the `dms-llm search` / `dms-llm finetune` commands (each with a recipe written beside its
-folder), so their folders are exactly what those commands write and `--adopt` takes a folder made
+fine-tuning run what `dms-llm search` / `dms-llm finetune` run (`dms_llm.runs`, on a recipe written beside
+the folder), so their folders are exactly what those commands write and `--adopt` takes a folder made
 either way.
 The `BASELINE+compensation` rows are built in `compensated.py`."""
 
@@ -14,10 +14,12 @@ import time
 
 from ..errors import ActionableError
 from ..files import read_json, write_json_atomic, write_text_atomic
+from ..runs.search import same_search
 from .cells import ppl_cells
 from .compensated import COMPENSATED, COMPENSATION, build_compensated, compensation_calibration, refit_settings
 from .measure import RowMeasurements
 from .report import note_machine
+from .row import Row
 
 BASELINES = ("magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt")
 DMS_METHODS = ("dms", "dms-restarts", "dms-lora")
@@ -29,40 +31,20 @@ ROW_FORMAT = "dms_benchmark_row/1"
 
 
 def run_command(name: str, values: dict, config_path: str) -> None:
-    """`dms-llm NAME --config CONFIG_PATH`, with `values` written as that recipe."""
+    """`dms-llm NAME --config CONFIG_PATH` in-process, with `values` written as that recipe: the recipe is read
+    back as the command reads it and its `run` (`dms_llm.runs`) writes the folder, which records that command."""
+    import shlex
+
     import yaml
 
-    from ..commands import main
+    from ..runs import finetune, search
+    from ..runs.options import load_recipe, make
 
+    cls, run = {"search": (search.SearchConfig, search.run), "finetune": (finetune.FinetuneConfig, finetune.run)}[name]
     write_text_atomic(config_path, yaml.safe_dump(values, sort_keys=True))
-    code = main([name, "--config", config_path])
-    if code != 0:
-        raise ActionableError(f"`dms-llm {name} --config {config_path}` ended with exit code {code} (its message is above)")
-
-
-# `dms-llm search` settings that do not change the searched model: where it is written, how it is checkpointed,
-# evaluated or published, and how the source is read.
-_OUTSIDE_THE_SEARCH = {"output_dir", "overwrite", "resume", "stop_after", "checkpoint_every", "data_dir", "no_eval",
-                       "eval_ppl", "eval_protocol", "eval_max_windows", "eval_tasks", "eval_limit", "push_to_hub",
-                       "hub_private", "gradient_checkpointing", "fsdp", "prune_from_files"}
-
-
-def same_search(recorded: dict, values: dict) -> bool:
-    """Whether a search folder's `search_config.json` (`recorded`) is the search that the recipe `values` runs:
-    both read as `dms-llm search` reads its settings (defaults and derived values filled in, names
-    normalised), every setting that shapes the result agrees."""
-    from ..cli.options import ConfigError, make, read_values, record
-    from ..cli.search import SearchConfig
-
-    def settings(given: dict) -> dict | None:
-        try:  # a record also holds what the run derived (the resolved budget): not options, left out
-            config = make(SearchConfig, read_values(SearchConfig, given, "search settings", lenient=True))
-        except (ConfigError, TypeError):
-            return None  # not settings a search accepts (today)
-        return {k: v for k, v in record(config).items() if k not in _OUTSIDE_THE_SEARCH}
-
-    expected = settings(values)
-    return expected is not None and settings(recorded) == expected
+    command = f"dms-llm {name} " + shlex.join(["--config", config_path])  # as `dms-llm` records its own argv
+    if not run(make(cls, load_recipe(config_path, cls)), command).get("finished"):
+        raise ActionableError(f"`{command}` stopped before the end (it is resumable)")
 
 
 def _digest(obj) -> str:
@@ -78,11 +60,11 @@ class Benchmark(RowMeasurements):
         self.dms_recipe = None
         self.recovery_recipe = None
         if args.dms_config:
-            from ..cli.search import load_recipe
+            from ..runs.search import load_recipe
 
             self.dms_recipe = load_recipe(args.dms_config)
         if args.recovery_config:
-            from ..cli.finetune import load_recipe
+            from ..runs.finetune import load_recipe
 
             self.recovery_recipe = load_recipe(args.recovery_config)
         self.ppl_cells = getattr(args, "ppl_cells", None) or ppl_cells(args.ppl, args.protocols, args.max_windows, [])
@@ -188,7 +170,7 @@ class Benchmark(RowMeasurements):
     def row_path(self, name: str) -> str:
         return os.path.join(self.args.work, "rows", name + ".json")
 
-    def load_row(self, method: str, budget: float, recovery: int, seed: int | None = None) -> dict:
+    def load_row(self, method: str, budget: float, recovery: int, seed: int | None = None) -> Row:
         seed = self.args.seed if seed is None else seed
         name = self.row_name(method, budget, recovery, seed)
         path = self.row_path(name)
@@ -202,7 +184,7 @@ class Benchmark(RowMeasurements):
                 "budget": budget, "recovery": bool(recovery), "seed": seed, "params": None, "time_s": None, "artifact": None,
                 "ppl": {}, "zero_shot": {}, "speed": {}, "llamacpp": {}}
 
-    def save_row(self, row: dict) -> None:
+    def save_row(self, row: Row) -> None:
         write_json_atomic(self.row_path(row["name"]), row)
 
     # ----- building pruned models ---------------------------------------------------------------
@@ -211,7 +193,7 @@ class Benchmark(RowMeasurements):
 
         return int(budget * ParameterCounter(self.dense()).dense())
 
-    def build(self, row: dict) -> None:
+    def build(self, row: Row) -> None:
         method, budget = row["method"], row["budget"]
         work = self.args.work
         if method == "dense":
@@ -244,7 +226,7 @@ class Benchmark(RowMeasurements):
         self.describe(row)
         self.save_row(row)
 
-    def describe(self, row: dict) -> bool:
+    def describe(self, row: Row) -> bool:
         """Fills what every row records beside its results: `seed`, `dtype` (evaluation), `train_dtype`
         (search or fine-tuning), `calib_tokens` (the calibration text of the pruning: blocks x tokens) and,
         for a recovered row, `recovery_tokens`; a cached row without them gets them here. True when
@@ -304,7 +286,7 @@ class Benchmark(RowMeasurements):
             values["restarts"] = a.dms_restarts
         return values
 
-    def build_dms(self, row: dict) -> None:
+    def build_dms(self, row: Row) -> None:
         a = self.args
         seed = row.get("seed", a.seed)
         adopted = self.adopted_folder(row["method"], row["budget"], seed)
@@ -325,7 +307,7 @@ class Benchmark(RowMeasurements):
         values = self.dms_search_values(row["method"], row["budget"], seed, out)
         summary_path = os.path.join(out, "search_summary.json")
         if not os.path.isfile(summary_path):
-            from ..cli.search import resumable
+            from ..runs.search import resumable
 
             resume = resumable(out)
             values.update(resume=resume, overwrite=not resume)
@@ -340,7 +322,7 @@ class Benchmark(RowMeasurements):
         if summary.get("chosen_seed") is not None:
             row["info"]["chosen_seed"] = summary["chosen_seed"]
 
-    def rebuild(self, row: dict) -> None:
+    def rebuild(self, row: Row) -> None:
         """A row restored from a results file (`--from-results`) has measurements but no model: builds it again
         and measures one of its restored perplexity cells (the one with the fewest windows) to check that it is
         the published model. The row keeps the published build time and machine, and records the rebuild's; on
@@ -377,12 +359,12 @@ class Benchmark(RowMeasurements):
         row["machines"] = restored["machines"]
         self.save_row(row)
 
-    def ensure_model(self, row: dict) -> None:
+    def ensure_model(self, row: Row) -> None:
         # a restored row whose rebuild was not checked yet (none, or interrupted before the check) is rebuilt
         if row["method"] != "dense" and (row.get("artifact") is None or (row.get("restored_from") and "rebuilt" not in row)):
             self.rebuild(row)
 
-    def checkpoint_of(self, base: dict) -> str:
+    def checkpoint_of(self, base: Row) -> str:
         """A saved checkpoint folder of a row (fine-tuning and the GGUF export read a folder)."""
         work = self.args.work
         if base["method"] == "dense":
@@ -406,7 +388,7 @@ class Benchmark(RowMeasurements):
                         source_dir=self.args.model if os.path.isdir(self.args.model) else None)
         return folder
 
-    def build_recovered(self, row: dict) -> None:
+    def build_recovered(self, row: Row) -> None:
         a = self.args
         base = self.ensure_built(row["method"], row["budget"], 0, row.get("seed", a.seed))
         pruned_dir = self.checkpoint_of(base)
@@ -430,7 +412,7 @@ class Benchmark(RowMeasurements):
                    info={"recovery": {k: summary.get(k) for k in ("method", "steps", "teacher", "lr", "train_time_s", "dtype",
                                                                    "seed", "tokens")}})
 
-    def ensure_built(self, method: str, budget: float, recovery: int, seed: int | None = None) -> dict:
+    def ensure_built(self, method: str, budget: float, recovery: int, seed: int | None = None) -> Row:
         row = self.load_row(method, budget, recovery, seed)
         if row["params"] is None:
             self.build(row)
@@ -438,12 +420,12 @@ class Benchmark(RowMeasurements):
             self.save_row(row)
         return row
 
-    def materialize(self, row: dict, with_plan: bool = False):
+    def materialize(self, row: Row, with_plan: bool = False):
         """The row's model in memory: the dense model, a baseline plan applied to it, or a saved checkpoint."""
         self.ensure_model(row)
         return self.load_model(row, with_plan)
 
-    def load_model(self, row: dict, with_plan: bool = False):
+    def load_model(self, row: Row, with_plan: bool = False):
         """`materialize` without the rebuild of a restored row (the rebuild's own check loads it this way)."""
         if row["method"] == "dense":
             return self.dense()

@@ -97,10 +97,36 @@ def _eval_section(results: dict | None) -> str:
 def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: str | None = None) -> str:
     from huggingface_hub import ModelCardData
 
-    s = plan.shapes
+    base = _base_model(plan, info)
+    source = plan.source_model or "the source model"
+    source_link = f"[{base}](https://huggingface.co/{base})" if base else f"`{source}`"
+    stock = model_type != "dms_llama"
+
+    out = ["---", ModelCardData(**_card_metadata(plan, info, base, source_dir)).to_yaml(), "---", ""]
+    out.append(f"# {info.get('title') or (base or os.path.basename(str(source)) or 'model') + ' (DMS-pruned)'}")
+    out.append("")
+    out.append(
+        f"Structurally pruned from {source_link} with `dms_llm` by Differentiable Model "
+        "Scaling (Liu et al., ICML 2024): attention heads (KV groups), MLP channels, hidden channels and "
+        "whole sublayers were searched with differentiable top-k masks and then physically removed."
+    )
+    if info.get("description"):
+        out += ["", str(info["description"])]
+    out += _size_section(plan, model_type, stock)
+    out += _layers_section(plan)
+    out += _loading_section(info.get("repo_id") or "path/to/this/folder", stock)
+    if info.get("command"):
+        out += ["", "## How it was made", "", "```bash", str(info["command"]), "```"]
+    if info.get("settings"):
+        out += ["", "## Search settings", "", _table(["setting", "value"], [[k, v] for k, v in info["settings"].items()])]
+    out += ["", _eval_section(info.get("results")), ""]
+    return "\n".join(out)
+
+
+def _card_metadata(plan: PrunePlan, info: dict, base: str | None, source_dir: str | None) -> dict:
+    """The card's YAML header: base model, license (the caller's, else the source config's or card's), tags."""
     source_card = _source_card_data(source_dir)
     meta: dict = {}
-    base = _base_model(plan, info)
     if base:
         meta["base_model"] = base
     meta["library_name"] = "transformers"
@@ -113,27 +139,16 @@ def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: 
     meta["tags"] = list(dict.fromkeys(tags + list(info.get("tags") or [])))
     if info.get("datasets"):
         meta["datasets"] = list(info["datasets"])
+    return meta
 
+
+def _size_section(plan: PrunePlan, model_type: str, stock: bool) -> list[str]:
+    """Source and pruned sizes side by side, and the checkpoint's format."""
+    s = plan.shapes
     before = plan.params_before or 0
     after = plan.params_after or count_plan_parameters(plan)
     ratio = after / before if before else float("nan")
-    source = plan.source_model or "the source model"
-    source_link = f"[{base}](https://huggingface.co/{base})" if base else f"`{source}`"
-    stock = model_type != "dms_llama"
-    repo = info.get("repo_id") or "path/to/this/folder"
-    kept = plan.kept_layers()
-
-    out = ["---", ModelCardData(**meta).to_yaml(), "---", ""]
-    out.append(f"# {info.get('title') or (base or os.path.basename(str(source)) or 'model') + ' (DMS-pruned)'}")
-    out.append("")
-    out.append(
-        f"Structurally pruned from {source_link} with `dms_llm` by Differentiable Model "
-        "Scaling (Liu et al., ICML 2024): attention heads (KV groups), MLP channels, hidden channels and "
-        "whole sublayers were searched with differentiable top-k masks and then physically removed."
-    )
-    if info.get("description"):
-        out += ["", str(info["description"])]
-    out += ["", "## Size", ""]
+    out = ["", "## Size", ""]
     out.append(
         _table(
             ["", "source", "pruned"],
@@ -141,7 +156,7 @@ def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: 
                 ["parameters", before, after],
                 ["kept", "", f"{ratio:.2%}" if before else "?"],
                 ["hidden size", s.hidden_size, len(plan.hidden_channels)],
-                ["layers", s.num_layers, len(kept)],
+                ["layers", s.num_layers, len(plan.kept_layers())],
                 ["head_dim", s.head_dim, s.head_dim],
             ],
         )
@@ -152,9 +167,11 @@ def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: 
         else "the per-layer `dms_llama` architecture (layers differ in shape); its modeling code ships in this "
         "folder (`configuration_dms_llama.py`, `modeling_dms_llama.py`, `auto_map` in config.json)."
     )
-    out += ["", f"Format: {fmt} `dms_plan.json` lists the kept indices of every structure."]
+    return out + ["", f"Format: {fmt} `dms_plan.json` lists the kept indices of every structure."]
 
-    out += ["", "## Layers", ""]
+
+def _layers_section(plan: PrunePlan) -> list[str]:
+    """One table row per source layer: where it went and what it kept."""
     rows = [
         [
             r["source_layer"],
@@ -166,9 +183,13 @@ def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: 
         ]
         for r in plan.summary()
     ]
-    out.append(_table(["source layer", "layer", "sublayers", "KV groups", "query heads", "MLP channels"], rows))
+    return ["", "## Layers", "",
+            _table(["source layer", "layer", "sublayers", "KV groups", "query heads", "MLP channels"], rows)]
 
-    out += ["", "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
+
+def _loading_section(repo: str, stock: bool) -> list[str]:
+    """How to load the folder (a `dms_llama` one with or without dms_llm) and evaluate it with lm-eval."""
+    out = ["", "## How to load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     if stock:
         out += [
             f'model = AutoModelForCausalLM.from_pretrained("{repo}")  # no custom code needed',
@@ -188,7 +209,7 @@ def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: 
             "```",
         ]
     trc = "" if stock else ",trust_remote_code=True"
-    out += [
+    return out + [
         "",
         "Zero-shot evaluation with lm-evaluation-harness:",
         "",
@@ -196,12 +217,6 @@ def render_model_card(plan: PrunePlan, model_type: str, info: dict, source_dir: 
         f"lm_eval run --model hf --model_args pretrained={repo}{trc} --tasks arc_easy,boolq",
         "```",
     ]
-    if info.get("command"):
-        out += ["", "## How it was made", "", "```bash", str(info["command"]), "```"]
-    if info.get("settings"):
-        out += ["", "## Search settings", "", _table(["setting", "value"], [[k, v] for k, v in info["settings"].items()])]
-    out += ["", _eval_section(info.get("results")), ""]
-    return "\n".join(out)
 
 
 def update_model_card(out_dir: str, results: dict) -> str:

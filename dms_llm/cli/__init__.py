@@ -1,2 +1,3 @@
-"""The commands (`dms-llm SUBCOMMAND`) and what they share: options that are at once the CLI schema and
-the recipe format, run folders, evaluation after a run, reports."""
+"""The commands (`dms-llm SUBCOMMAND`): each reads its command line (and `--config` recipe) into its
+config dataclass and runs it. The configuration system, the search and fine-tuning runs and their run
+folders live one layer down, in `dms_llm.runs`, where the benchmark runs them too."""

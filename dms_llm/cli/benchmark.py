@@ -36,8 +36,8 @@ from ..benchmark.cells import parse_ppl_extra, ppl_cells
 from ..benchmark.report import markdown, write_outputs
 from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark
 from ..method import DMSConfig
-from .options import ConfigError, data_dir_default, exit_code, make, option, read_options
-from .restarts import restarts_of
+from ..runs.options import ConfigError, data_dir_default, exit_code, make, option, read_options
+from ..runs.restarts import restarts_of
 from .run_eval import DTYPES, EvalOptions
 
 
@@ -151,7 +151,7 @@ def _align(cfg: BenchmarkConfig) -> int:
     """One alignment for every method: the --dms-config recipe's, unless --align says the same."""
     recipe_align = None
     if cfg.dms_config:
-        from .search import load_recipe
+        from ..runs.search import load_recipe
 
         recipe_align = load_recipe(cfg.dms_config).get("align")
     align = cfg.align

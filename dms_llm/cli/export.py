@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from ..export import OUTTYPES, export_gguf
 from ..export.quantize import KQUANTS, QK_K
-from .options import ConfigError, exit_code, option
-from .options import parse_config as _parse_config
+from ..runs.options import ConfigError, exit_code, option
+from ..runs.options import parse_config as _parse_config
 
 FORMATS = ("gguf",)
 

@@ -17,29 +17,9 @@ import sys
 from dataclasses import dataclass
 
 from ..checkpoints.stream_prune import DEFAULT_MAX_SHARD_SIZE, prune_checkpoint
-from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
-from ..refit import SELECTIONS as REFIT_SELECTIONS
-from .options import ConfigError, data_dir_default, option, run_main
-from .options import parse_config as _parse_config
-
-
-@dataclass
-class RefitOptions:
-    """The refit after pruning (`dms_llm.refit`), the same in `dms-llm search` and `dms-llm prune`."""
-
-    refit: bool = option(False, "after pruning, refit each kept o_proj/down_proj by least squares so that the kept heads "
-                                "and channels rebuild the source sublayer's output on calibration blocks")
-    refit_select: str = option("plan", "which heads and channels each layer keeps in the refit: plan (the plan's choice) or "
-                                       "reconstruction (chosen again by the refit's error, same counts)",
-                               choices=REFIT_SELECTIONS)
-    refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
-    refit_samples: int = option(128, "calibration blocks the refit reads (a search's: the first of its own)")
-
-    def __post_init__(self):
-        if not self.refit_alpha > 0:
-            raise ConfigError(f"--refit-alpha must be > 0, got {self.refit_alpha}")
-        if self.refit_samples < 1:
-            raise ConfigError("--refit-samples must be at least 1")
+from ..runs.options import ConfigError, data_dir_default, option, run_main
+from ..runs.options import parse_config as _parse_config
+from ..runs.search import RefitOptions
 
 
 @dataclass

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import ConfigError, data_dir_default, exit_code, option
-from .options import parse_config as _parse_config
+from ..runs.options import ConfigError, data_dir_default, exit_code, option
+from ..runs.options import parse_config as _parse_config
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -77,9 +77,7 @@ def zero_shot(model, tokenizer, tasks, data_dir=None, limit: int | float | None 
               on_task_done: Callable[[str, dict, dict, float], None] | None = None) -> dict:
     """Runs lm-eval on the in-memory model, one task at a time (for per-task timing). Returns
     {"zero_shot": {task: metrics}, "sources": {task: record}, "time_s": {task: seconds}}."""
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tasks = check_tasks(tasks)
     out: dict[str, dict] = {"zero_shot": {}, "sources": {}, "time_s": {}}
@@ -87,36 +85,8 @@ def zero_shot(model, tokenizer, tasks, data_dir=None, limit: int | float | None 
         return out
     _quiet_lm_eval()
     use_hub = _want_hub(source)
-    managers: dict[str, Any] = {}
-
-    def manager(kind: str):
-        # Built lazily: the local one needs the data folder, the stock one indexes ~15k tasks (9 s).
-        if kind not in managers:
-            if kind == "hub":
-                managers[kind] = TaskManager(include_defaults=True)
-            else:
-                ddir = task_utils.resolve_data_dir(data_dir)
-                managers["data_dir"] = ddir
-                managers[kind] = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
-                                             metadata={"data_dir": str(ddir)})
-        return managers[kind]
-
-    def run(kind: str, name: str) -> tuple[dict, dict]:
-        tm = manager(kind)
-        if kind == "hub":
-            record = {"kind": "hub", "task": name}
-        else:
-            ddir = managers["data_dir"]
-            paths = [task_utils.data_file(ddir, rel) for rel in task_utils.TASK_FILES[name]]
-            record = {"kind": "local", "task": name, "files": [{"path": str(p), "sha256": sha256_file(p)} for p in paths]}
-        res = lm_eval.simple_evaluate(
-            model=lm, tasks=[name], task_manager=tm, limit=limit, num_fewshot=0, log_samples=False,
-            bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-        return res, record
-
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, softmax_dtype="float32")
+    runner = _TaskRunner(lm, data_dir, limit, seed)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -126,28 +96,18 @@ def zero_shot(model, tokenizer, tasks, data_dir=None, limit: int | float | None 
             if use_hub:
                 try:
                     name = stock_name
-                    res, record = run("hub", name)
+                    res, record = runner.run("hub", name)
                 except HUB_ERRORS as e:  # in auto mode the Hub failing (not a bug of ours) falls back to local
                     if source == "hub":
                         raise
                     logger.warning("stock task %s failed (%s); using the local %s", stock_name, e, local_name)
                     name = local_name
-                    res, record = run("local", name)
+                    res, record = runner.run("local", name)
             else:
                 name = local_name
-                res, record = run("local", name)
+                res, record = runner.run("local", name)
             elapsed = round(time.perf_counter() - t0, 2)
-            task_result = res["results"][name]
-            metrics: dict[str, Any] = {}
-            for m in ("acc", "acc_norm"):
-                if _metric(task_result, m) is not None:
-                    metrics[m] = _metric(task_result, m)
-                    metrics[f"{m}_stderr"] = _metric(task_result, f"{m}_stderr")
-            metrics["reported_metric"] = reported
-            metrics["value"] = metrics.get(reported)
-            n = res.get("n-samples", {}).get(name, {})
-            metrics["n"] = n.get("effective")
-            metrics["n_total"] = n.get("original")
+            metrics = _task_metrics(res, name, reported)
             out["zero_shot"][key] = metrics
             out["sources"][key] = record
             out["time_s"][key] = elapsed
@@ -157,3 +117,61 @@ def zero_shot(model, tokenizer, tasks, data_dir=None, limit: int | float | None 
     finally:
         model.train(was_training)
     return out
+
+
+class _TaskRunner:
+    """One lm-eval task at a time on one model (`lm`), from the stock task index ("hub") or the local task
+    YAMLs over the data folder ("local"), each run recording where its data came from."""
+
+    def __init__(self, lm, data_dir, limit, seed: int):
+        self.lm, self.data_dir, self.limit, self.seed = lm, data_dir, limit, seed
+        self.managers: dict[str, Any] = {}
+
+    def manager(self, kind: str):
+        from lm_eval.tasks import TaskManager
+
+        # Built lazily: the local one needs the data folder, the stock one indexes ~15k tasks (9 s).
+        if kind not in self.managers:
+            if kind == "hub":
+                self.managers[kind] = TaskManager(include_defaults=True)
+            else:
+                ddir = task_utils.resolve_data_dir(self.data_dir)
+                self.managers["data_dir"] = ddir
+                self.managers[kind] = TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                                                  metadata={"data_dir": str(ddir)})
+        return self.managers[kind]
+
+    def run(self, kind: str, name: str) -> tuple[dict, dict]:
+        """(lm-eval's results, the record of the task's source: the Hub task, or the local files and hashes)."""
+        import lm_eval
+
+        tm = self.manager(kind)
+        if kind == "hub":
+            record = {"kind": "hub", "task": name}
+        else:
+            ddir = self.managers["data_dir"]
+            paths = [task_utils.data_file(ddir, rel) for rel in task_utils.TASK_FILES[name]]
+            record = {"kind": "local", "task": name, "files": [{"path": str(p), "sha256": sha256_file(p)} for p in paths]}
+        seed = self.seed
+        res = lm_eval.simple_evaluate(
+            model=self.lm, tasks=[name], task_manager=tm, limit=self.limit, num_fewshot=0, log_samples=False,
+            bootstrap_iters=1000, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        return res, record
+
+
+def _task_metrics(res: dict, name: str, reported: str) -> dict:
+    """acc / acc_norm with their stderr, the metric the table reports (`value`) and the documents scored."""
+    task_result = res["results"][name]
+    metrics: dict[str, Any] = {}
+    for m in ("acc", "acc_norm"):
+        if _metric(task_result, m) is not None:
+            metrics[m] = _metric(task_result, m)
+            metrics[f"{m}_stderr"] = _metric(task_result, f"{m}_stderr")
+    metrics["reported_metric"] = reported
+    metrics["value"] = metrics.get(reported)
+    n = res.get("n-samples", {}).get(name, {})
+    metrics["n"] = n.get("effective")
+    metrics["n_total"] = n.get("original")
+    return metrics
