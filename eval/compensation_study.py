@@ -79,14 +79,13 @@ def mean_compensated(model, plan: PrunePlan, blocks, select: str) -> PrunePlan:
     parts = ModelParts(model)
     heads = {i: list(lp.attention_groups) for i, lp in enumerate(plan.layers) if i in head_cols}
     channels = {i: list(lp.mlp_channels) for i, lp in enumerate(plan.layers) if i in chans}
-    for i, layer in enumerate(plan.layers):
-        if select == "plan":
-            continue
-        if i in head_cols:
-            score = per_group(head_cols[i], parts, i)  # the within-layer order of FLAP's standardised group mean
-            heads[i] = sorted(score.argsort(descending=True)[: len(layer.attention_groups)].tolist())
-        if i in chans:
-            channels[i] = sorted(chans[i].argsort(descending=True)[: len(layer.mlp_channels)].tolist())
+    if select == "fluctuation":
+        for i, layer in enumerate(plan.layers):
+            if i in head_cols:  # the within-layer order of FLAP's standardised group mean
+                score = per_group(head_cols[i], parts, i)
+                heads[i] = sorted(score.argsort(descending=True)[: len(layer.attention_groups)].tolist())
+            if i in chans:
+                channels[i] = sorted(chans[i].argsort(descending=True)[: len(layer.mlp_channels)].tolist())
     values, dropped = compensation(model, stats, heads, channels)
     new = PrunePlan.from_dict(plan.to_dict())
     new.layers = [LayerPlan(heads.get(i, lp.attention_groups), channels.get(i, lp.mlp_channels))

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 from ..method import DMSConfig
 from ..refit import DEFAULT_ALPHA as DEFAULT_REFIT_ALPHA
+from ..refit import DEFAULT_BLOCKS as DEFAULT_REFIT_BLOCKS
 from ..refit import SELECTIONS as REFIT_SELECTIONS
 from ..refit import refit_output_projections
 from ..training.engine import process_state
@@ -37,7 +38,7 @@ class RefitOptions:
                                        "reconstruction (chosen again by the refit's error, same counts)",
                                choices=REFIT_SELECTIONS)
     refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
-    refit_samples: int = option(128, "calibration blocks the refit reads (a search's: the first of its own)")
+    refit_samples: int = option(DEFAULT_REFIT_BLOCKS, "calibration blocks the refit reads (a search's: the first of its own)")
 
     def __post_init__(self):
         if not self.refit_alpha > 0:
