@@ -802,6 +802,35 @@ def test_dms_steps_replace_the_recipe_steps_for_one_budget_only(setup):
     assert json.loads((out / f"{Path(setup['model']).name}.json").read_text())["settings"]["dms_steps"] == {"0.5": 3}
 
 
+def test_a_budget_recipe_replaces_the_dms_recipe_for_that_budget_only(setup):
+    """--dms-budget-config 0.5=FILE: the DMS search at 0.5 runs that recipe (here: other structures), a new row;
+    the other budget's row keeps --dms-config and its name. A missing file, a budget that is not benchmarked and
+    a recipe whose align disagrees are refused before any work."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-budget-recipe", setup["tmp"] / "work-budget-recipe"
+    widths = setup["tmp"] / "dms-widths.yaml"
+    widths.write_text(Path(setup["recipe"]).read_text().replace("prune: heads,channels,layers", "prune: channels,hidden"))
+    assert widths.read_text() != Path(setup["recipe"]).read_text()
+    argv = _argv(setup, out, work, "dms", speed_reps=0, budgets="0.7,0.5")
+    misaligned = setup["tmp"] / "dms-align4.yaml"
+    misaligned.write_text(widths.read_text() + "align: 4\n")
+    for bad in ("0.5", f"0.6={widths}", "0.5=missing.yaml", f"0.5={misaligned}"):
+        with pytest.raises(ConfigError):
+            bench.parse_args(argv + ["--dms-budget-config", bad])
+    given = argv + ["--dms-budget-config", f"0.5={widths}"]
+    plain, split = bench.Benchmark(bench.parse_args(argv)), bench.Benchmark(bench.parse_args(given))
+    assert split.row_name("dms", 0.7, 0) == plain.row_name("dms", 0.7, 0)
+    assert split.row_name("dms", 0.5, 0) != plain.row_name("dms", 0.5, 0)
+    assert bench.main(given) == 0
+    structures = {}
+    for path in (work / "rows").glob("*.json"):
+        row = json.loads(path.read_text())
+        structures[row["budget"]] = json.loads((work / row["artifact"] / "search_config.json").read_text())["prune"]
+    assert structures == {0.5: "channels,hidden", 0.7: "heads,channels,layers"}
+    assert json.loads((out / f"{Path(setup['model']).name}.json").read_text())["settings"]["dms_budget_config"] == {
+        "0.5": str(widths)}
+
+
 def test_llamacpp_columns_from_gguf_files_of_every_row(setup, tmp_path, monkeypatch):
     """--llamacpp: each row's checkpoint and the dense one exported to GGUF and timed in llama.cpp; the
     speed-up is the ratio of the medians of the recorded samples; a recovered row reuses its pruned row's

@@ -25,11 +25,11 @@ def refit_settings(dms_recipe: dict | None) -> list:
     return [int(dms_recipe.get("refit_samples") or DEFAULT_BLOCKS), float(dms_recipe.get("refit_alpha") or DEFAULT_ALPHA)]
 
 
-def compensation_calibration(bench, base: str) -> list:
-    """[dataset, blocks, seq_len, seed] the compensated `base` calibrates on: the DMS search's blocks, or as
-    many as the authors' default needs when that is more."""
-    refit_settings(bench.dms_recipe)  # the recipe is needed
-    recipe, a = bench.dms_recipe, bench.args
+def compensation_calibration(bench, base: str, budget: float) -> list:
+    """[dataset, blocks, seq_len, seed] the compensated `base` calibrates on at `budget`: the blocks of that
+    budget's DMS search, or as many as the authors' default needs when that is more."""
+    recipe, a = bench.recipe(budget), bench.args
+    refit_settings(recipe)  # the recipe is needed
     seq_len, blocks = int(recipe.get("seq_len") or a.seq_len), int(recipe.get("num_samples") or a.calib_samples)
     authors = AUTHORS_CALIBRATION_TOKENS.get(base, 0)
     return [recipe.get("dataset") or a.calib_dataset, max(blocks, -(-authors // seq_len)), seq_len, a.seed]
@@ -43,8 +43,8 @@ def build_compensated(bench, row: dict) -> None:
     from ..refit import refit_output_projections
 
     a, base = bench.args, row["method"][: -len(COMPENSATION)]
-    dataset, n_blocks, seq_len, seed = compensation_calibration(bench, base)
-    refit_blocks, alpha = refit_settings(bench.dms_recipe)
+    dataset, n_blocks, seq_len, seed = compensation_calibration(bench, base, row["budget"])
+    refit_blocks, alpha = refit_settings(bench.recipe(row["budget"]))
     dense = bench.dense()
     blocks = load_calibration(dataset, bench.tokenizer(), seq_len, n_blocks, seed=seed, data_dir=a.data_dir)
     print(f"[benchmark] {row['method']} at {row['budget']:g}: {base}'s plan on {blocks.numel():,} tokens, "

@@ -379,6 +379,7 @@ def write_outputs(bench, rows: list[Row], argv) -> dict:
               "rows": [bench.report_row(r) for r in rows]}
     report["settings"].update(dms_seeds=list(getattr(a, "dms_seeds", None) or [a.seed]), align=a.align,
                               dms_steps={f"{b:g}": n for b, n in (getattr(a, "dms_steps", None) or {}).items()},
+                              dms_budget_config={f"{b:g}": f for b, f in (getattr(a, "dms_budget_config", None) or {}).items()},
                               ppl_cells=[cell.describe() for cell in bench.ppl_cells],
                               ppl_cell_specs=[dataclasses.asdict(cell) for cell in bench.ppl_cells])
     if getattr(a, "llamacpp", False):

@@ -59,10 +59,11 @@ class Benchmark(RowMeasurements):
         self._blocks = None
         self.dms_recipe = None
         self.recovery_recipe = None
-        if args.dms_config:
-            from ..runs.search import load_recipe
+        from ..runs.search import load_recipe
 
+        if args.dms_config:
             self.dms_recipe = load_recipe(args.dms_config)
+        self._budget_recipes = {b: load_recipe(path) for b, path in (getattr(args, "dms_budget_config", None) or {}).items()}
         if args.recovery_config:
             from ..runs.finetune import load_recipe
 
@@ -101,6 +102,10 @@ class Benchmark(RowMeasurements):
         """--dms-steps for this budget: the DMS searches' steps in place of the recipe's, or None."""
         return (getattr(self.args, "dms_steps", None) or {}).get(float(budget))
 
+    def recipe(self, budget: float) -> dict | None:
+        """The DMS recipe of a budget's rows: its --dms-budget-config, else --dms-config."""
+        return self._budget_recipes.get(float(budget), self.dms_recipe)
+
     def adopted_folder(self, method: str, budget: float, seed: int | None = None) -> str | None:
         a = self.args
         seed = a.seed if seed is None else seed
@@ -122,20 +127,20 @@ class Benchmark(RowMeasurements):
             from ..baselines import VERSIONS
 
             base = method[: -len(COMPENSATION)]
-            ident.update(calib=compensation_calibration(self, base), refit=refit_settings(self.dms_recipe),
+            ident.update(calib=compensation_calibration(self, base, budget), refit=refit_settings(self.recipe(budget)),
                          version=VERSIONS[base])
         adopted = None if as_recipe else self.adopted_folder(method, budget, seed)
         if adopted:
             with open(os.path.join(adopted, "search_summary.json")) as f:
                 ident.update(adopted=adopted, summary=_digest(json.load(f)))
         elif method in DMS_METHODS:
-            ident.update(recipe=self.dms_recipe, seed=seed)  # a dms row per --dms-seeds seed; the others --seed
+            ident.update(recipe=self.recipe(budget), seed=seed)  # a dms row per --dms-seeds seed; the others --seed
             steps = self.dms_steps(budget)
             if steps is not None:  # absent otherwise, so rows without --dms-steps keep their names
                 ident.update(steps=steps)
             if method == "dms-restarts":
                 ident.update(restarts=a.dms_restarts)
-            if self.dms_recipe is None:  # the search then calibrates like the baselines
+            if self.recipe(budget) is None:  # the search then calibrates like the baselines
                 ident.update(calib=[a.calib_dataset, a.calib_samples, a.seq_len])
         if a.align != 1 and method != "dense":  # left out at 1: the key of an exact-width row has no align
             ident.update(align=a.align)
@@ -270,7 +275,7 @@ class Benchmark(RowMeasurements):
     def dms_search_values(self, method: str, budget: float, seed: int, out: str) -> dict:
         """The `dms-llm search` recipe that builds the DMS row (method, budget, seed) into the folder `out`."""
         a = self.args
-        values = dict(self.dms_recipe or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
+        values = dict(self.recipe(budget) or {"dataset": a.calib_dataset, "seq_len": a.seq_len, "num_samples": a.calib_samples})
         values.update(model=a.model, target_ratio=budget, target_params=None, output_dir=out, no_eval=True,
                       push_to_hub=None, seed=seed, stop_after=None, dtype=a.train_dtype, align=a.align)
         steps = self.dms_steps(budget)

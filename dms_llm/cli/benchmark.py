@@ -61,6 +61,9 @@ class BenchmarkConfig(EvalOptions):
                                       "e.g. wikitext2,ptb:sparsegpt:all:0.8 = whole-split 2048-token perplexity of the 80%% "
                                       "rows; repeatable; 'none' drops the cells named before it (in --config)", repeatable=True)
     dms_config: str | None = option(None, "DMS search recipe (YAML) for the dms, dms-restarts and dms-lora rows")
+    dms_budget_config: str | None = option(None, "BUDGET=FILE[,...]: the DMS recipe of one budget's rows, in place of "
+                                                 "--dms-config, e.g. 0.5=recipes/smollm2-135m-widths.yaml (a recipe that "
+                                                 "suits 80%% may not suit 50%%)")
     dms_seeds: str | None = option(None, "the dms rows: one search per seed (comma list); the table shows their median per "
                                          "cell with the smallest and largest value (default: --seed, --seed+1, --seed+2)")
     dms_steps: str | None = option(None, "BUDGET=STEPS[,...]: search steps for the DMS rows of a budget, in place of the "
@@ -130,7 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     _measured(args, cfg)
     args.dms_seeds = _seeds(cfg)
     # a budget a --config file's --dms-steps names is left out when not benchmarked; on the command line, a typo
-    args.dms_steps = _budget_steps(cfg.dms_steps, args.budgets, strict="dms_steps" in given)
+    args.dms_steps = _per_budget("--dms-steps", cfg.dms_steps, args.budgets, _steps, strict="dms_steps" in given)
+    args.dms_budget_config = _per_budget("--dms-budget-config", cfg.dms_budget_config, args.budgets, _recipe_file,
+                                         strict="dms_budget_config" in given)
     if cfg.llamacpp:
         _check_llamacpp(cfg)
     if cfg.from_results:
@@ -148,17 +153,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _align(cfg: BenchmarkConfig) -> int:
-    """One alignment for every method: the --dms-config recipe's, unless --align says the same."""
-    recipe_align = None
-    if cfg.dms_config:
-        from ..runs.search import load_recipe
+    """One alignment for every method: the DMS recipes' (--dms-config and --dms-budget-config), unless --align
+    says the same."""
+    from ..runs.search import load_recipe
 
-        recipe_align = load_recipe(cfg.dms_config).get("align")
+    files = [cfg.dms_config] if cfg.dms_config else []
+    files += [item.split("=", 1)[1].strip() for item in (cfg.dms_budget_config or "").split(",") if "=" in item]
+    aligns = {f: load_recipe(f).get("align") for f in files if os.path.isfile(f)}
+    aligns = {f: int(v) for f, v in aligns.items() if v is not None}
+    if len(set(aligns.values())) > 1:
+        raise ConfigError(f"the DMS recipes set different aligns ({aligns}); the benchmark aligns every method alike")
+    recipe_align = next(iter(aligns.values()), None)
     align = cfg.align
     if align is None:
-        align = DMSConfig.align if recipe_align is None else int(recipe_align)
-    elif recipe_align is not None and int(recipe_align) != align:
-        raise ConfigError(f"--align {align}, but the --dms-config recipe {cfg.dms_config} sets align: {recipe_align}; the "
+        align = DMSConfig.align if recipe_align is None else recipe_align
+    elif recipe_align is not None and recipe_align != align:
+        raise ConfigError(f"--align {align}, but the DMS recipe(s) set align: {recipe_align} ({', '.join(aligns)}); the "
                           "benchmark aligns every method alike: drop --align or make them agree")
     if align < 1:
         raise ConfigError(f"--align must be at least 1, got {align}")
@@ -237,27 +247,40 @@ def _adopted(cfg: BenchmarkConfig, dms_seeds: list[int]) -> dict:
     return adopted
 
 
-def _budget_steps(spec, budgets, strict: bool = True) -> dict[float, int]:
-    """--dms-steps BUDGET=STEPS[,...] as {budget: steps}. A budget that is not one of --budgets is an error when
-    `strict` (given on the command line: likely a typo); from a --config file it is dropped with a note, so that
-    a preset still runs with fewer --budgets."""
-    steps, names = {}, ",".join(f"{b:g}" for b in budgets)
+def _steps(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError("at least 1 step")
+    return n
+
+
+def _recipe_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise ValueError(f"{text} not found")
+    return text
+
+
+def _per_budget(flag: str, spec, budgets, parse, strict: bool = True) -> dict:
+    """BUDGET=VALUE[,...] (--dms-steps, --dms-budget-config) as {budget: parse(VALUE)}. A budget that is not one
+    of --budgets is an error when `strict` (given on the command line: likely a typo); from a --config file it
+    is dropped with a note, so that a preset still runs with fewer --budgets."""
+    values, names = {}, ",".join(f"{b:g}" for b in budgets)
     for item in str(spec or "").split(","):
         if not item.strip():
             continue
         try:
-            budget, n = item.split("=")
-            budget, n = float(budget), int(n)
-        except ValueError:
-            raise ConfigError(f"--dms-steps: expected BUDGET=STEPS[,...], e.g. 0.5=480; got {spec!r}") from None
-        if n < 1 or (strict and budget not in budgets):
-            raise ConfigError(f"--dms-steps {item.strip()}: the budget must be one of --budgets {names} "
-                              f"and the steps at least 1")
+            budget, value = item.split("=")
+            budget, value = float(budget), parse(value.strip())
+        except ValueError as e:
+            raise ConfigError(f"{flag} {item.strip()!r}: expected BUDGET=VALUE[,...] with a budget of --budgets "
+                              f"{names} ({e})") from None
         if budget not in budgets:
-            print(f"[benchmark] dms-steps {item.strip()} (--config) left out: {budget:g} is not one of --budgets {names}")
+            if strict:
+                raise ConfigError(f"{flag} {item.strip()}: the budget must be one of --budgets {names}")
+            print(f"[benchmark] {flag[2:]} {item.strip()} (--config) left out: {budget:g} is not one of --budgets {names}")
             continue
-        steps[budget] = n
-    return steps
+        values[budget] = value
+    return values
 
 
 def plan_rows(args) -> list[tuple[str, float, int]]:
@@ -278,7 +301,7 @@ def main(argv=None) -> int:
 
 
 def run_benchmark(args, argv) -> int:
-    if any(m in DMS_METHODS for m in args.methods) and not args.dms_config:
+    if any(m in DMS_METHODS for m in args.methods) and not args.dms_config and not args.dms_budget_config:
         print("[benchmark] no --dms-config: DMS rows use the SearchConfig defaults with the benchmark's calibration settings",
               flush=True)
     bench = Benchmark(args)
