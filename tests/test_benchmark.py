@@ -321,6 +321,19 @@ def test_recovery_recipe_and_speed_reuse(setup):
     assert bench.main(_argv(setup, out, work, "dense,magnitude", recovery_config=setup["tmp"] / "nope.yaml")) == 2
 
 
+def test_a_recovery_recipe_with_a_token_budget_is_refused(setup, capsys):
+    """The recovery rows are named and cached by --recovery-steps: a recipe's max-tokens would contradict it,
+    so it is refused before any work (a recipe's epochs is dropped: the steps replace it)."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-tok", setup["tmp"] / "work-tok"
+    recipe = setup["tmp"] / "recover-tokens.yaml"
+    recipe.write_text(f"distill-weight: 0.0\nmax-tokens: 4096\ndataset: {setup['corpus']}\nseq-len: 16\nnum-samples: 8\n")
+    assert bench.main(_argv(setup, out, work, "dense,magnitude", recovery_steps=2, recovery_config=recipe)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "max-tokens" in err and "--recovery-steps" in err
+    assert not work.exists() and not out.exists()
+
+
 def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
     """--train-dtype sets the dtype the DMS search and the recovery run in, is recorded, and keys the cache."""
     bench = _load_benchmark()

@@ -15,6 +15,7 @@ from conftest import SHARED_DATA, WORDS, input_ids, save_tiny_checkpoint, tiny_t
 from dms_llm.cli.finetune import main, parse_config
 from dms_llm.runs.finetune import FinetuneConfig, load_recipe, resolve_steps, reusable_results
 from dms_llm.training.engine import distillation_loss, has_checkpoint
+from dms_llm.training.recovery import RecoveryConfig, lr_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,8 +58,9 @@ def ckpts(tmp_path_factory):
 
 
 def _args(model, out, corpus, *extra, steps=6):
+    length = ["--steps", str(steps)] if steps is not None else []  # None: the length comes from `extra`
     return ["--model", str(model), "--dataset", corpus, "--output-dir", str(out), "--seq-len", "32",
-            "--num-samples", "8", "--steps", str(steps), "--checkpoint-every", "2", "--no-eval", *extra]
+            "--num-samples", "8", *length, "--checkpoint-every", "2", "--no-eval", *extra]
 
 
 def _metrics(out):
@@ -267,6 +269,9 @@ CASES = {
     "output-contains-pruned": "contains the pruned checkpoint folder",
     "resume-without-checkpoint": "no checkpoint",
     "steps-and-epochs": "not both",
+    "steps-and-max-tokens": "not both --steps and --max-tokens",
+    "ce-weight-0-without-teacher": "--ce-weight 0",
+    "bad-schedule": "--schedule must be constant or cosine",
     "bad-recipe-key": "learning_rate",
 }
 
@@ -305,6 +310,12 @@ def test_bad_input_is_a_clear_early_error_and_writes_nothing(ckpts, tmp_path, ca
         extra = ["--resume"]
     elif case == "steps-and-epochs":
         extra = ["--epochs", "1"]
+    elif case == "steps-and-max-tokens":
+        extra = ["--max-tokens", "1000"]
+    elif case == "ce-weight-0-without-teacher":
+        extra = ["--ce-weight", "0", "--distill-weight", "0"]
+    elif case == "bad-schedule":
+        extra = ["--schedule", "linear"]
     elif case == "bad-recipe-key":
         recipe = tmp_path / "r.yaml"
         recipe.write_text("steps: 3\nlearning_rate: 1\n")
@@ -389,3 +400,64 @@ def test_the_card_tells_the_command_the_plan_records_then_this_one(ckpts, tmp_pa
     assert this.startswith("dms-llm finetune --model " + str(pruned))
     card = (out / "README.md").read_text()
     assert command in card and "--edited-by-hand" not in card
+
+
+def test_lr_at_warmup_then_constant_or_cosine_to_the_floor():
+    constant = RecoveryConfig(steps=50, lr=1e-3, warmup_steps=4)
+    assert [lr_at(constant, s) for s in range(6)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 1e-3, 1e-3])
+    assert lr_at(constant, 49) == 1e-3  # constant to the end, as before the schedule existed
+    cosine = RecoveryConfig(steps=50, lr=1e-3, warmup_steps=4, schedule="cosine", min_lr_ratio=0.2)
+    lrs = [lr_at(cosine, s) for s in range(50)]
+    assert lrs[:4] == [lr_at(constant, s) for s in range(4)]  # the same warmup ramp
+    assert lrs[4] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.2e-3)  # peak after the warmup, floor at the end
+    assert all(b < a for a, b in zip(lrs[4:], lrs[5:]))  # strictly decreasing after the warmup
+    no_warmup = RecoveryConfig(steps=3, lr=1.0, schedule="cosine", min_lr_ratio=0.0)
+    assert [lr_at(no_warmup, s) for s in range(3)] == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_max_tokens_sets_the_steps_and_replaces_the_recipe_length():
+    cfg = parse_config(["--model", "p", "--output-dir", "o", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "3",
+                        "--max-tokens", "1000"])
+    assert resolve_steps(cfg, 1) == 6 and resolve_steps(cfg, 2) == 3  # ceil(1000 / 192), ceil(1000 / 384)
+    cfg.max_tokens = 192 * 5
+    assert resolve_steps(cfg, 1) == 5  # an exact multiple: no extra step
+    recipe = os.path.join(REPO, "recipes", "finetune", "smollm2-135m-recover.yaml")
+    cfg = parse_config(["--config", recipe, "--model", "p", "--output-dir", "o", "--max-tokens", "512"])
+    assert cfg.steps is None and resolve_steps(cfg, 1) == 2  # the command line's length replaces the recipe's steps
+    for bad in (["--max-tokens", "0"], ["--epochs", "1", "--max-tokens", "9"], ["--min-lr-ratio", "1.5"], ["--ce-weight", "-1"]):
+        with pytest.raises(ValueError):
+            parse_config(["--model", "p", "--output-dir", "o", *bad])
+
+
+def test_max_tokens_with_cosine_schedule_resumes_exactly(ckpts, tmp_path):
+    """--max-tokens 300 with 2 x 32-token micro-batches a step: 5 steps (320 tokens), the last at the cosine floor;
+    stopped after 2 and resumed, the same run; another budget (other steps) cannot resume it."""
+    common = ("--max-tokens", "300", "--grad-accum", "2", "--schedule", "cosine", "--warmup-steps", "1", "--lr", "1e-3",
+              "--lora-dropout", "0", "--distill-weight", "0")
+    assert main(_args(ckpts["stock"], tmp_path / "a", ckpts["corpus"], *common, steps=None)) == 0
+    summary = json.load(open(tmp_path / "a" / "finetune_summary.json"))
+    assert summary["steps"] == 5 and summary["tokens"] == 320 and summary["max_tokens"] == 300
+    assert [m["lr"] for m in _metrics(tmp_path / "a")] == pytest.approx([5e-4, 1e-3, 7.75e-4, 3.25e-4, 1e-4])
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "cosine decay to 0.1" in card and "320 tokens" in card
+    assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, "--stop-after", "2", steps=None)) == 3
+    assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, "--max-tokens", "500", "--resume", steps=None)) == 2
+    assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, "--resume", steps=None)) == 0
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
+
+
+def test_ce_weight_reaches_the_loss(ckpts, tmp_path):
+    """The pruned model as its own teacher: with --ce-weight 0 the loss is KL between identical distributions,
+    so the first step's gradient is zero (up to rounding: the KL's gradient is a difference of two equal
+    softmaxes); with the default weight 1 the cross-entropy gives one."""
+    norms = {}
+    for weight in ("0", "1"):
+        out = tmp_path / weight
+        assert main(_args(ckpts["dms"], out, ckpts["corpus"], "--teacher", ckpts["dms"], "--ce-weight", weight,
+                          "--method", "full", steps=1)) == 0
+        (m,) = _metrics(out)
+        assert m["distill_loss"] == 0.0 and m["task_loss"] > 1  # the task loss is still reported, unweighted
+        norms[weight] = m["grad_norm"]
+        assert m["loss"] == (0.0 if weight == "0" else m["task_loss"])
+    assert norms["0"] < 1e-6 * norms["1"] and norms["1"] > 0.1, norms

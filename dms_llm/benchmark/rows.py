@@ -14,6 +14,7 @@ import time
 
 from ..errors import ActionableError
 from ..files import read_json, write_json_atomic, write_text_atomic
+from ..runs.options import ConfigError
 from ..runs.search import same_search
 from .cells import ppl_cells
 from .compensated import COMPENSATED, COMPENSATION, build_compensated, compensation_calibration, refit_settings
@@ -68,6 +69,9 @@ class Benchmark(RowMeasurements):
             from ..runs.finetune import load_recipe
 
             self.recovery_recipe = load_recipe(args.recovery_config)
+            if self.recovery_recipe.get("max_tokens") is not None:  # rows are named and cached by their steps
+                raise ConfigError(f"--recovery-config {args.recovery_config} sets max-tokens, but --recovery-steps sets "
+                                  "the length of the recovery rows: remove max-tokens from the recipe")
         self.ppl_cells = getattr(args, "ppl_cells", None) or ppl_cells(args.ppl, args.protocols, args.max_windows, [])
 
     # ----- lazily loaded inputs -----------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..runs.options import run_main
 
 
 def parse_config(argv=None) -> FinetuneConfig:
-    return _parse_config(FinetuneConfig, argv, __doc__, exclusive=[("steps", "epochs")], prog="dms-llm finetune")
+    return _parse_config(FinetuneConfig, argv, __doc__, exclusive=[("steps", "epochs", "max_tokens")], prog="dms-llm finetune")
 
 
 def main(argv=None) -> int:

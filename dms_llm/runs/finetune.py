@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from ..markdown import table
 from ..training.engine import process_state
-from ..training.recovery import RecoveryConfig
+from ..training.recovery import SCHEDULES, RecoveryConfig
 from .folder import RunOptions, check_resume
 from .options import ConfigError, data_dir_default, option, part, record
 from .options import load_recipe as _load_recipe
@@ -39,18 +39,23 @@ class FinetuneConfig(RunOptions, RecoveryConfig):
         "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
         "lora_dropout": "dropout on the LoRA branch input",
         "distill_weight": "weight of KL(teacher || student); 0 disables the teacher (not loaded)",
-        "distill_temperature": "distillation temperature T (the KL is scaled by T^2)"}
+        "distill_temperature": "distillation temperature T (the KL is scaled by T^2)",
+        "ce_weight": "weight of the next-token cross-entropy; 0: distillation only (needs the teacher)",
+        "schedule": "learning rate after the warmup: constant, or cosine (decays to --min-lr-ratio x --lr at the last step)",
+        "min_lr_ratio": "the cosine schedule's final learning rate, as a fraction of --lr"}
     # Settings a resumed run must share with the run it continues (the checkpoint means nothing otherwise).
     RESUME: ClassVar[tuple] = RunOptions.RESUME + ("model", "teacher", "method", "lora_r", "lora_alpha", "lora_dropout",
-                                                   "distill_weight", "steps_resolved")
+                                                   "distill_weight", "ce_weight", "schedule", "steps_resolved")
 
     model: str | None = option(None, "the pruned checkpoint folder to fine-tune (holds dms_plan.json)")
     teacher: str | None = option(None, "dense model for distillation: folder, Hub id or alias; default: the plan's source model")
     output_dir: str | None = option(None, "where the fine-tuned checkpoint, metrics and results go")
-    steps: int | None = option(None, "optimiser steps (give this or --epochs; neither: one epoch)")
+    steps: int | None = option(None, "optimiser steps (give this, --epochs or --max-tokens; none: one epoch)")
     epochs: float | None = option(None, "passes over the --num-samples blocks (may be fractional)")
+    max_tokens: int | None = option(None, "token budget: as many steps as it takes to train on this many tokens "
+                                          "(blocks repeat once it exceeds --num-samples x --seq-len)")
     lr: float | None = option(None, "peak learning rate (default: 2e-4 for lora, 2e-5 for full)")
-    warmup_steps: int | None = option(None, "linear warmup steps, then constant (default: 10%% of the steps, at most 20)")
+    warmup_steps: int | None = option(None, "linear warmup steps, then the --schedule (default: 10%% of the steps, at most 20)")
     dataset: str = option("default", "training text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
     num_samples: int = option(512, "training blocks (one epoch = this many blocks)")
     overwrite: bool = option(False, "replace an existing --output-dir that holds a checkpoint or a fine-tuning run")
@@ -62,11 +67,15 @@ class FinetuneConfig(RunOptions, RecoveryConfig):
             raise ConfigError("give --output-dir (where the fine-tuned checkpoint goes)")
         if self.method not in ("lora", "full"):
             raise ConfigError(f"--method must be lora or full, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule must be {' or '.join(SCHEDULES)}, got {self.schedule!r}")
         super().__post_init__()
-        if self.steps is not None and self.epochs is not None:
-            raise ConfigError("give one of --steps and --epochs, not both")
-        if self.steps is not None and self.steps < 1:
-            raise ConfigError("--steps must be at least 1")
+        lengths = [f"--{name.replace('_', '-')}" for name in ("steps", "epochs", "max_tokens") if getattr(self, name) is not None]
+        if len(lengths) > 1:
+            raise ConfigError(f"give one of --steps, --epochs and --max-tokens, not both {' and '.join(lengths[:2])}")
+        for name in ("steps", "max_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"--epochs must be positive, got {self.epochs}")
         for name in ("num_samples", "lora_r"):
@@ -76,10 +85,13 @@ class FinetuneConfig(RunOptions, RecoveryConfig):
             self.lr = DEFAULT_LR[self.method]
         checks = [("lr", self.lr > 0), ("distill_weight", self.distill_weight >= 0), ("distill_temperature", self.distill_temperature > 0),
                   ("max_grad_norm", self.max_grad_norm > 0), ("weight_decay", self.weight_decay >= 0),
-                  ("lora_dropout", 0 <= self.lora_dropout < 1), ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0)]
+                  ("lora_dropout", 0 <= self.lora_dropout < 1), ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0),
+                  ("ce_weight", self.ce_weight >= 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
         for name, ok in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} is out of range: {getattr(self, name)}")
+        if self.ce_weight == 0 and self.distill_weight == 0:
+            raise ConfigError("--ce-weight 0 trains on distillation alone: it needs the teacher (--distill-weight > 0)")
 
 
 # ----- command line and recipes -------------------------------------------------------------------
@@ -147,6 +159,8 @@ def resolve_steps(cfg: FinetuneConfig, num_processes: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
     per_step = cfg.batch_size * cfg.grad_accum * num_processes
+    if cfg.max_tokens is not None:  # the last step is whole: the run trains on at least max_tokens
+        return math.ceil(cfg.max_tokens / (per_step * cfg.seq_len))
     return max(1, math.ceil((cfg.epochs if cfg.epochs is not None else 1.0) * cfg.num_samples / per_step))
 
 
@@ -246,8 +260,10 @@ def _summary(cfg: FinetuneConfig, result, steps: int, teacher, pruned_dir: str, 
     return {
         "finished": True, "method": cfg.method, "pruned_model": pruned_dir, "teacher": teacher,
         "distill_weight": cfg.distill_weight if teacher else 0.0, "distill_temperature": cfg.distill_temperature,
+        "ce_weight": cfg.ce_weight, "max_tokens": cfg.max_tokens,  # tokens: what was trained on, >= max_tokens
         "steps": steps, "epochs": steps * per_step / cfg.num_samples, "tokens": steps * per_step * cfg.seq_len,
-        "lr": cfg.lr, "warmup_steps": resolve_warmup(cfg, steps), "max_grad_norm": cfg.max_grad_norm,
+        "lr": cfg.lr, "warmup_steps": resolve_warmup(cfg, steps), "schedule": cfg.schedule, "min_lr_ratio": cfg.min_lr_ratio,
+        "max_grad_norm": cfg.max_grad_norm,
         "data": _describe_data(describe_dataset, cfg, data_dir_default(cfg.data_dir)),
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": result.lora_targets}
         if cfg.method == "lora" else None,
@@ -319,7 +335,9 @@ def card_section(summary: dict) -> str:
         ("data", f"{data.get('dataset')}: {source} ({data.get('num_samples')} blocks of {data.get('seq_len')} tokens)"),
         ("teacher", f"`{summary['teacher']}`" if summary["teacher"] else "none"),
         ("distillation", f"weight {summary['distill_weight']}, temperature {summary['distill_temperature']}" if summary["teacher"] else "off"),
-        ("learning rate", f"{summary['lr']:g}, AdamW, {summary['warmup_steps']} warmup steps then constant, gradient clipping at {summary['max_grad_norm']}"),
+        ("cross-entropy", f"weight {summary['ce_weight']}" if summary["ce_weight"] else "off (distillation only)"),
+        ("learning rate", f"{summary['lr']:g}, AdamW, {summary['warmup_steps']} warmup steps then {_decay(summary)}, "
+                          f"gradient clipping at {summary['max_grad_norm']}"),
         (f"loss (mean of the first -> last {summary['loss_window']} steps)", f"{summary['loss_first']:.4f} -> {summary['loss_last']:.4f}"),
         ("time", f"{summary['train_time_s']:.0f} s on {summary['num_processes']} process(es), {summary['dtype']}"),
     ]
@@ -328,6 +346,10 @@ def card_section(summary: dict) -> str:
         rows.insert(1, ("LoRA", f"r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']} on {', '.join(lora['targets'])}"))
     return ("## Fine-tuning\n\nAfter pruning, the weights were fine-tuned to recover quality (`dms-llm finetune`); "
             "the architecture is unchanged.\n\n" + "\n".join(table(["", ""], rows)))
+
+
+def _decay(summary: dict) -> str:
+    return "constant" if summary["schedule"] == "constant" else f"cosine decay to {summary['min_lr_ratio']:g} x that at the last step"
 
 
 def _save(model, tokenizer, plan, cfg, out, pruned_dir, summary, command) -> None:

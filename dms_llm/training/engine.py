@@ -257,12 +257,13 @@ class Engine:
 
     def accumulate(self, forward: Callable, batches: list[torch.Tensor], teacher: Callable | None = None,
                    distill_weight: float = 1.0, distill_temperature: float = 1.0,
-                   last_micro_loss: Callable | None = None) -> dict:
+                   last_micro_loss: Callable | None = None, task_weight: float = 1.0) -> dict:
         """Forward and backward of one optimiser step over the micro-batches `batches` (token tensors).
 
-        Loss per micro-batch: next-token loss of `forward(ids)`, plus distill_weight x KL to `teacher(ids)`
-        when a teacher is given, divided by their number; `last_micro_loss()` is added once, on the last
-        micro-batch (the search's budget term). Returns the step's mean task and distillation losses.
+        Loss per micro-batch: `task_weight` x next-token loss of `forward(ids)` (reported unweighted), plus
+        distill_weight x KL to `teacher(ids)` when a teacher is given, divided by their number;
+        `last_micro_loss()` is added once, on the last micro-batch (the search's budget term). Returns the
+        step's mean task and distillation losses.
         """
         acc, n = self.acc, len(batches)
         totals = {"task_loss": 0.0, "distill_loss": 0.0}
@@ -274,7 +275,7 @@ class Engine:
             with sync, self.autocast():
                 logits = forward(ids)
                 task = next_token_loss(logits, ids)
-                loss = task
+                loss = task if task_weight == 1.0 else task_weight * task  # the default: the graph as it always was
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(ids)

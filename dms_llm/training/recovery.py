@@ -5,14 +5,17 @@ with an optional distillation term from the dense model.
     result = recover(pruned, blocks, RecoveryConfig(steps=250, lr=5e-4), teacher=dense)
     result.model        # the fine-tuned model, LoRA merged: the same architecture as `pruned`
 
-AdamW, a linear warmup over `warmup_steps` then a constant learning rate, gradient clipping at
-`max_grad_norm`. Loss per token: cross-entropy on the next token + `distill_weight` x KL(teacher ||
-student) at `distill_temperature` (scaled by T^2). Nothing is written unless `run_dir` is given: then
-metrics.jsonl, tensorboard/, a resumable checkpoint (finetune_state/) and the unmerged lora_adapter/.
+AdamW, a linear warmup over `warmup_steps` then a constant learning rate (`schedule="cosine"`: a cosine
+decay to `min_lr_ratio` x `lr` at the last step), gradient clipping at `max_grad_norm`. Loss per token:
+`ce_weight` x cross-entropy on the next token + `distill_weight` x KL(teacher || student) at
+`distill_temperature` (scaled by T^2); `ce_weight=0` distils only. Nothing is written unless `run_dir`
+is given: then metrics.jsonl, tensorboard/, a resumable checkpoint (finetune_state/) and the unmerged
+lora_adapter/.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ import torch
 from .engine import Engine, RunSettings, add_lora, set_activation_checkpointing
 
 METHODS = ("lora", "full")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -29,18 +33,23 @@ class RecoveryConfig:
     steps: int
     method: str = "lora"  # lora (adapters on every projection present, merged at the end) or full
     lr: float = 2e-4
-    warmup_steps: int = 0  # linear warmup, then constant
+    warmup_steps: int = 0  # linear warmup, then the schedule
+    schedule: str = "constant"  # after the warmup: constant, or cosine down to min_lr_ratio x lr at the last step
+    min_lr_ratio: float = 0.1  # cosine only
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    ce_weight: float = 1.0  # weight of the next-token cross-entropy; 0: distillation only (needs a teacher)
     distill_weight: float = 1.0  # ignored without a teacher
     distill_temperature: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be lora or full, got {self.method!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
 
 
 @dataclass
@@ -55,7 +64,12 @@ class RecoveryResult:
 def lr_at(config: RecoveryConfig, step: int) -> float:
     # A function of the step (set each step, not a prepared scheduler, which Accelerate advances once per
     # process): resuming is trivially exact. transformers' constant-with-warmup schedule starts at 0 instead.
-    return config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))
+    if step < config.warmup_steps or config.schedule == "constant":
+        return config.lr * min(1.0, (step + 1) / (config.warmup_steps + 1))
+    # cosine from the peak at the end of the warmup (step == warmup_steps) to the floor at the last step
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - 1 - config.warmup_steps))
+    floor = config.min_lr_ratio
+    return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def recover(model, blocks: torch.Tensor, config: RecoveryConfig, run: RunSettings | None = None, teacher=None,
@@ -64,6 +78,8 @@ def recover(model, blocks: torch.Tensor, config: RecoveryConfig, run: RunSetting
     from accelerate.utils import set_seed
 
     run = run or RunSettings()
+    if config.ce_weight == 0 and (teacher is None or config.distill_weight == 0):
+        raise ValueError("ce_weight 0 leaves no loss: distillation only needs a teacher and distill_weight > 0")
     engine = Engine(run, run_dir, "finetune_state", verbose)
     set_seed(run.seed)
     model.requires_grad_(False)
@@ -90,10 +106,11 @@ def recover(model, blocks: torch.Tensor, config: RecoveryConfig, run: RunSetting
         lr = lr_at(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = engine.accumulate(logits_of(module), engine.micro_batches(blocks), distill, config.distill_weight, config.distill_temperature)
+        totals = engine.accumulate(logits_of(module), engine.micro_batches(blocks), distill, config.distill_weight,
+                                   config.distill_temperature, task_weight=config.ce_weight)
         grad_norm = engine.clip_grad_norm_(trainable, config.max_grad_norm, optimizer)
         engine.optimizer_step(optimizer)
-        loss = totals["task_loss"] + config.distill_weight * totals["distill_loss"] if distill else totals["task_loss"]
+        loss = config.ce_weight * totals["task_loss"] + (config.distill_weight * totals["distill_loss"] if distill else 0.0)
         return {"loss": loss, **totals, "lr": lr, "grad_norm": float(grad_norm), "epoch": (step + 1) * per_step / len(blocks)}
 
     start = time.time()
