@@ -10,12 +10,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import SHARED_DATA, WORDS, input_ids, save_tiny_checkpoint, tiny_tokenizer, write_corpus
+from conftest import SHARED_DATA, WORDS, input_ids, save_tiny_checkpoint, tiny_model, tiny_tokenizer, write_corpus
 
 from dms_llm.cli.finetune import main, parse_config
 from dms_llm.runs.finetune import FinetuneConfig, load_recipe, resolve_steps, reusable_results
 from dms_llm.training.engine import distillation_loss, has_checkpoint
-from dms_llm.training.recovery import RecoveryConfig, lr_at
+from dms_llm.training.recovery import RecoveryConfig, lr_at, recover
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -441,7 +441,8 @@ def test_max_tokens_with_cosine_schedule_resumes_exactly(ckpts, tmp_path):
     card = (tmp_path / "a" / "README.md").read_text()
     assert "cosine decay to 0.1" in card and "320 tokens" in card
     assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, "--stop-after", "2", steps=None)) == 3
-    assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, "--max-tokens", "500", "--resume", steps=None)) == 2
+    for changed in (("--max-tokens", "500"), ("--schedule", "constant"), ("--ce-weight", "0.5")):  # refused: another run
+        assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, *changed, "--resume", steps=None)) == 2
     assert main(_args(ckpts["stock"], tmp_path / "b", ckpts["corpus"], *common, "--resume", steps=None)) == 0
     strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
     assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
@@ -461,3 +462,5 @@ def test_ce_weight_reaches_the_loss(ckpts, tmp_path):
         norms[weight] = m["grad_norm"]
         assert m["loss"] == (0.0 if weight == "0" else m["task_loss"])
     assert norms["0"] < 1e-6 * norms["1"] and norms["1"] > 0.1, norms
+    with pytest.raises(ValueError, match="ce_weight 0"):  # the library call refuses a loss of nothing, too
+        recover(tiny_model(), input_ids(2, 8), RecoveryConfig(steps=1, ce_weight=0.0))
