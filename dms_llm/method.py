@@ -5,8 +5,9 @@
     searcher = prepare(model, config)
     DMSConfig.from_dict(config.to_dict()) == config       # what dms_plan.json records as metadata["method"]
 
-The defaults are the recommended recipe (recipes/smollm2-135m-default.yaml: widths only, 240 steps,
-widths in multiples of 32) and, for the operator, the method as the DMS paper states it (temperatures,
+The defaults are the recommended recipe for any model and budget (recipes/smollm2-135m-widths.yaml: head,
+MLP and hidden widths, no depth, 240 steps, widths in multiples of 32; SmolLM2-135M's default recipe at 80%
+searches the MLP widths alone, docs/RESULTS.md 19) and, for the operator, the method as the DMS paper states it (temperatures,
 EMA decay, kept-count minimums, schedule; docs/DESIGN.md). Run settings that do not change what is
 searched (batch size, data order, checkpoints) are the training engine's (`dms_llm.RunSettings`).
 """

@@ -721,7 +721,7 @@ def test_ppl_cells_parse_and_name_their_columns():
                                                                       ("wikitext2", "sparsegpt", None)]
 
 
-def test_config_file_and_the_issue_17_preset(setup, tmp_path):
+def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
     """--config FILE sets any option (the command line overrides it); the shipped preset asks for exactly
     the issue-17 table."""
     bench = _load_benchmark()
@@ -746,6 +746,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     import importlib.util
 
     repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # the preset names its recipes relative to the repository root
     preset = ["--config", str(repo / "recipes" / "benchmark" / "smollm2-135m.yaml"), "--dms-config",
               str(repo / "recipes" / "smollm2-135m-default.yaml"), "--recovery-config",
               str(repo / "recipes" / "finetune" / "smollm2-135m-recover.yaml")]
@@ -757,6 +758,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path):
     a = bench.parse_args(preset)
     assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
     assert a.dms_steps == {0.5: 480}
+    assert a.dms_budget_config == {0.5: "recipes/smollm2-135m-widths.yaml"}  # the MLPs alone cannot reach 50%
     assert bench.parse_args(preset + ["--budgets", "0.8"]).dms_steps == {}  # the file's 0.5=480 names no row here
     with pytest.raises(ConfigError):  # ... but given on the command line, a budget not benchmarked is a typo
         bench.parse_args(preset + ["--budgets", "0.8", "--dms-steps", "0.5=480"])
