@@ -275,7 +275,7 @@ class Engine:
             with sync, self.autocast():
                 logits = forward(ids)
                 task = next_token_loss(logits, ids)
-                loss = task if task_weight == 1.0 else task_weight * task  # the default: the graph as it always was
+                loss = task_weight * task  # x 1.0 (the default) is exact: the loss and its gradient are unchanged
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(ids)
