@@ -125,7 +125,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(ALL_METHODS))
     if unknown or not args.methods:
         raise ConfigError(f"unknown method(s) {unknown}; choose from {','.join(ALL_METHODS)}")
-    args.align = _align(cfg)
     if args.device == "auto":
         import torch
 
@@ -136,6 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dms_steps = _per_budget("--dms-steps", cfg.dms_steps, args.budgets, _steps, strict="dms_steps" in given)
     args.dms_budget_config = _per_budget("--dms-budget-config", cfg.dms_budget_config, args.budgets, _recipe_file,
                                          strict="dms_budget_config" in given)
+    args.align = _align(cfg, ([cfg.dms_config] if cfg.dms_config else []) + list(args.dms_budget_config.values()))
     if cfg.llamacpp:
         _check_llamacpp(cfg)
     if cfg.from_results:
@@ -152,13 +152,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _align(cfg: BenchmarkConfig) -> int:
-    """One alignment for every method: the DMS recipes' (--dms-config and --dms-budget-config), unless --align
-    says the same."""
+def _align(cfg: BenchmarkConfig, files: list[str]) -> int:
+    """One alignment for every method: the DMS recipes' (`files`: --dms-config and the --dms-budget-config
+    recipes of the benchmarked budgets), unless --align says the same."""
     from ..runs.search import load_recipe
 
-    files = [cfg.dms_config] if cfg.dms_config else []
-    files += [item.split("=", 1)[1].strip() for item in (cfg.dms_budget_config or "").split(",") if "=" in item]
     aligns = {f: load_recipe(f).get("align") for f in files if os.path.isfile(f)}
     aligns = {f: int(v) for f, v in aligns.items() if v is not None}
     if len(set(aligns.values())) > 1:
