@@ -20,7 +20,10 @@ are updated as if S had never been there), a few units at a time. The plan is up
 
 The layers are compensated front to back on the pruned prefix: the hidden states of every calibration
 token are kept between sublayers, so each sublayer is fit on the input that the compensated layers before
-it produce, and one pruned forward plus one pass of each source sublayer is the whole cost. Shapes do not
+it produce, and one pass of each source sublayer is the whole cost. The pruned sublayer's own input to its
+output projection is z's kept columns (its heads and channels are the source's, on the same input), so
+its output, which carries the stream on to the next sublayer, is the refit projection applied to them; only
+when z over every calibration token would take more than KEPT_INPUTS_MAX_BYTES is the pruned sublayer run. Shapes do not
 change: a refit model saves, reloads and exports like any pruned one (its weights are no longer a slice
 of the source's, which the plan's metadata records). Sublayers the plan removes entirely are not rebuilt.
 When the source does not fit in memory beside the pruned model (--prune-from-files), the source is its
@@ -47,6 +50,10 @@ from .prune import PlanSlicer, head_rows
 DEFAULT_ALPHA = 1e-4
 DEFAULT_BLOCKS = 128  # calibration blocks the refit reads: -1.4% WikiText-2 valid at 256 for twice the time (RESULTS 11)
 SELECTIONS = ("plan", "reconstruction")
+# The kept columns of z over every calibration token are held to carry the stream on, which saves the pruned
+# sublayer's pass (the refit of the default 80% SmolLM2 plan: 1.21x faster, eval/bench_refit.py); above this
+# many bytes the pass is run instead (the source's passes and the second moments are the rest of the time).
+KEPT_INPUTS_MAX_BYTES = 2 << 30
 # Greedy removal takes this many rounds per sublayer at most (units leave in equal chunks): one unit per
 # round is the exact greedy rule, and on SmolLM2 rounds of a few channels lost nothing measurable.
 _SELECTION_ROUNDS = 64
@@ -137,10 +144,11 @@ class _Statistics:
         self.tokens += z.shape[0]
 
 
-def _relative_error(w: torch.Tensor, cov: torch.Tensor, cols: torch.Tensor, wk: torch.Tensor) -> float:
-    """E|w [z;1] - wk [z;1]_cols|^2 / E|w [z;1]|^2, from the second moments."""
-    total = (w @ cov * w).sum()
-    cross = (wk * (w @ cov[:, cols])).sum()
+def _relative_error(w: torch.Tensor, w_cov: torch.Tensor, cov: torch.Tensor, cols: torch.Tensor, wk: torch.Tensor) -> float:
+    """E|w [z;1] - wk [z;1]_cols|^2 / E|w [z;1]|^2, from the second moments (`w_cov` = w @ cov, computed once
+    for every error of the sublayer: it is the largest product)."""
+    total = (w_cov * w).sum()
+    cross = (wk * w_cov[:, cols]).sum()
     own = (wk @ cov[cols][:, cols] * wk).sum()
     return float(((total - 2 * cross + own) / total).clamp_min(0))
 
@@ -199,16 +207,17 @@ def _solve(sub: _Sublayer, stats: _Statistics, hidden: torch.Tensor, alpha: floa
     # bias) is then not a term the kept columns could match, so it counts in neither error.
     target = w if fit_bias else w[:, :n]
     target_cov = cov if fit_bias else cov[:n, :n]
-    before = _relative_error(target, target_cov, plan_cols, sliced.to(cov.device))
+    target_w_cov = target @ target_cov
+    before = _relative_error(target, target_w_cov, target_cov, plan_cols, sliced.to(cov.device))
 
     units = sub.kept_units
     if select:
         units = _select_units(sub, target, target_cov, alpha, len(sub.kept_units), intercept)
     cols = with_intercept(sub.columns(units))
     cov_kk = target_cov[cols][:, cols]
-    cross = target @ target_cov[:, cols]
+    cross = target_w_cov[:, cols]
     new = torch.linalg.solve(cov_kk + _ridge(target_cov, cols, alpha, intercept), cross.T).T
-    after = _relative_error(target, target_cov, cols, new)
+    after = _relative_error(target, target_w_cov, target_cov, cols, new)
     with torch.no_grad():
         if fit_bias:
             sub.out_pruned.bias.copy_(new[:, -1].to(sub.out_pruned.bias.dtype))
@@ -286,16 +295,22 @@ def _check_arguments(source: nn.Module, blocks: torch.Tensor, alpha: float, batc
 
 
 def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidden: torch.Tensor, alpha: float,
-                    select: str, plan: PrunePlan, pruned: nn.Module, source: nn.Module) -> tuple[float, float, int]:
+                    select: str, plan: PrunePlan, pruned: nn.Module, source: nn.Module):
     """Refit one sublayer on the residual streams entering it (`states`): the source sublayer's input to its
     output projection, gathered over every block, is what the solve fits. Returns (relative error before, after, kept
-    units the selection changed); `plan` and the pruned model follow a changed selection."""
-    stats, seen = _Statistics(), {}
+    units the selection changed, the kept columns of that input per state or None when they would take more
+    than KEPT_INPUTS_MAX_BYTES); `plan` and the pruned model follow a changed selection."""
+    stats, seen, inputs = _Statistics(), {}, []
+    keep = sum(x[..., 0].numel() for x in states) * sub.out_source.in_features * sub.out_pruned.weight.element_size()
+    keep = keep <= KEPT_INPUTS_MAX_BYTES
     grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
     with removed_after([grab]):
         for x in states:
             run(sub.source, sub.kind, widen(sub.norm(x)))
-            stats.add(seen.pop("z"))
+            z = seen.pop("z")
+            stats.add(z)
+            if keep:
+                inputs.append(z.to(sub.out_pruned.weight.dtype))
     old_units = list(sub.kept_units)
     before, after, units = _solve(sub, stats, hidden, alpha, select == "reconstruction")
     changed = 0
@@ -303,7 +318,10 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
         changed = len(set(old_units) - set(units))
         _set_units(plan, sub, units)
         _reslice_inputs(sub, plan, pruned, source)
-    return before, after, changed
+    if keep:
+        cols = sub.columns(units).to(inputs[0].device)
+        inputs = [z[..., cols] for z in inputs]
+    return before, after, changed, (inputs if keep else None)
 
 
 @torch.no_grad()
@@ -351,14 +369,16 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
         for sub in subs:
             if streamed:
                 sub.read_source(read_source, names, sub.out_pruned.weight)
-            before, after, units_changed = _refit_sublayer(sub, states, run, widen, hidden, alpha, select, plan, pruned,
-                                                           source)
+            before, after, units_changed, inputs = _refit_sublayer(sub, states, run, widen, hidden, alpha, select, plan,
+                                                                   pruned, source)
             changed += units_changed
             errors.append((before, after))
             if streamed:
                 sub.drop_source()
-            for x in states:  # the residual stream through the compensated sublayer
-                x.add_(run(sub.pruned, sub.kind, sub.norm(x)))
+            for k, x in enumerate(states):  # the residual stream through the compensated sublayer
+                x.add_(sub.out_pruned(inputs[k]) if inputs is not None else run(sub.pruned, sub.kind, sub.norm(x)))
+                if inputs is not None:
+                    inputs[k] = None  # freed as the stream moves on
             bar.update(1)
     finally:
         bar.close()
