@@ -57,9 +57,10 @@ def load_results(path: str, models: dict, settings: dict, types: list[str], thre
 
 
 def save(results: dict, path: str, own=()) -> None:
-    """Write `results`. Another process may be measuring other models into the same file (one core per
-    model): its cells are taken from the file as they are now, and only the cells of `own` (the models
-    this process measures) come from memory."""
+    """Write `results`. Other processes may be measuring into the same file (one core each): the cells of
+    other models are taken from the file as they are now; the cells of `own` (the models this process
+    measures) come from memory, with the measurements another process of the same model wrote meanwhile
+    (on other --types, say) added where memory has none, if they are of the same checkpoint."""
     from dms_llm.files import read_json, write_json_atomic
 
     if os.path.isfile(path):
@@ -69,8 +70,11 @@ def save(results: dict, path: str, own=()) -> None:
                 if name not in own:
                     results["models"][name] = model
             for cid, cell in disk.get("cells", {}).items():
+                mine = results["cells"].get(cid)
                 if cell.get("model") not in own:
                     results["cells"][cid] = cell
+                elif mine is not None and mine.get("checkpoint") == cell.get("checkpoint"):
+                    mine.update({k: v for k, v in cell.items() if mine.get(k) is None})
     write_json_atomic(path, results)
 
 

@@ -123,3 +123,24 @@ def test_processes_on_other_models_share_one_file(tmp_path):
     second["cells"]["dense/f16"] = {"model": "dense", "outtype": "f16", "checkpoint": "old"}
     bq.save(second, path, own={"pruned"})
     assert json.load(open(path))["cells"]["dense/f16"]["ppl_ptb"] == 80.0
+
+
+def test_processes_on_one_model_keep_each_others_cells(tmp_path):
+    """Two processes of one model on different types: neither write loses the other's measurements, and
+    a measurement of another checkpoint of that model is not taken over."""
+    path = str(tmp_path / "out.json")
+
+    def process(checkpoint):
+        return results_with({f"dms/{t}": {"model": "dms", "outtype": t, "checkpoint": checkpoint} for t in ("f16", "q2_k")},
+                            {"dms": 1})
+
+    a, b, old = process("c1"), process("c1"), process("c0")
+    bq.fill(a, path, "dms/f16", "ppl_wikitext2", lambda: 90.0, own={"dms"})
+    bq.fill(b, path, "dms/q2_k", "ppl_wikitext2", lambda: 120.0, own={"dms"})
+    bq.fill(a, path, "dms/f16", "ppl_ptb", lambda: 150.0, own={"dms"})
+    cells = json.load(open(path))["cells"]
+    assert cells["dms/q2_k"]["ppl_wikitext2"] == 120.0  # b's cell survived a's later write
+    assert cells["dms/f16"]["ppl_wikitext2"] == 90.0 and cells["dms/f16"]["ppl_ptb"] == 150.0
+    bq.fill(old, path, "dms/q2_k", "ppl_ptb", lambda: 999.0, own={"dms"})
+    cells = json.load(open(path))["cells"]
+    assert "ppl_wikitext2" not in cells["dms/q2_k"] and "ppl_wikitext2" not in cells["dms/f16"]  # c0's own view
