@@ -723,7 +723,7 @@ def test_ppl_cells_parse_and_name_their_columns():
 
 def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
     """--config FILE sets any option (the command line overrides it); the shipped preset asks for exactly
-    the issue-17 table."""
+    the issue-17 table, with the five DMS seeds of issue 38."""
     bench = _load_benchmark()
     config = tmp_path / "bench.yaml"
     config.write_text("budgets: 0.8,0.5\nmethods: [dense, flap, dms]\nlimit: 500\ndms-seeds: 3,4,5\n"
@@ -756,7 +756,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
         assert bench.parse_args(preset + ["--report-only"]).llamacpp  # ... but their cached values can be reported
         preset.append("--no-llamacpp")
     a = bench.parse_args(preset)
-    assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2] and a.dms_restarts == 3 and a.recovery_steps == 250
+    assert a.budgets == [0.8, 0.5] and a.dms_seeds == [0, 1, 2, 3, 4] and a.dms_restarts == 3 and a.recovery_steps == 250
     assert a.dms_steps == {0.5: 480}
     assert a.dms_budget_config == {0.5: "recipes/smollm2-135m-widths.yaml"}  # the MLPs alone cannot reach 50%
     assert bench.parse_args(preset + ["--budgets", "0.8"]).dms_steps == {}  # the file's 0.5=480 names no row here
@@ -770,8 +770,8 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
         ("wikitext2", "sparsegpt", None, (0.8,)), ("ptb", "sparsegpt", None, (0.8,))]
     assert a.align == 32 and a.dtype == "float32" and a.llamacpp_outtype == "q8_0"
     rows = [(m, b, r) for m, b, r in bench.plan_rows(a) for _ in bench.Benchmark(a).seeds(m)]
-    # dense; per budget, one-shot and recovered: 5 baselines, 2 compensated ones, 3 DMS seeds, restarts, LoRA
-    assert len(rows) == 1 + 2 * 2 * (5 + 2 + 3 + 1 + 1)
+    # dense; per budget, one-shot and recovered: 5 baselines, 2 compensated ones, 5 DMS seeds, restarts, LoRA
+    assert len(rows) == 1 + 2 * 2 * (5 + 2 + 5 + 1 + 1)
 
 
 def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):
