@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import WORDS, save_tiny_checkpoint, write_corpus
 
 import dms_llm.benchmark.rows as rows_module
@@ -617,7 +618,7 @@ def test_seed_summary_and_the_table_from_hand_made_rows():
         return {"method": "dms", "budget": 0.8, "recovery": recovery, "seed": seed, "params": 100_000_000 + seed * 1_000_000,
                 "ppl": {"wikitext2": {"llm-pruner": wt}, "ptb": {"llm-pruner": ptb}},
                 "zero_shot": {"boolq": {"value": zs, "stderr": se}}, "zero_shot_avg": zs, "zero_shot_avg_stderr": se,
-                "prefill_speedup": None, "decode_speedup": None, "time_s": time_s, "machines": {}}
+                "prefill_speedup": None, "decode_speedup": None, "time_s": time_s, "calib_tokens": 65_536, "machines": {}}
 
     rows = [row(0, 150.0, 240.0, 0.40, 0.02, 800.0), row(1, 130.0, 260.0, 0.50, 0.03, 900.0),
             row(2, 140.0, 200.0, 0.45, 0.01, 700.0), row(0, 90.0, 120.0, 0.5, 0.02, 1800.0, True),
@@ -640,7 +641,7 @@ def test_seed_summary_and_the_table_from_hand_made_rows():
     md = markdown(report)
     line = next(x for x in md.splitlines() if x.startswith("| dms (median of 3 seeds) | 0.8 | no | 0,1,2 | 101.00 (100.00–102.00) |"))
     assert "| 140.00 (130.00–150.00) | 240.00 (200.00–260.00) |" in line
-    assert "| 45.00 (40.00–50.00) | 45.00 ± 2.00 (40.00–50.00) |" in line and line.endswith("| 800.0 (700.0–900.0) |")
+    assert "| 45.00 (40.00–50.00) | 45.00 ± 2.00 (40.00–50.00) |" in line and line.endswith("| 800.0 (700.0–900.0) | 65,536 |")
     spread = next(x for x in md.splitlines() if x.startswith("| 0.8 | no | 0,1,2 |"))
     assert spread == "| 0.8 | no | 0,1,2 | 1.154 | 1.300 | 800.0 (700.0–900.0) |"
 
@@ -769,6 +770,8 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
         ("wikitext2", "llm-pruner", 320, None), ("ptb", "llm-pruner", 320, None),
         ("wikitext2", "sparsegpt", None, (0.8,)), ("ptb", "sparsegpt", None, (0.8,))]
     assert a.align == 32 and a.dtype == "float32" and a.llamacpp_outtype == "q8_0"
+    dms_recipe = yaml.safe_load((repo / "recipes" / "smollm2-135m-default.yaml").read_text())
+    assert a.calib_samples * a.seq_len >= dms_recipe["num-samples"] * dms_recipe["seq-len"]  # no baseline reads less
     rows = [(m, b, r) for m, b, r in bench.plan_rows(a) for _ in bench.Benchmark(a).seeds(m)]
     # dense; per budget, one-shot and recovered: 5 baselines, 2 compensated ones, 5 DMS seeds, restarts, LoRA
     assert len(rows) == 1 + 2 * 2 * (5 + 2 + 5 + 1 + 1)

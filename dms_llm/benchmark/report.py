@@ -188,7 +188,7 @@ def markdown(report: dict) -> str:
     llamacpp = any("llamacpp_pp_speedup" in r for r in rows)
     head = ["method", "budget", "recovery", "seed", "params (M)", "% dense"] + [f"{d} ppl ({p})" for d, p in ppl_cols]
     head += tasks + (["zero-shot avg ± SE"] if tasks else []) + ["prefill ×", "decode ×"]
-    head += (["llama.cpp pp ×", "llama.cpp tg ×"] if llamacpp else []) + ["prune time (s)"]
+    head += (["llama.cpp pp ×", "llama.cpp tg ×"] if llamacpp else []) + ["prune time (s)", "calibration tokens"]
     machines = report.get("machines") or {}
     where = [f"Machine: {report['machine']}"] if len({m for ms in machines.values() for m in ms} | {report["machine"]}) == 1 else [
         "Machines (by what they measured): " + "; ".join(f"{part}: {' / '.join(ms)}" for part, ms in machines.items())]
@@ -225,7 +225,7 @@ def markdown(report: dict) -> str:
         c += [cell(("prefill_speedup",)), cell(("decode_speedup",))]
         if llamacpp:
             c += [cell(("llamacpp_pp_speedup",)), cell(("llamacpp_tg_speedup",))]
-        c.append(cell(("time_s",), "{:.1f}"))
+        c += [cell(("time_s",), "{:.1f}"), cell(("calib_tokens",), "{:,.0f}")]
         return table_row(c)
 
     table_head = table(head)
