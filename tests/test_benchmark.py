@@ -335,6 +335,43 @@ def test_a_recovery_recipe_with_a_token_budget_is_refused(setup, capsys):
     assert not work.exists() and not out.exists()
 
 
+def test_recovery_curve_rows_of_the_median_seed_in_their_own_table_and_plot(setup):
+    """--recovery-curve: one more recovered row per point and curve method, each a fine-tuning run of that many
+    tokens with the curve's recipe (a longer point reads more); dms gets one, of its median seed by the one-shot
+    perplexity; the main table, plot and seed summary leave the curve out, its own table and plot show it; a
+    rerun builds nothing."""
+    bench = _load_benchmark()
+    out, work = setup["tmp"] / "results-curve", setup["tmp"] / "work-curve"
+    recipe = setup["tmp"] / "recover-curve.yaml"
+    recipe.write_text(f"distill-weight: 0.0\nsteps: 99\ndataset: {setup['corpus']}\nseq-len: 16\nnum-samples: 8\n")
+    argv = _argv(setup, out, work, "dense,magnitude,dms", speed_reps=0, recovery_steps=2, recovery_curve="32,64",
+                 recovery_curve_config=recipe, curve_methods="magnitude,dms", curve_budgets="0.7") + ["--dms-seeds", "0,1,2"]
+    for bad in (["--curve-methods", "flap"], ["--curve-budgets", "0.5"], ["--recovery-curve", "lots"]):
+        with pytest.raises(ConfigError):
+            bench.parse_args(argv + bad)
+    assert bench.main(argv) == 0
+    saved = [json.loads(p.read_text()) for p in (work / "rows").glob("*.json")]
+    curve = {(r["method"], r["curve_tokens"]): r for r in saved if r.get("curve_tokens")}
+    assert set(curve) == {("magnitude", 32), ("magnitude", 64), ("dms", 32), ("dms", 64)}
+    for (method, tokens), r in curve.items():
+        assert r["info"]["recovery"]["steps"] == tokens // 16 and r["recovery_tokens"] == tokens  # not the recipe's 99
+        assert r["identity"]["recovery_recipe"]["steps"] == 99 and list(r["ppl"])  # the curve's own recipe, measured
+    one_shot = {r["seed"]: r for r in saved if r["method"] == "dms" and not r["recovery"]}
+    values = sorted((next(iter(r["ppl"].values()))["value"], seed) for seed, r in one_shot.items())
+    assert len({v for v, _ in values}) == 3  # three different one-shot models: the median is one of them
+    assert {curve["dms", 32]["seed"], curve["dms", 64]["seed"]} == {values[1][1]}
+    report = json.loads((out / f"{Path(setup['model']).name}.json").read_text())
+    assert sum(1 for r in report["rows"] if r.get("curve_tokens")) == 4
+    assert all(len(s["seeds"]) == 3 for s in report["seed_summary"] if s["method"] == "dms")  # no curve row mixed in
+    md = (out / f"{Path(setup['model']).name}.md").read_text()
+    main_table, curve_table = md.split("## Recovery curve")
+    assert "| 32 |" not in main_table and "| magnitude | 0.7 | 0 | 32 |" in curve_table and "| dms | 0.7 |" in curve_table
+    assert (out / f"{Path(setup['model']).name}-curve.png").stat().st_size > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in (work / "rows").glob("*.json")}
+    assert bench.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "rows").glob("*.json")} == stamps
+
+
 def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
     """--train-dtype sets the dtype the DMS search and the recovery run in, is recorded, and keys the cache."""
     bench = _load_benchmark()
@@ -773,8 +810,11 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
     dms_recipe = yaml.safe_load((repo / "recipes" / "smollm2-135m-default.yaml").read_text())
     assert a.calib_samples * a.seq_len >= dms_recipe["num-samples"] * dms_recipe["seq-len"]  # no baseline reads less
     rows = [(m, b, r) for m, b, r in bench.plan_rows(a) for _ in bench.Benchmark(a).seeds(m)]
-    # dense; per budget, one-shot and recovered: 5 baselines, 2 compensated ones, 5 DMS seeds, restarts, LoRA
-    assert len(rows) == 1 + 2 * 2 * (5 + 2 + 5 + 1 + 1)
+    # dense; per budget, one-shot and recovered: 5 baselines, 2 compensated ones, 5 DMS seeds, restarts, LoRA;
+    # then the recovery curve at 80%: 3 points of DMS (one seed, once its one-shot rows are measured) and 2 baselines
+    assert len(rows) == 1 + 2 * 2 * (5 + 2 + 5 + 1 + 1) + 3 * (5 + 2)
+    assert [(m, b, r.tokens) for m, b, r in a.curve][:3] == [("dms", 0.8, 65536), ("dms", 0.8, 262144), ("dms", 0.8, 1000000)]
+    assert {m for m, _, _ in a.curve} == {"dms", "flap+compensation", "llm-pruner+compensation"}
 
 
 def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):

@@ -276,6 +276,24 @@ def test_data_dir_resolution(monkeypatch, tmp_path, tok):
     assert load_calibration("c4-sample", tok, seq_len=4, num_samples=3, cache_dir=str(tmp_path / "c")).shape == (3, 4)
 
 
+def test_both_c4_samples_give_twice_the_blocks(tok, tmp_path):
+    """`c4-samples` reads both C4 train samples: the blocks of one and of the other, and says which file it lacks."""
+    (tmp_path / "c4").mkdir()
+    write_jsonl(tmp_path / "c4" / "sample_c4-rp1.jsonl", [doc(i, 6) for i in range(8)])
+    with pytest.raises(FileNotFoundError, match=r"sample_c4-rp2\.jsonl"):
+        load_calibration("c4-samples", tok, seq_len=4, num_samples=1, data_dir=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    write_jsonl(tmp_path / "c4" / "sample_c4-rp2.jsonl", [doc(100 + i, 6) for i in range(8)])
+    one = pack_blocks(tokenize_units(tok, ((d, True) for d in [doc(i, 6) for i in range(8)])), 4)
+    both = load_calibration("c4-samples", tok, seq_len=4, num_samples=2 * len(one) - 1, data_dir=str(tmp_path),
+                            cache_dir=str(tmp_path / "c"))
+    assert len(both) > len(one)  # more blocks than the first sample holds
+    with pytest.raises(ValueError, match="at most"):
+        load_calibration("c4-sample", tok, seq_len=4, num_samples=len(both), data_dir=str(tmp_path), cache_dir=str(tmp_path / "d"))
+    (tmp_path / "c4" / "extra.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="other files"):
+        load_calibration("c4-samples", tok, seq_len=4, num_samples=1, data_dir=str(tmp_path), cache_dir=str(tmp_path / "e"))
+
+
 def test_offline_named_sources(tok, shared_data, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     # c4 falls back to the local train sample, and is then the same tensor as the default

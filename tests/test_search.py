@@ -731,6 +731,27 @@ def test_runs_with_other_mixed_precision_follow_each_other_in_one_process():
     assert AcceleratorState._shared_state is state and AcceleratorState().mixed_precision == "no"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about CPU runs")
+def test_bf16_on_a_cpu_without_bf16_instructions_is_warned_about(monkeypatch):
+    """bf16 autocast on a CPU that emulates it (8x slower than fp32 on an AVX2 machine) says so and what to
+    pass; a CPU with bf16 instructions, fp32 runs, and machines whose flags cannot be read stay silent."""
+    import warnings
+
+    import dms_llm.training.engine as engine_module
+    from dms_llm import RunSettings
+
+    def warned(precision: str, native) -> bool:
+        monkeypatch.setattr(engine_module, "cpu_has_bf16", lambda: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine_module.Engine(RunSettings(mixed_precision=precision), verbose=False)
+        return any("--mixed-precision no" in str(w.message) for w in caught)
+
+    assert warned("bf16", False)
+    assert not warned("bf16", True) and not warned("bf16", None) and not warned("no", False)
+    assert engine_module.cpu_has_bf16() in (True, False, None)
+
+
 def test_a_run_refuses_another_precision_than_the_process_was_launched_with():
     """A process launched with a mixed precision (accelerate launch --mixed_precision) keeps it: a run that
     asks for another says so instead of resetting the launcher's state."""

@@ -30,11 +30,14 @@ class RowMeasurements:
         return f"{a.llamacpp_outtype}|threads={a.llamacpp_threads}|pp={a.llamacpp_pp}|tg={a.llamacpp_tg}|reps={a.llamacpp_reps}"
 
     def missing(self, row: Row) -> tuple[list, list, bool, bool]:
-        """(perplexity cells, tasks, torch speed, llama.cpp speed) this row still lacks."""
+        """(perplexity cells, tasks, torch speed, llama.cpp speed) this row still lacks. A recovery-curve row
+        measures only the perplexity cells that every budget has (not those of --ppl-extra limited to some budgets),
+        and no tasks."""
         a = self.args
-        ppl = [c for c in self.ppl_cells if c.applies(row["method"], row["budget"])
+        curve = row.get("curve_tokens") is not None
+        ppl = [c for c in self.ppl_cells if c.applies(row["method"], row["budget"]) and not (curve and c.budgets is not None)
                and self.ppl_key(c.dataset, c.protocol, c.max_windows) not in row["ppl"]]
-        tasks = [t for t in a.tasks if self.task_key(t) not in row["zero_shot"]]
+        tasks = [] if curve else [t for t in a.tasks if self.task_key(t) not in row["zero_shot"]]
         speed = a.speed_reps > 0 and row["method"] != "dense" and self.speed_key() not in row["speed"]
         llamacpp = bool(getattr(a, "llamacpp", False)) and row["method"] != "dense" and self.llamacpp_key() not in row.setdefault("llamacpp", {})
         return ppl, tasks, speed, llamacpp
@@ -154,6 +157,8 @@ class RowMeasurements:
                "time_s": row["time_s"], "eval_time_s": eval_time, "machines": row.get("machines", {}),
                "dtype": row.get("dtype", a.dtype), "train_dtype": row.get("train_dtype"),
                "calib_tokens": row.get("calib_tokens"), "recovery_tokens": row.get("recovery_tokens")}
+        if row.get("curve_tokens") is not None:
+            out["curve_tokens"] = row["curve_tokens"]
         if getattr(a, "llamacpp", False):
             lc = (row.get("llamacpp") or {}).get(self.llamacpp_key()) or {}
             one = 1.0 if row["method"] == "dense" else None
@@ -162,8 +167,7 @@ class RowMeasurements:
         if (row.get("info") or {}).get("chosen_seed") is not None:
             out["chosen_seed"] = row["info"]["chosen_seed"]
         if row["method"] != "dense":
-            recipe_name = self.recipe_name(row["method"], row["budget"], (row.get("identity") or {}).get("recovery_steps", 0),
-                                           row.get("seed", a.seed))
+            recipe_name = self.recipe_name(row["method"], row["budget"], self.recovery_of(row), row.get("seed", a.seed))
             if recipe_name:
                 out["recipe_name"] = recipe_name
         return out

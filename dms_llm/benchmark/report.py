@@ -111,12 +111,67 @@ def seed_summary(rows: list[dict], method: str = "dms") -> list[dict]:
     return out
 
 
+def is_curve(row: dict) -> bool:
+    """A row of the recovery curve (--recovery-curve), which the main table, plot and seed summary leave out."""
+    return row.get("curve_tokens") is not None
+
+
+def curve_lines(report: dict) -> list[str]:
+    """The recovery curve's table: a line per curve row, by method, budget and tokens, with its main perplexity
+    cells (--ppl x --protocols)."""
+    rows = sorted((r for r in report["rows"] if is_curve(r)), key=lambda r: (r["method"], -r["budget"], r["curve_tokens"]))
+    settings = report["settings"]
+    main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    head = ["method", "budget", "seed", "recovery tokens"] + [f"{d} ppl ({p})" for d, p in main]
+    out = table(head)
+    for r in rows:
+        tokens = r.get("recovery_tokens") or r["curve_tokens"]
+        out.append(table_row([r["method"], f"{r['budget']:g}", "–" if r.get("seed") is None else str(r["seed"]), f"{tokens:,}"]
+                             + [_cell(_get(r, ("ppl", d, p))) for d, p in main]))
+    return out
+
+
+def curve_plot(report: dict, path: str) -> bool:
+    """Perplexity against recovery tokens (log scale), a panel per main perplexity cell and a line per method and
+    budget: the recovery curve. False (and no file) without curve rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if is_curve(r)]
+    settings = report["settings"]
+    main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    if not rows or not main:
+        return False
+    fig, axes = plt.subplots(1, len(main), figsize=(5.2 * len(main), 4.2), squeeze=False)
+    for ax, (d, p) in zip(axes[0], main):
+        for i, key in enumerate(dict.fromkeys((r["method"], r["budget"]) for r in rows)):
+            pts = sorted((r.get("recovery_tokens") or r["curve_tokens"], _get(r, ("ppl", d, p))) for r in rows
+                         if (r["method"], r["budget"]) == key and _get(r, ("ppl", d, p)) is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=f"{key[0]} at {key[1]:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("recovery fine-tuning tokens")
+        ax.set_ylabel(f"{d} perplexity ({p})")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['model']}: perplexity as recovery reads more tokens")
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return True
+
+
 def display_rows(report: dict) -> list[tuple[dict, dict | None]]:
     """The table's rows in order: (row, None) for a single row; (median row, summary) in place of the rows
     of a method with two or more seeds at one budget and recovery."""
     summaries = {(s["method"], s["budget"], s["recovery"]): s for s in report.get("seed_summary", []) if len(s["seeds"]) > 1}
     out, seen = [], set()
     for r in report["rows"]:
+        if is_curve(r):
+            continue  # in the recovery curve's own table and plot
         key = (r["method"], r["budget"], r["recovery"])
         if key in summaries:
             if key not in seen:
@@ -237,9 +292,18 @@ def markdown(report: dict) -> str:
     if multi:
         lines += ["", "## DMS over its seeds", ""] + _seed_spread(multi)
         lines += ["", "With recovery, the time is the search's plus the fine-tuning's. Each seed:", ""] + table_head
-        lines += [line(r, None) for r in rows if any(r["method"] == s["method"] and r["budget"] == s["budget"]
-                                                        and r["recovery"] == s["recovery"] for s in multi)]
+        lines += [line(r, None) for r in rows if not is_curve(r) and any(
+            r["method"] == s["method"] and r["budget"] == s["budget"] and r["recovery"] == s["recovery"] for s in multi)]
+    if any(is_curve(r) for r in rows):
+        lines += ["", "## Recovery curve", "", "Each point a fine-tuning run of that many tokens with the curve's recipe "
+                  f"({settings_of(report, 'recovery_curve_config') or settings_of(report, 'recovery_config') or 'the default'}); "
+                  "DMS: the seed whose one-shot row has the median perplexity. Plot: the `-curve.png` beside this file.", ""]
+        lines += curve_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def settings_of(report: dict, key: str):
+    return (report.get("settings") or {}).get(key)
 
 
 def _notes(report: dict, tasks: list, llamacpp: bool, multi: list) -> str:
@@ -373,7 +437,8 @@ def write_outputs(bench, rows: list[Row], argv) -> dict:
               "command": "dms-llm benchmark " + shlex.join(argv if argv is not None else sys.argv[1:]),
               "settings": {k: getattr(a, k) for k in ("budgets", "methods", "calib_dataset", "calib_samples", "seq_len", "ppl",
                                                        "protocols", "max_windows", "tasks", "limit", "dms_config", "dms_restarts",
-                                                       "recovery_steps", "recovery_config", "speed_reps", "speed_seq_len",
+                                                       "recovery_steps", "recovery_config", "recovery_curve",
+                                                       "recovery_curve_config", "speed_reps", "speed_seq_len",
                                                        "speed_new_tokens", "dtype", "train_dtype",
                                                        "device", "seed")},
               "rows": [bench.report_row(r) for r in rows]}
@@ -385,10 +450,11 @@ def write_outputs(bench, rows: list[Row], argv) -> dict:
     if getattr(a, "llamacpp", False):
         report["settings"]["llamacpp"] = {"outtype": a.llamacpp_outtype, "threads": a.llamacpp_threads, "reps": a.llamacpp_reps,
                                           "pp": a.llamacpp_pp, "tg": a.llamacpp_tg}
-    report["seed_summary"] = seed_summary(report["rows"])
+    report["seed_summary"] = seed_summary([r for r in report["rows"] if not is_curve(r)])
     os.makedirs(a.out, exist_ok=True)
     base = os.path.join(a.out, a.label)
     write_json_atomic(base + ".json", report, indent=1)
     write_text_atomic(base + ".md", markdown(report))
     plot(report, base + ".png")
+    curve_plot(report, base + "-curve.png")
     return report

@@ -6,7 +6,22 @@ keys."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypedDict
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """The recovery of a recovery-curve row: `tokens` of fine-tuning with the curve's recipe. It takes the
+    place of the step count that names a standard recovered row (true, like a count above zero)."""
+
+    tokens: int
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __str__(self) -> str:
+        return f"curve{self.tokens}"
 
 
 class _RowBase(TypedDict):
@@ -36,6 +51,7 @@ class Row(_RowBase, total=False):
     calib_tokens: int  # calibration text of the pruning: blocks x tokens
     heldout_tokens: int  # a DMS search's held-out blocks x tokens (restarts are scored on them)
     recovery_tokens: int  # tokens the recovery fine-tuning read
+    curve_tokens: int  # a recovery-curve row: its point (the tokens asked for)
     restored_from: str  # the results file it was restored from (`--from-results`)
     rebuilt: dict[str, Any]  # a restored row's rebuild: its time, machine and the perplexity check
 
@@ -71,6 +87,7 @@ class ReportedRow(_ReportedBase, total=False):
     llamacpp_tg: float | None
     chosen_seed: int  # the winning seed of a --restarts search
     recipe_name: str  # an adopted search's name without --adopt, when it is the recipe's search
+    curve_tokens: int  # a recovery-curve row: its point (the tokens asked for)
 
 
 ROW_KEYS = frozenset(Row.__required_keys__ | Row.__optional_keys__)

@@ -20,7 +20,7 @@ from .cells import ppl_cells
 from .compensated import COMPENSATED, COMPENSATION, build_compensated, compensation_calibration, refit_settings
 from .measure import RowMeasurements
 from .report import note_machine
-from .row import Row
+from .row import CurvePoint, Row
 
 BASELINES = ("magnitude", "wanda-sp", "llm-pruner", "flap", "shortgpt")
 DMS_METHODS = ("dms", "dms-restarts", "dms-lora")
@@ -72,6 +72,11 @@ class Benchmark(RowMeasurements):
             if self.recovery_recipe.get("max_tokens") is not None:  # rows are named and cached by their steps
                 raise ConfigError(f"--recovery-config {args.recovery_config} sets max-tokens, but --recovery-steps sets "
                                   "the length of the recovery rows: remove max-tokens from the recipe")
+        self.curve_recipe = self.recovery_recipe
+        if getattr(args, "recovery_curve_config", None):
+            from ..runs.finetune import load_recipe
+
+            self.curve_recipe = load_recipe(args.recovery_curve_config)
         self.ppl_cells = getattr(args, "ppl_cells", None) or ppl_cells(args.ppl, args.protocols, args.max_windows, [])
 
     # ----- lazily loaded inputs -----------------------------------------------------------------
@@ -97,10 +102,32 @@ class Benchmark(RowMeasurements):
         return self._blocks
 
     # ----- row identity -------------------------------------------------------------------------
-    def seeds(self, method: str) -> list[int]:
-        """The rows a method has per budget: one per --dms-seeds seed for `dms`, else one (--seed)."""
+    def seeds(self, method: str, budget: float | None = None, recovery=0) -> list[int]:
+        """The rows a method has per budget: one per --dms-seeds seed for `dms`, else one (--seed). A `dms`
+        recovery-curve point has one row, of the median seed (`curve_seed`)."""
         a = self.args
-        return list(getattr(a, "dms_seeds", None) or [a.seed]) if method == "dms" else [a.seed]
+        if method != "dms":
+            return [a.seed]
+        seeds = list(getattr(a, "dms_seeds", None) or [a.seed])
+        return self.curve_seeds(budget, seeds) if isinstance(recovery, CurvePoint) else seeds
+
+    def curve_seeds(self, budget: float, seeds: list[int]) -> list[int]:
+        """[the seed whose one-shot row has the median of the first perplexity cell] (the lower middle one of an
+        even count), once every seed's one-shot row has it; until then every seed (so that planning before the
+        one-shot rows are measured, as --from-results does, misses none)."""
+        cell = next((c for c in self.ppl_cells if c.budgets is None), None)
+        key = cell and self.ppl_key(cell.dataset, cell.protocol, cell.max_windows)
+        values = [((self.load_row("dms", budget, 0, s)["ppl"].get(key) or {}).get("value"), s) for s in seeds]
+        if key is None or any(v is None for v, _ in values):
+            return seeds
+        return [sorted(values)[(len(values) - 1) // 2][1]]
+
+    @staticmethod
+    def recovery_of(row: Row):
+        """The recovery a row was built with: its CurvePoint, its steps, or 0 (one-shot)."""
+        if row.get("curve_tokens") is not None:
+            return CurvePoint(int(row["curve_tokens"]))
+        return (row.get("identity") or {}).get("recovery_steps", 0)
 
     def dms_steps(self, budget: float) -> int | None:
         """--dms-steps for this budget: the DMS searches' steps in place of the recipe's, or None."""
@@ -150,7 +177,9 @@ class Benchmark(RowMeasurements):
             ident.update(align=a.align)
         if a.train_dtype != "auto" and (method in DMS_METHODS or recovery):  # left out at auto: earlier rows stay valid
             ident.update(train_dtype=a.train_dtype)
-        if recovery:
+        if isinstance(recovery, CurvePoint):
+            ident.update(recovery_tokens=recovery.tokens, recovery_recipe=self.curve_recipe, recovery_seed=a.seed)
+        elif recovery:
             ident.update(recovery_steps=recovery, recovery_data=[a.calib_dataset, a.calib_samples, a.seq_len, a.seed])
             if self.recovery_recipe is not None:
                 ident.update(recovery_recipe=self.recovery_recipe)
@@ -189,9 +218,12 @@ class Benchmark(RowMeasurements):
             row.setdefault("seed", seed)  # a cached row without a seed was made with this one
             row.setdefault("llamacpp", {})
             return row
-        return {"format": ROW_FORMAT, "name": name, "identity": self.identity(method, budget, recovery, seed), "method": method,
-                "budget": budget, "recovery": bool(recovery), "seed": seed, "params": None, "time_s": None, "artifact": None,
-                "ppl": {}, "zero_shot": {}, "speed": {}, "llamacpp": {}}
+        row = {"format": ROW_FORMAT, "name": name, "identity": self.identity(method, budget, recovery, seed), "method": method,
+               "budget": budget, "recovery": bool(recovery), "seed": seed, "params": None, "time_s": None, "artifact": None,
+               "ppl": {}, "zero_shot": {}, "speed": {}, "llamacpp": {}}
+        if isinstance(recovery, CurvePoint):
+            row["curve_tokens"] = recovery.tokens
+        return row
 
     def save_row(self, row: Row) -> None:
         write_json_atomic(self.row_path(row["name"]), row)
@@ -407,11 +439,15 @@ class Benchmark(RowMeasurements):
             from ..training.engine import has_checkpoint
 
             resume = has_checkpoint(os.path.join(out, "finetune_state"))
-            print(f"[benchmark] {row['method']} at {row['budget']:g}: recovery fine-tuning, {a.recovery_steps} steps", flush=True)
-            values = dict(self.recovery_recipe or dict(dataset=a.calib_dataset, seq_len=a.seq_len, num_samples=a.calib_samples))
-            values.pop("epochs", None)  # --recovery-steps sets the length
-            values.update(model=pruned_dir, teacher=a.model, output_dir=out, steps=a.recovery_steps, seed=a.seed,
-                          dtype=a.train_dtype, no_eval=True, resume=resume, overwrite=not resume, push_to_hub=None)
+            curve = row.get("curve_tokens")
+            recipe = self.curve_recipe if curve is not None else self.recovery_recipe
+            length = dict(max_tokens=curve, steps=None) if curve is not None else dict(steps=row["identity"]["recovery_steps"])
+            print(f"[benchmark] {row['method']} at {row['budget']:g}: recovery fine-tuning, "
+                  + (f"{curve:,} tokens" if curve is not None else f"{length['steps']} steps"), flush=True)
+            values = dict(recipe or dict(dataset=a.calib_dataset, seq_len=a.seq_len, num_samples=a.calib_samples))
+            values.pop("epochs", None)  # --recovery-steps or the curve's point sets the length
+            values.update(model=pruned_dir, teacher=a.model, output_dir=out, seed=a.seed, dtype=a.train_dtype, no_eval=True,
+                          resume=resume, overwrite=not resume, push_to_hub=None, **length)
             if a.data_dir:
                 values["data_dir"] = a.data_dir
             run_command("finetune", values, out + ".finetune.yaml")

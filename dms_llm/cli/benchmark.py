@@ -34,6 +34,7 @@ from typing import ClassVar
 
 from ..benchmark.cells import parse_ppl_extra, ppl_cells
 from ..benchmark.report import markdown, write_outputs
+from ..benchmark.row import CurvePoint
 from ..benchmark.rows import ALL_METHODS, DEFAULT_METHODS, DMS_METHODS, Benchmark
 from ..method import DMSConfig
 from ..runs.options import ConfigError, data_dir_default, exit_code, make, option, read_options
@@ -78,6 +79,15 @@ class BenchmarkConfig(EvalOptions):
     recovery_config: str | None = option(None, "fine-tuning recipe (YAML, `dms-llm finetune` options) of the recovery rows; "
                                                "its model, output and step count are set here. Default: LoRA + distillation "
                                                "on the calibration dataset")
+    recovery_curve: str | None = option(None, "TOKENS[,...]: the recovery curve, one more recovered row per point, each a "
+                                              "fine-tuning run of that many tokens with --recovery-curve-config, for the "
+                                              "--curve-methods at the --curve-budgets (dms: its median seed), e.g. "
+                                              "65536,262144,1048576")
+    recovery_curve_config: str | None = option(None, "fine-tuning recipe of the curve's rows (its length is each point's); "
+                                                     "default: --recovery-config")
+    curve_methods: str = option("dms,flap+compensation,llm-pruner+compensation", "methods of the recovery curve (those "
+                                                                                  "of --methods)")
+    curve_budgets: str = option("0.8", "budgets of the recovery curve (those of --budgets)")
     speed_reps: int = option(5, "timed runs per model for prefill/decode speed (0: skip)")
     speed_seq_len: int = option(128, "prefill length of the speed test")
     speed_new_tokens: int = option(32, "decode steps of the speed test (after 32 prompt tokens)")
@@ -107,7 +117,8 @@ class BenchmarkConfig(EvalOptions):
             raise ConfigError("--recovery-steps must be >= 0, --calib-samples and --seq-len >= 1")
         if self.dms_restarts < 2:
             raise ConfigError(f"--dms-restarts must be at least 2 (a dms row is one search), got {self.dms_restarts}")
-        for flag, path in (("--dms-config", self.dms_config), ("--recovery-config", self.recovery_config)):
+        for flag, path in (("--dms-config", self.dms_config), ("--recovery-config", self.recovery_config),
+                           ("--recovery-curve-config", self.recovery_curve_config)):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{flag} {path} not found")
 
@@ -136,6 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dms_budget_config = _per_budget("--dms-budget-config", cfg.dms_budget_config, args.budgets, _recipe_file,
                                          strict="dms_budget_config" in given)
     args.align = _align(cfg, ([cfg.dms_config] if cfg.dms_config else []) + list(args.dms_budget_config.values()))
+    args.curve = _curve(cfg, args, strict=bool({"curve_methods", "curve_budgets"} & set(given)))
     if cfg.llamacpp:
         _check_llamacpp(cfg)
     if cfg.from_results:
@@ -245,6 +257,33 @@ def _adopted(cfg: BenchmarkConfig, dms_seeds: list[int]) -> dict:
     return adopted
 
 
+def _curve(cfg: BenchmarkConfig, args, strict: bool) -> list[tuple[str, float, CurvePoint]]:
+    """The recovery curve's rows, (method, budget, CurvePoint) in order; [] without --recovery-curve. A method or
+    budget of --curve-methods/--curve-budgets that is not benchmarked is an error on the command line, and left
+    out from a --config file (as --dms-steps)."""
+    if not cfg.recovery_curve:
+        return []
+    try:
+        points = [int(float(t)) for t in cfg.recovery_curve.split(",") if t.strip()]
+    except ValueError:
+        points = []
+    if not points or min(points) < 1:
+        raise ConfigError(f"--recovery-curve {cfg.recovery_curve!r}: expected token counts, e.g. 65536,262144,1048576")
+    methods = [m.strip() for m in cfg.curve_methods.split(",") if m.strip()]
+    try:
+        budgets = [float(b) for b in cfg.curve_budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--curve-budgets {cfg.curve_budgets!r}: expected fractions, e.g. 0.8") from None
+    absent = [m for m in methods if m not in args.methods or m == "dense"] + [f"{b:g}" for b in budgets if b not in args.budgets]
+    if absent and strict:
+        raise ConfigError(f"--curve-methods/--curve-budgets name {absent}, which are not benchmarked (--methods, --budgets; "
+                          "dense has no recovery)")
+    if absent:
+        print(f"[benchmark] recovery curve (--config): {', '.join(absent)} left out, not benchmarked")
+    return [(m, b, CurvePoint(t)) for b in budgets if b in args.budgets for m in methods
+            if m in args.methods and m != "dense" for t in sorted(set(points))]
+
+
 def _steps(text: str) -> int:
     n = int(text)
     if n < 1:
@@ -291,7 +330,7 @@ def plan_rows(args) -> list[tuple[str, float, int]]:
             todo.append((m, budget, 0))
             if args.recovery_steps:
                 todo.append((m, budget, args.recovery_steps))
-    return todo
+    return todo + [row for row in getattr(args, "curve", []) if (row[0], row[1]) not in skipped]
 
 
 def main(argv=None) -> int:
@@ -306,13 +345,13 @@ def run_benchmark(args, argv) -> int:
     if args.from_results:
         from ..benchmark.restore import restore_rows
 
-        planned = [(m, b, r, seed) for m, b, r in plan_rows(args) for seed in bench.seeds(m)]
+        planned = [(m, b, r, seed) for m, b, r in plan_rows(args) for seed in bench.seeds(m, b, r)]
         count = restore_rows(bench, args.published, args.from_results, planned)
         print(f"[benchmark] {count} row(s) restored from {args.from_results}: their measurements as they are; a model "
               "is built again only where a missing cell needs it", flush=True)
     done = []
     for method, budget, recovery in plan_rows(args):
-        for seed in bench.seeds(method):  # dms: a row per --dms-seeds seed
+        for seed in bench.seeds(method, budget, recovery):  # dms: a row per --dms-seeds seed (a curve point: one)
             if args.report_only:
                 row = bench.load_row(method, budget, recovery, seed)
                 if row["params"] is None:

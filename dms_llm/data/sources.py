@@ -23,10 +23,11 @@ from ..hub import hub_host_resolves, offline_mode
 logger = logging.getLogger(__name__)
 
 DEFAULT_C4_SAMPLE = os.path.join("c4", "sample_c4-rp1.jsonl")
+C4_SAMPLES = ("c4/sample_c4-rp1.jsonl", "c4/sample_c4-rp2.jsonl")  # both: for runs that read more than one holds
 WIKITEXT2_TOKENS_TRAIN = os.path.join("wikitext-2-tokens", "wiki.train.tokens")
 PTB_TRAIN = os.path.join("ptb", "ptb.train.txt")
 C4_HUB_SHARD = "en/c4-train.00000-of-01024.json.gz"
-NAMED_DATASETS = ("default", "c4-sample", "wikitext2", "ptb", "c4", "alpaca")
+NAMED_DATASETS = ("default", "c4-sample", "c4-samples", "wikitext2", "ptb", "c4", "alpaca")
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".tokens", ".raw")
 # A whole text is cut into pieces of about this many characters, at line ends, so that the Rust
 # tokenizer gets a batch: on this CPU 4 KB pieces tokenise 2-3x faster than 64 KB ones or one 10 MB
@@ -314,6 +315,13 @@ def _resolve_source(dataset: str | None, data_dir: str | None, text_field: str) 
         path = _data_file(data_dir, DEFAULT_C4_SAMPLE, f"calibration dataset {key!r}")
         note = "C4 en train sample (very likely the first 1,000 documents of shard 0, via RedPajama)"
         return _local_source(key, path, "text", note=note)
+    if low == "c4-samples":
+        files = [_data_file(data_dir, os.path.join(*rel.split("/")), f"calibration dataset {key!r}") for rel in C4_SAMPLES]
+        source = _local_source(key, os.path.dirname(files[0]), "text", note="both C4 en train samples (2,000 documents)")
+        if sorted(source.files) != sorted(files):
+            raise ValueError(f"calibration dataset {key!r}: {os.path.dirname(files[0])} holds other files than "
+                             f"{', '.join(C4_SAMPLES)}; pass the folder or the files as a path instead")
+        return source
     if low in ("wikitext2", "wikitext-2", "wikitext"):
         ds = _try_hub("Salesforce/wikitext", "wikitext-2-raw-v1")
         if ds is not None:

@@ -21,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -170,6 +171,10 @@ class Engine:
                                project_dir=self.run_dir)
         self.mixed_precision = settings.mixed_precision
         self.scaler = _own_precision(self.acc, settings.mixed_precision)
+        if settings.mixed_precision == "bf16" and self.acc.device.type == "cpu" and cpu_has_bf16() is False:
+            warnings.warn("mixed precision bf16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16 in "
+                          "/proc/cpuinfo): autocast emulates it, several times slower than fp32 (8x on an AVX2 EPYC, "
+                          "docs/RESULTS.md 16); pass --mixed-precision no", stacklevel=2)
         self.state_dir = os.path.join(self.run_dir, state_name) if self.run_dir else None
         self.metrics_path = os.path.join(self.run_dir, METRICS_FILE) if self.run_dir else None
         if self.run_dir and self.acc.is_main_process:
@@ -407,6 +412,17 @@ class Engine:
                 bar.close()
 
         return update
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (Linux: avx512_bf16 or amx_bf16 among its flags); None where
+    that cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def _own_precision(acc, wanted: str):
