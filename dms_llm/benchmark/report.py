@@ -296,14 +296,10 @@ def markdown(report: dict) -> str:
             r["method"] == s["method"] and r["budget"] == s["budget"] and r["recovery"] == s["recovery"] for s in multi)]
     if any(is_curve(r) for r in rows):
         lines += ["", "## Recovery curve", "", "Each point a fine-tuning run of that many tokens with the curve's recipe "
-                  f"({settings_of(report, 'recovery_curve_config') or settings_of(report, 'recovery_config') or 'the default'}); "
+                  f"({report['settings'].get('recovery_curve_config') or report['settings'].get('recovery_config') or 'the default'}); "
                   "DMS: the seed whose one-shot row has the median perplexity. Plot: the `-curve.png` beside this file.", ""]
         lines += curve_lines(report)
     return "\n".join(lines) + "\n"
-
-
-def settings_of(report: dict, key: str):
-    return (report.get("settings") or {}).get(key)
 
 
 def _notes(report: dict, tasks: list, llamacpp: bool, multi: list) -> str:

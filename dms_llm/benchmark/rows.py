@@ -104,7 +104,7 @@ class Benchmark(RowMeasurements):
     # ----- row identity -------------------------------------------------------------------------
     def seeds(self, method: str, budget: float | None = None, recovery=0) -> list[int]:
         """The rows a method has per budget: one per --dms-seeds seed for `dms`, else one (--seed). A `dms`
-        recovery-curve point has one row, of the median seed (`curve_seed`)."""
+        recovery-curve point has one row, of the median seed (`curve_seeds`)."""
         a = self.args
         if method != "dms":
             return [a.seed]

@@ -320,7 +320,7 @@ def _per_budget(flag: str, spec, budgets, parse, strict: bool = True) -> dict:
     return values
 
 
-def plan_rows(args) -> list[tuple[str, float, int]]:
+def plan_rows(args) -> list[tuple[str, float, int | CurvePoint]]:
     todo = [("dense", 1.0, 0)] if "dense" in args.methods else []
     skipped = {(m, float(b)) for m, b in (spec.split("@", 1) for spec in getattr(args, "skip", []))}
     for budget in args.budgets:

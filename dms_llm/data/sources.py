@@ -23,7 +23,7 @@ from ..hub import hub_host_resolves, offline_mode
 logger = logging.getLogger(__name__)
 
 DEFAULT_C4_SAMPLE = os.path.join("c4", "sample_c4-rp1.jsonl")
-C4_SAMPLES = ("c4/sample_c4-rp1.jsonl", "c4/sample_c4-rp2.jsonl")  # both: for runs that read more than one holds
+C4_SAMPLES = (DEFAULT_C4_SAMPLE, os.path.join("c4", "sample_c4-rp2.jsonl"))  # both: for runs that read more than one holds
 WIKITEXT2_TOKENS_TRAIN = os.path.join("wikitext-2-tokens", "wiki.train.tokens")
 PTB_TRAIN = os.path.join("ptb", "ptb.train.txt")
 C4_HUB_SHARD = "en/c4-train.00000-of-01024.json.gz"
@@ -316,7 +316,7 @@ def _resolve_source(dataset: str | None, data_dir: str | None, text_field: str) 
         note = "C4 en train sample (very likely the first 1,000 documents of shard 0, via RedPajama)"
         return _local_source(key, path, "text", note=note)
     if low == "c4-samples":
-        files = [_data_file(data_dir, os.path.join(*rel.split("/")), f"calibration dataset {key!r}") for rel in C4_SAMPLES]
+        files = [_data_file(data_dir, rel, f"calibration dataset {key!r}") for rel in C4_SAMPLES]
         source = _local_source(key, os.path.dirname(files[0]), "text", note="both C4 en train samples (2,000 documents)")
         if sorted(source.files) != sorted(files):
             raise ValueError(f"calibration dataset {key!r}: {os.path.dirname(files[0])} holds other files than "
