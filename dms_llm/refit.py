@@ -301,8 +301,8 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
     units the selection changed, the kept columns of that input per state or None when they would take more
     than KEPT_INPUTS_MAX_BYTES); `plan` and the pruned model follow a changed selection."""
     stats, seen, inputs = _Statistics(), {}, []
-    keep = sum(x[..., 0].numel() for x in states) * sub.out_source.in_features * sub.out_pruned.weight.element_size()
-    keep = keep <= KEPT_INPUTS_MAX_BYTES
+    input_bytes = sum(x[..., 0].numel() for x in states) * sub.out_source.in_features * sub.out_pruned.weight.element_size()
+    keep = input_bytes <= KEPT_INPUTS_MAX_BYTES
     grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
     with removed_after([grab]):
         for x in states:

@@ -111,6 +111,11 @@ def seed_summary(rows: list[dict], method: str = "dms") -> list[dict]:
     return out
 
 
+def main_cells(settings: dict) -> list[tuple[str, str]]:
+    """The main perplexity cells, (dataset, protocol) for --ppl x --protocols, as the tables and plots show them."""
+    return [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+
+
 def is_curve(row: dict) -> bool:
     """A row of the recovery curve (--recovery-curve), which the main table, plot and seed summary leave out."""
     return row.get("curve_tokens") is not None
@@ -121,7 +126,7 @@ def curve_lines(report: dict) -> list[str]:
     cells (--ppl x --protocols)."""
     rows = sorted((r for r in report["rows"] if is_curve(r)), key=lambda r: (r["method"], -r["budget"], r["curve_tokens"]))
     settings = report["settings"]
-    main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    main = main_cells(settings)
     head = ["method", "budget", "seed", "recovery tokens"] + [f"{d} ppl ({p})" for d, p in main]
     out = table(head)
     for r in rows:
@@ -141,7 +146,7 @@ def curve_plot(report: dict, path: str) -> bool:
 
     rows = [r for r in report["rows"] if is_curve(r)]
     settings = report["settings"]
-    main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    main = main_cells(settings)
     if not rows or not main:
         return False
     fig, axes = plt.subplots(1, len(main), figsize=(5.2 * len(main), 4.2), squeeze=False)
@@ -196,7 +201,7 @@ def summary_lines(report: dict) -> list[str]:
     best pruned value of each column at each budget is bold (lowest perplexity, highest accuracy) once every
     method of that budget has it."""
     settings = report["settings"]
-    main = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    main = main_cells(settings)
     shown = display_rows(report)
     recovered = any(r["recovery"] for r, _ in shown)
     tasks = any(r.get("zero_shot_avg") is not None for r, _ in shown)
@@ -355,7 +360,7 @@ def plot_panels(report: dict) -> list[dict]:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     dense_params = dense["params"] if dense else max((r["params"] or 0 for r in rows), default=0)
     settings = report.get("settings", {})
-    cells = [(d, p) for d in settings.get("ppl") or [] for p in settings.get("protocols") or []]
+    cells = main_cells(settings)
     cells = cells or list(dict.fromkeys((d, p) for r in rows for d, by in r["ppl"].items() for p in by))
     kinds = [("ppl", d, p) for d, p in cells] + [("zero_shot_avg",)]
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
