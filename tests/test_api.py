@@ -29,7 +29,8 @@ def _state(model):
 
 def test_config_defaults_are_the_recommended_recipes():
     """DMSConfig's defaults are the widths recipe (any model, any budget); the SmolLM2 default recipe differs only
-    in searching the MLP widths alone (its heads are too coarse to search at 80%: docs/RESULTS.md 19)."""
+    in searching the MLP widths alone (its heads are too coarse to search at 80%: docs/RESULTS.md 19) and in
+    refitting on all 256 of its blocks (chosen on validation for its MLP-only plans, RESULTS 19)."""
     import yaml
 
     recipes = {}
@@ -39,8 +40,11 @@ def test_config_defaults_are_the_recommended_recipes():
     config, widths, default = DMSConfig(), recipes["smollm2-135m-widths"], recipes["smollm2-135m-default"]
     assert config.structures == tuple(widths["prune"].split(",")) == ("heads", "channels", "hidden")
     assert default["prune"] == "channels"
-    assert {k: v for k, v in default.items() if k not in ("prune", "target-ratio")} == {
-        k: v for k, v in widths.items() if k not in ("prune", "target-ratio")}
+    differ = ("prune", "target-ratio", "refit-samples")
+    assert {k: v for k, v in default.items() if k not in differ} == {k: v for k, v in widths.items() if k not in differ}
+    from dms_llm.refit import DEFAULT_BLOCKS
+
+    assert default["refit-samples"] == default["num-samples"] > widths.get("refit-samples", DEFAULT_BLOCKS)
     assert (config.steps, config.align, config.ratio_lr, config.budget_weight, config.train_weights) == (
         widths["steps"], widths["align"], widths["ratio-lr"], widths["budget-weight"], widths["train-weights"])
 
