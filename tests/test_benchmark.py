@@ -815,6 +815,7 @@ def test_config_file_and_the_issue_17_preset(setup, tmp_path, monkeypatch):
     assert len(rows) == 1 + 2 * 2 * (5 + 2 + 5 + 1 + 1) + 3 * (5 + 2)
     assert [(m, b, r.tokens) for m, b, r in a.curve][:3] == [("dms", 0.8, 65536), ("dms", 0.8, 262144), ("dms", 0.8, 1000000)]
     assert {m for m, _, _ in a.curve} == {"dms", "flap+compensation", "llm-pruner+compensation"}
+    assert bench.parse_args(preset + ["--recovery-curve", "none"]).curve == []  # one-shot rows only, as --tasks none
 
 
 def test_the_dms_recipe_reaches_the_search_with_its_align_and_warmup(setup):

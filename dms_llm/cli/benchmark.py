@@ -82,7 +82,7 @@ class BenchmarkConfig(EvalOptions):
     recovery_curve: str | None = option(None, "TOKENS[,...]: the recovery curve, one more recovered row per point, each a "
                                               "fine-tuning run of that many tokens with --recovery-curve-config, for the "
                                               "--curve-methods at the --curve-budgets (dms: its median seed), e.g. "
-                                              "65536,262144,1048576")
+                                              "65536,262144,1048576; none: no curve (the preset has one)")
     recovery_curve_config: str | None = option(None, "fine-tuning recipe of the curve's rows (its length is each point's); "
                                                      "default: --recovery-config")
     curve_methods: str = option("dms,flap+compensation,llm-pruner+compensation", "methods of the recovery curve (those "
@@ -261,7 +261,7 @@ def _curve(cfg: BenchmarkConfig, args, strict: bool) -> list[tuple[str, float, C
     """The recovery curve's rows, (method, budget, CurvePoint) in order; [] without --recovery-curve. A method or
     budget of --curve-methods/--curve-budgets that is not benchmarked is an error on the command line, and left
     out from a --config file (as --dms-steps)."""
-    if not cfg.recovery_curve:
+    if not cfg.recovery_curve or cfg.recovery_curve.strip().lower() == "none":
         return []
     try:
         points = [int(float(t)) for t in cfg.recovery_curve.split(",") if t.strip()]
