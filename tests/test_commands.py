@@ -70,6 +70,19 @@ def test_search_importance_option_reaches_the_method_and_refuses_unknown_modes(t
         parse_config(SearchConfig, base + ["--importance", "tokens"], "search")
 
 
+def test_an_unquoted_yaml_no_is_refused_with_the_quoting_that_keeps_it(tmp_path):
+    from dms_llm.runs.finetune import FinetuneConfig
+    from dms_llm.runs.options import ConfigError, parse_config
+
+    recipe = tmp_path / "r.yaml"
+    base = ["--config", str(recipe), "--model", "m", "--output-dir", str(tmp_path / "out")]
+    recipe.write_text("mixed-precision: no\n")  # YAML 1.1: the boolean False
+    with pytest.raises(ConfigError, match='mixed-precision: expected str, got False .*quote it, mixed-precision: "no"'):
+        parse_config(FinetuneConfig, base, "finetune")
+    recipe.write_text('mixed-precision: "no"\n')
+    assert parse_config(FinetuneConfig, base, "finetune").mixed_precision == "no"
+
+
 @pytest.mark.parametrize("error, one_line", [
     (ValueError("bad option"), True), (FileNotFoundError("no such folder"), True),
     (ActionableError("llama.cpp could not quantize"), True),
