@@ -397,7 +397,9 @@ def plot(report: dict, path: str) -> None:
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, panel in zip(axes[0], panels):
         for s in panel["series"]:
+            # recovered: dashed and hollow, so that a table of one budget (a point per series) still tells them apart
             ax.plot(s["x"], s["y"], marker="o", ls="--" if s["recovery"] else "-", color=colors[s["method"]],
+                    mfc="white" if s["recovery"] else colors[s["method"]],
                     label=s["method"] + (" + recovery" if s["recovery"] else ""))
             off = [(x, y) for x, y, o in zip(s["x"], s["y"], s["off_scale"]) if o]
             if off:
