@@ -79,6 +79,9 @@ def test_an_unquoted_yaml_no_is_refused_with_the_quoting_that_keeps_it(tmp_path)
     recipe.write_text("mixed-precision: no\n")  # YAML 1.1: the boolean False
     with pytest.raises(ConfigError, match='mixed-precision: expected str, got False .*quote it, mixed-precision: "no"'):
         parse_config(FinetuneConfig, base, "finetune")
+    recipe.write_text("mixed-precision: yes\n")
+    with pytest.raises(ConfigError, match='got True .*quote it, mixed-precision: "yes"'):
+        parse_config(FinetuneConfig, base, "finetune")
     recipe.write_text('mixed-precision: "no"\n')
     assert parse_config(FinetuneConfig, base, "finetune").mixed_precision == "no"
 
