@@ -77,10 +77,10 @@ def test_an_unquoted_yaml_no_is_refused_with_the_quoting_that_keeps_it(tmp_path)
     recipe = tmp_path / "r.yaml"
     base = ["--config", str(recipe), "--model", "m", "--output-dir", str(tmp_path / "out")]
     recipe.write_text("mixed-precision: no\n")  # YAML 1.1: the boolean False
-    with pytest.raises(ConfigError, match='mixed-precision: expected str, got False .*quote it, mixed-precision: "no"'):
+    with pytest.raises(ConfigError, match=r'mixed-precision: expected str, got False \(YAML reads an unquoted no or off .*mixed-precision: "no"'):
         parse_config(FinetuneConfig, base, "finetune")
     recipe.write_text("mixed-precision: yes\n")
-    with pytest.raises(ConfigError, match='got True .*quote it, mixed-precision: "yes"'):
+    with pytest.raises(ConfigError, match=r'got True \(YAML reads an unquoted yes or on .*mixed-precision: "yes"'):
         parse_config(FinetuneConfig, base, "finetune")
     recipe.write_text('mixed-precision: "no"\n')
     assert parse_config(FinetuneConfig, base, "finetune").mixed_precision == "no"

@@ -153,8 +153,8 @@ def _value(o: Option, key, value, where: str):
             value = value if o.kind is bool else _CONVERT[o.kind](value)
         except ValueError:
             # YAML 1.1 reads an unquoted no, off, yes or on as a boolean: name the quoting that keeps the word
-            word = "yes" if value is True else "no"
-            hint = f' (YAML reads an unquoted {word} as {value}: quote it, {key}: "{word}")' \
+            words = ("yes", "on") if value is True else ("no", "off")
+            hint = f' (YAML reads an unquoted {" or ".join(words)} as {value}: quote the word, e.g. {key}: "{words[0]}")' \
                 if isinstance(value, bool) and o.kind in (str, tuple) else ""
             raise ConfigError(f"{where}: {key}: expected {'str' if o.kind is tuple else o.kind.__name__}, got {value!r}{hint}") from None
     if o.choices and value is not None and value not in o.choices:
