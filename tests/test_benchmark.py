@@ -356,6 +356,12 @@ def test_recovery_curve_rows_of_the_median_seed_in_their_own_table_and_plot(setu
     for (method, tokens), r in curve.items():
         assert r["info"]["recovery"]["steps"] == tokens // 16 and r["recovery_tokens"] == tokens  # not the recipe's 99
         assert r["identity"]["recovery_recipe"]["steps"] == 99 and list(r["ppl"])  # the curve's own recipe, measured
+    for method in ("magnitude", "dms"):  # the 64-token point continued the 32-token one (a constant learning rate)
+        short, long = ([json.loads(line) for line in open(work / r["artifact"] / "metrics.jsonl")]
+                       for r in (curve[method, 32], curve[method, 64]))
+        assert curve[method, 32]["info"]["recovery"]["continued_at_step"] is None and len(short) == 2
+        assert curve[method, 64]["info"]["recovery"]["continued_at_step"] == 2 and len(long) == 4
+        assert [m["loss"] for m in long[:2]] == [m["loss"] for m in short]
     one_shot = {r["seed"]: r for r in saved if r["method"] == "dms" and not r["recovery"]}
     values = sorted((next(iter(r["ppl"].values()))["value"], seed) for seed, r in one_shot.items())
     assert len({v for v, _ in values}) == 3  # three different one-shot models: the median is one of them

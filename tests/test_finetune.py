@@ -234,6 +234,37 @@ def test_resume_after_stop_equals_an_uninterrupted_run(ckpts, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_continue_from_a_shorter_run_equals_the_longer_run(ckpts, tmp_path, capsys):
+    """A 6-step run, and a 3-step run kept with --keep-state then continued to 6 steps: the same metrics and
+    bit-identical weights (the 3-step weights differ, so the continuation trained). A run that cannot be
+    continued is refused before anything is written."""
+    from safetensors.torch import load_file
+
+    common = ("--lora-dropout", "0.1", "--lr", "5e-3", "--grad-accum", "2", "--warmup-steps", "2")  # dropout: the RNG too
+    assert main(_args(ckpts["dms"], tmp_path / "whole", ckpts["corpus"], *common)) == 0
+    assert main(_args(ckpts["dms"], tmp_path / "short", ckpts["corpus"], *common, "--keep-state", steps=3)) == 0
+    assert has_checkpoint(tmp_path / "short" / "finetune_state") and not (tmp_path / "whole" / "finetune_state").exists()
+    assert main(_args(ckpts["dms"], tmp_path / "cont", ckpts["corpus"], *common, "--continue-from", str(tmp_path / "short"))) == 0
+    strip = lambda ms: [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in ms]  # noqa: E731
+    assert len(_metrics(tmp_path / "cont")) == 6 and strip(_metrics(tmp_path / "cont")) == strip(_metrics(tmp_path / "whole"))
+    whole, short, cont = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "short", "cont"))
+    assert any(not torch.equal(whole[k], short[k]) for k in whole)
+    assert whole.keys() == cont.keys() and all(torch.equal(whole[k], cont[k]) for k in whole)
+    summary, first = (json.load(open(tmp_path / d / "finetune_summary.json")) for d in ("cont", "short"))
+    assert summary["continued_at_step"] == 3 and summary["train_time_s"] > first["train_time_s"]
+    assert summary["loss_first"] == pytest.approx(json.load(open(tmp_path / "whole" / "finetune_summary.json"))["loss_first"])
+    capsys.readouterr()
+    refused = {"not kept": (tmp_path / "whole", ()), "another lr": (tmp_path / "short", ("--lr", "1e-3")),
+               "another warmup": (tmp_path / "short", ("--warmup-steps", "1")),
+               "cosine": (tmp_path / "short", ("--schedule", "cosine")), "longer source": (tmp_path / "short", ("--steps", "2"))}
+    says = {"not kept": "kept no training state", "another lr": "--lr 0.005 (now 0.001)", "another warmup": "--warmup-resolved 2 (now 1)",
+            "cosine": "--schedule constant in both runs", "longer source": "trained 3 steps, more than this run's 2"}
+    for case, (source, extra) in refused.items():
+        out = tmp_path / case.replace(" ", "-")
+        assert main(_args(ckpts["dms"], out, ckpts["corpus"], *common, *extra, "--continue-from", str(source))) == 2, case
+        assert says[case] in capsys.readouterr().err and not out.exists(), case
+
+
 def _shuffled_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -448,6 +448,8 @@ class Benchmark(RowMeasurements):
             values.pop("epochs", None)  # --recovery-steps or the curve's point sets the length
             values.update(model=pruned_dir, teacher=a.model, output_dir=out, seed=a.seed, dtype=a.train_dtype, no_eval=True,
                           resume=resume, overwrite=not resume, push_to_hub=None, **length)
+            if curve is not None:  # each point keeps its final state; the next one continues the longest finished one
+                values.update(keep_state=True, continue_from=self.curve_start(row, values.get("schedule", "constant")))
             if a.data_dir:
                 values["data_dir"] = a.data_dir
             run_command("finetune", values, out + ".finetune.yaml")
@@ -455,7 +457,26 @@ class Benchmark(RowMeasurements):
         row.update(params=int(summary["params"]), time_s=float(base["time_s"]) + float(summary["train_time_s"]),
                    artifact=os.path.relpath(out, a.work),
                    info={"recovery": {k: summary.get(k) for k in ("method", "steps", "teacher", "lr", "train_time_s", "dtype",
-                                                                   "seed", "tokens")}})
+                                                                   "seed", "tokens", "continued_at_step")}})
+
+    def curve_start(self, row: Row, schedule: str) -> str | None:
+        """The run folder a recovery-curve row continues: the row of the longest shorter point of its method,
+        budget and seed that has finished with its state kept. Under a constant learning rate a run of N tokens
+        is, step for step, the first N tokens of a longer one (the data order and the learning rate are
+        functions of the step), so the curve costs its longest point, not the sum of its points. None under a
+        cosine schedule (its rate depends on the length) or when no shorter point has finished."""
+        if schedule != "constant":
+            return None
+        from ..training.engine import has_checkpoint
+
+        shorter = sorted((p.tokens for m, b, p in getattr(self.args, "curve", []) if (m, b) == (row["method"], row["budget"])
+                          and p.tokens < row["curve_tokens"]), reverse=True)
+        for tokens in shorter:
+            folder = os.path.join(self.args.work, "recovered", self.row_name(row["method"], row["budget"], CurvePoint(tokens),
+                                                                             row["seed"]))
+            if os.path.isfile(os.path.join(folder, "finetune_summary.json")) and has_checkpoint(os.path.join(folder, "finetune_state")):
+                return folder
+        return None
 
     def ensure_built(self, method: str, budget: float, recovery: int, seed: int | None = None) -> Row:
         row = self.load_row(method, budget, recovery, seed)

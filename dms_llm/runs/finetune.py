@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..files import read_json
 from ..markdown import table
-from ..training.engine import process_state
+from ..training.engine import METRICS_FILE, has_checkpoint, process_state
 from ..training.recovery import SCHEDULES, RecoveryConfig
-from .folder import RunOptions, check_resume
+from .folder import RunOptions, changed_settings, check_resume
 from .options import ConfigError, data_dir_default, option, part, record
 from .options import load_recipe as _load_recipe
 
@@ -46,6 +48,10 @@ class FinetuneConfig(RunOptions, RecoveryConfig):
     # Settings a resumed run must share with the run it continues (the checkpoint means nothing otherwise).
     RESUME: ClassVar[tuple] = RunOptions.RESUME + ("model", "teacher", "method", "lora_r", "lora_alpha", "lora_dropout",
                                                    "distill_weight", "ce_weight", "schedule", "steps_resolved")
+    # ... and a run that continues another (--continue-from) must share every setting its steps depend on but the
+    # length: the data order and the learning rate are functions of the step, so the shorter run's steps are its own.
+    CONTINUE: ClassVar[tuple] = tuple(k for k in RESUME if k != "steps_resolved") + (
+        "lr", "warmup_resolved", "weight_decay", "max_grad_norm", "distill_temperature", "mixed_precision")
 
     model: str | None = option(None, "the pruned checkpoint folder to fine-tune (holds dms_plan.json)")
     teacher: str | None = option(None, "dense model for distillation: folder, Hub id or alias; default: the plan's source model")
@@ -59,6 +65,11 @@ class FinetuneConfig(RunOptions, RecoveryConfig):
     dataset: str = option("default", "training text: default (C4 train sample), c4, wikitext2, ptb, alpaca, or a file/folder")
     num_samples: int = option(512, "training blocks (one epoch = this many blocks)")
     overwrite: bool = option(False, "replace an existing --output-dir that holds a checkpoint or a fine-tuning run")
+    keep_state: bool = option(False, "keep the final training state (finetune_state: the trained weights, the optimiser "
+                                     "and the random state) in the saved folder, so that a longer run can --continue-from it")
+    continue_from: str | None = option(None, "a finished, shorter run of the same recipe saved with --keep-state: start "
+                                             "from its final state, as if this run had trained that far itself (constant "
+                                             "--schedule only: a cosine depends on the run's length)")
 
     def __post_init__(self):
         if not self.model:
@@ -165,18 +176,50 @@ def resolve_steps(cfg: FinetuneConfig, num_processes: int) -> int:
 
 
 def resolve_warmup(cfg: FinetuneConfig, steps: int) -> int:
-    return cfg.warmup_steps if cfg.warmup_steps is not None else min(20, steps // 10)
+    return warmup_of(cfg.warmup_steps, steps)
+
+
+def warmup_of(warmup_steps: int | None, steps: int) -> int:
+    return warmup_steps if warmup_steps is not None else min(20, steps // 10)
 
 
 def recovery_config(cfg: FinetuneConfig, steps: int) -> RecoveryConfig:
     return part(cfg, RecoveryConfig, steps=steps, warmup_steps=resolve_warmup(cfg, steps))
 
 
+def check_continue(cfg: FinetuneConfig, steps: int) -> int | None:
+    """The step a --continue-from run starts at (the steps of the run it continues), once the run is known to
+    be one this run can continue; None without --continue-from. Checked before anything is loaded."""
+    if not cfg.continue_from:
+        return None
+    src = os.path.abspath(os.path.expanduser(cfg.continue_from))
+    how = "rerun the shorter one with --keep-state, or drop --continue-from to train from the start"
+    if not (os.path.isfile(os.path.join(src, "finetune_summary.json")) and os.path.isfile(os.path.join(src, CONFIG_FILE))):
+        raise ConfigError(f"--continue-from {src} is not a finished fine-tuning run (no finetune_summary.json); {how}")
+    if not has_checkpoint(os.path.join(src, STATE_DIR)):
+        raise ConfigError(f"--continue-from {src} kept no training state ({STATE_DIR}); {how}")
+    saved = read_json(os.path.join(src, CONFIG_FILE))
+    if cfg.schedule != "constant" or saved.get("schedule", "constant") != "constant":
+        raise ConfigError("--continue-from needs --schedule constant in both runs: a cosine's learning rate at each step "
+                          "depends on the run's length, so the shorter run's steps are not this run's")
+    done = int(saved["steps_resolved"])
+    if done > steps:
+        raise ConfigError(f"--continue-from {src} trained {done} steps, more than this run's {steps}: give a longer "
+                          "--steps or --max-tokens")
+    saved = saved | {"model": os.path.abspath(saved.get("model") or ""),
+                     "warmup_resolved": saved.get("warmup_resolved", warmup_of(saved.get("warmup_steps"), done))}
+    was = changed_settings(cfg, saved, cfg.CONTINUE, {"model": os.path.abspath(cfg.model),
+                                                      "warmup_resolved": resolve_warmup(cfg, steps)})
+    if was:
+        raise ConfigError(f"--continue-from: {src} was trained with {was}; continue it with the same settings")
+    return done
+
+
 # ----- the command --------------------------------------------------------------------------------
 def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     from ..checkpoints.loading import load_model_and_tokenizer, resolve_model, training_dtype
     from ..data import load_calibration
-    from ..training.engine import Stopped, has_checkpoint
+    from ..training.engine import Stopped
     from ..training.recovery import recover
     from .folder import check_output_dir, evaluate, evaluate_after, evaluate_once, push, report, start_run_folder
 
@@ -195,6 +238,8 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     say = lambda *a: state.is_main_process and print(*a, flush=True)  # noqa: E731
     steps = resolve_steps(cfg, state.num_processes)
     check_resume(cfg, out, CONFIG_FILE, {"steps_resolved": steps})
+    continued_at = check_continue(cfg, steps)
+    continuing = continued_at is not None and not cfg.resume  # a resumed continuation has its own, later, checkpoint
     dtype = training_dtype(cfg.dtype)
     say(f"loading the pruned model {pruned_dir} as {dtype}")
     model, tokenizer = load_model_and_tokenizer(pruned_dir, dtype=dtype)
@@ -211,8 +256,13 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
         say("--distill-weight 0: the teacher is not loaded")
 
     if state.is_main_process:
-        start_run_folder(out, cfg.overwrite and not cfg.resume, record(cfg) | {"steps_resolved": steps, "teacher_resolved": teacher},
+        start_run_folder(out, cfg.overwrite and not cfg.resume, record(cfg) | {
+            "steps_resolved": steps, "warmup_resolved": resolve_warmup(cfg, steps), "teacher_resolved": teacher},
                          CONFIG_FILE, stale=(STATE_DIR, "before_eval.json", "lora_adapter"))
+        if continuing:  # its state, and its steps' metrics: this run's summary covers every step from the first
+            src = os.path.abspath(os.path.expanduser(cfg.continue_from))
+            shutil.copytree(os.path.join(src, STATE_DIR), os.path.join(out, STATE_DIR))
+            shutil.copy2(os.path.join(src, METRICS_FILE), os.path.join(out, METRICS_FILE))
     state.wait_for_everyone()
 
     before = None
@@ -221,7 +271,7 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
             [os.path.join(out, "before_eval.json")], lambda: evaluate(model, tokenizer, cfg, name=pruned_dir), state)
     try:
         result = recover(model, blocks, recovery_config(cfg, steps), cfg.run_settings(), teacher=teacher_model, run_dir=out,
-                         resume=cfg.resume, verbose=state.is_main_process)
+                         resume=cfg.resume or continuing, verbose=state.is_main_process)
     except Stopped as e:
         say(f"stopped at step {e.step}/{e.total}; checkpoint saved. Continue with the same command plus --resume")
         return {"finished": False, "step": e.step}
@@ -229,6 +279,10 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     del teacher_model  # free it before saving
 
     summary = _summary(cfg, result, steps, teacher, pruned_dir, out, dtype, state)
+    if continued_at is not None:  # the time of the steps it continued, so that train_time_s is the whole run's
+        src = os.path.abspath(os.path.expanduser(cfg.continue_from))
+        summary.update(continued_from=src, continued_at_step=continued_at,
+                       train_time_s=summary["train_time_s"] + read_json(os.path.join(src, "finetune_summary.json"))["train_time_s"])
     if state.is_main_process:
         say(f"fine-tuned {steps} steps in {result.train_time_s:.0f} s; loss {summary['loss_first']:.3f} -> {summary['loss_last']:.3f}"
             + (f"; merged vs LoRA logits max diff {result.merge_max_abs_diff:.2e}" if result.merge_max_abs_diff is not None else ""))
@@ -249,7 +303,6 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
 def _summary(cfg: FinetuneConfig, result, steps: int, teacher, pruned_dir: str, out: str, dtype: str, state) -> dict:
     """finetune_summary.json: what was trained, on what, how long, and the loss at the start and the end."""
     from ..data import describe_dataset
-    from ..training.engine import METRICS_FILE
 
     metrics = []
     if state.is_main_process:
@@ -365,6 +418,6 @@ def _save(model, tokenizer, plan, cfg, out, pruned_dir, summary, command) -> Non
             "settings": {k: v for k, v in (record.search or {}).items() if v not in (None, False, "")},
             "tags": ["fine-tuned"] + (["lora"] if cfg.method == "lora" else []) + (["knowledge-distillation"] if summary["teacher"] else [])}
     save_into_run_folder(model, tokenizer, out, plan, card, pruned_dir,
-                         carry=("metrics.jsonl", CONFIG_FILE, "tensorboard", "lora_adapter"),
+                         carry=("metrics.jsonl", CONFIG_FILE, "tensorboard", "lora_adapter") + ((STATE_DIR,) if cfg.keep_state else ()),
                          add=lambda folder: write_json_atomic(os.path.join(folder, "finetune_summary.json"), summary))
 

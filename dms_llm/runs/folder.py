@@ -74,13 +74,19 @@ def check_resume(cfg, out: str, record_file: str, derived: dict | None = None) -
     path = os.path.join(out, record_file)
     if not (cfg.resume and os.path.isfile(path)):
         return
-    saved, now = read_json(path), record(cfg) | (derived or {})
-    defaults = {o.name: o.default for o in options(type(cfg))} | cfg.LEGACY
-    recorded = {k: saved.get(k, defaults.get(k)) for k in cfg.RESUME}
-    changed = [k for k in cfg.RESUME if recorded[k] != now[k]]
-    if changed:
-        was = ", ".join(f"--{k.replace('_', '-')} {recorded[k]} (now {now[k]})" for k in changed)
+    was = changed_settings(cfg, read_json(path), cfg.RESUME, derived)
+    if was:
         raise ConfigError(f"--resume: the checkpoint in {out} was made with {was}; resume with the same settings")
+
+
+def changed_settings(cfg, saved: dict, keys: tuple, derived: dict | None = None) -> str:
+    """The settings among `keys` whose value in the run record `saved` differs from `cfg`'s (with the values
+    the run `derived`), as "--name OLD (now NEW), ..."; "" when none does. A record that predates a setting
+    counts as its default (or the value in `cfg.LEGACY` that reproduces that run)."""
+    now = record(cfg) | (derived or {})
+    defaults = {o.name: o.default for o in options(type(cfg))} | cfg.LEGACY
+    recorded = {k: saved.get(k, defaults.get(k)) for k in keys}
+    return ", ".join(f"--{k.replace('_', '-')} {recorded[k]} (now {now[k]})" for k in keys if recorded[k] != now[k])
 
 
 def check_output_dir(out: str, overwrite: bool, resume: bool, can_resume: bool, protected: dict[str, str],
