@@ -18,6 +18,13 @@ are removed greedily by the least increase of that error, the optimal-brain-surg
 statistics (removing column set S from the fit costs tr(W_S (H^-1)_SS^-1 W_S^T), after which W and H^-1
 are updated as if S had never been there), a few units at a time. The plan is updated in place.
 
+Hidden channels the plan removes are missing from every sublayer's input. With `fill_hidden`, each kept
+sublayer's input is completed instead of left at zero: the removed channels of the source's normalised input
+are predicted from the kept ones by the ridge regression B = C[D, H] (C[H, H] + alpha * mean(diag) I)^-1 on
+the dense model's own normalised inputs (C their second moments over the calibration tokens, D the removed
+channels), and the pruned q/k/v (gate/up) become W[:, H] + W[:, D] B: on the kept channels they compute what
+the source computes on the completed input, which is then the input the output projection is fit on.
+
 The layers are compensated front to back on the pruned prefix: the hidden states of every calibration
 token are kept between sublayers, so each sublayer is fit on the input that the compensated layers before
 it produce, and one pass of each source sublayer is the whole cost. The pruned sublayer's own input to its
@@ -36,6 +43,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -54,6 +62,9 @@ SELECTIONS = ("plan", "reconstruction")
 # sublayer's pass (the refit of the default 80% SmolLM2 plan: 1.21x faster, eval/bench_refit.py); above this
 # many bytes the pass is run instead (the source's passes and the second moments are the rest of the time).
 KEPT_INPUTS_MAX_BYTES = 2 << 30
+# The hidden fill's second moments (float64, hidden x hidden per kept sublayer) are gathered by dense passes
+# over the calibration blocks, as many sublayers per pass as fit in this many bytes (a 7B model: 15 a pass).
+FILL_STATISTICS_MAX_BYTES = 2 << 30
 # Greedy removal takes this many rounds per sublayer at most (units leave in equal chunks): one unit per
 # round is the exact greedy rule, and on SmolLM2 rounds of a few channels lost nothing measurable.
 _SELECTION_ROUNDS = 64
@@ -252,6 +263,68 @@ def _set_units(plan: PrunePlan, sub: _Sublayer, units: list[int]) -> None:
 
 
 @torch.no_grad()
+def _hidden_fill_maps(source: nn.Module, subs: list[_Sublayer], blocks: torch.Tensor, hidden: torch.Tensor,
+                      alpha: float, batch_size: int) -> dict[tuple[int, str], torch.Tensor]:
+    """B per kept sublayer ((source layer, kind) -> [removed, kept] hidden channels, float64): the ridge
+    regression of the removed channels of the source's normalised sublayer input on the kept ones, over the
+    dense model's passes on `blocks`."""
+    src, width = ModelParts(source), source.config.hidden_size
+    removed = _removed_channels(hidden, width)
+    norms = {(sub.source_layer, sub.kind): src.norm(sub.source_layer, "attn_norm" if sub.kind == "attention" else "mlp_norm")
+             for sub in subs}
+    per_pass = max(1, FILL_STATISTICS_MAX_BYTES // (width * width * 8))
+    keys, maps, device = list(norms), {}, model_device(source)
+    for start in range(0, len(keys), per_pass):
+        group = keys[start:start + per_pass]
+        stats = {key: _Statistics() for key in group}
+        hooks = [norms[key].register_forward_hook(lambda m, a, out, key=key: stats[key].add(out.detach())) for key in group]
+        last = max(layer for layer, _ in group)
+        if last + 1 < len(src.layers):  # the pass ends after the group's last layer
+            hooks.append(src.layers[last + 1].register_forward_pre_hook(_raise_stop))
+        with removed_after(hooks):
+            for ids in batches(blocks, batch_size):
+                try:
+                    source(ids.to(device), use_cache=False)
+                except _Stop:
+                    pass
+        for key in group:
+            cov = stats[key].cov[:width, :width]
+            kept = cov[hidden][:, hidden]
+            ridge = alpha * kept.diagonal().mean() * torch.eye(len(hidden), dtype=cov.dtype, device=cov.device)
+            maps[key] = torch.linalg.solve(kept + ridge, cov[hidden][:, removed]).T
+        del stats
+    return maps
+
+
+def _raise_stop(*_):
+    raise _Stop
+
+
+def _removed_channels(hidden: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.as_tensor(sorted(set(range(width)) - set(hidden.tolist())), dtype=torch.long)
+
+
+def _fill_inputs(sub: _Sublayer, fill: torch.Tensor, hidden: torch.Tensor, plan: PrunePlan, pruned_model: nn.Module) -> None:
+    """The pruned sublayer's input projections become W[rows, H] + W[rows, D] B (`fill` = B): on the kept hidden
+    channels they compute what the source's compute on the input completed by B."""
+    removed = _removed_channels(hidden, plan.shapes.hidden_size)
+    slicer = PlanSlicer(plan, ModelParts(pruned_model).spec, device=sub.out_pruned.weight.device)
+    names = {m: n for n, m in pruned_model.named_modules()}
+    source_params = {n: p for n, p in sub.source.named_parameters()}
+    out_name = names[sub.out_pruned]
+    with torch.no_grad():
+        for name, p in sub.pruned.named_parameters():
+            full = f"{names[sub.pruned]}.{name}"
+            if full.startswith(out_name + ".") or not name.endswith("weight") or p.dim() != 2:
+                continue
+            recipe = slicer.recipe(full)
+            w = source_params[name]
+            kept = slicer.make(recipe, w, w.dtype).double()
+            extra = slicer.make(replace(recipe, cols=removed.to(recipe.cols.device)), w, w.dtype).double()
+            p.copy_((kept + extra @ fill.to(kept.device)).to(p.dtype))
+
+
+@torch.no_grad()
 def _capture_inputs(pruned: nn.Module, parts: ModelParts, blocks: torch.Tensor, batch_size: int, device):
     """The first decoder layer's input for every batch, and the rotary embeddings and attention mask that
     the first attention sublayer is called with (the same for every block: one length, no padding)."""
@@ -295,18 +368,21 @@ def _check_arguments(source: nn.Module, blocks: torch.Tensor, alpha: float, batc
 
 
 def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidden: torch.Tensor, alpha: float,
-                    select: str, plan: PrunePlan, pruned: nn.Module, source: nn.Module):
+                    select: str, plan: PrunePlan, pruned: nn.Module, source: nn.Module, fill: torch.Tensor | None = None):
     """Refit one sublayer on the residual streams entering it (`states`): the source sublayer's input to its
     output projection, gathered over every block, is what the solve fits. Returns (relative error before, after, kept
     units the selection changed, the kept columns of that input per state or None when they would take more
-    than KEPT_INPUTS_MAX_BYTES); `plan` and the pruned model follow a changed selection."""
+    than KEPT_INPUTS_MAX_BYTES); `plan` and the pruned model follow a changed selection. `fill`: the hidden
+    fill's B of this sublayer (`widen` then completes the input with it)."""
+    if fill is not None:
+        _fill_inputs(sub, fill, hidden, plan, pruned)
     stats, seen, inputs = _Statistics(), {}, []
     input_bytes = sum(x[..., 0].numel() for x in states) * sub.out_source.in_features * sub.out_pruned.weight.element_size()
     keep = input_bytes <= KEPT_INPUTS_MAX_BYTES
     grab = sub.out_source.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0]))
     with removed_after([grab]):
         for x in states:
-            run(sub.source, sub.kind, widen(sub.norm(x)))
+            run(sub.source, sub.kind, widen(sub.norm(x), fill))
             z = seen.pop("z")
             stats.add(z)
             if keep:
@@ -318,6 +394,8 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
         changed = len(set(old_units) - set(units))
         _set_units(plan, sub, units)
         _reslice_inputs(sub, plan, pruned, source)
+        if fill is not None:
+            _fill_inputs(sub, fill, hidden, plan, pruned)
     if keep:
         cols = sub.columns(units).to(inputs[0].device)
         inputs = [z[..., cols] for z in inputs]
@@ -327,7 +405,7 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
 @torch.no_grad()
 def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePlan, blocks: torch.Tensor,
                              alpha: float = DEFAULT_ALPHA, batch_size: int = 8, select: str = "plan",
-                             progress: bool = False, read_source=None) -> dict:
+                             progress: bool = False, read_source=None, fill_hidden: bool = False) -> dict:
     """Compensate, in place, `pruned` (= prune_model(source, plan)) so that each kept sublayer reproduces the
     source sublayer's output on `blocks` (token ids, [n, seq_len]) as closely as its kept channels allow:
     its o_proj/down_proj weights are refit and, with `select="reconstruction"`, the heads and channels it
@@ -336,7 +414,12 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
     selection changed, and the time it took.
 
     `read_source(name)`, when given, returns the source's tensor `name` (a state-dict name) and `source` is
-    the source's structure on the meta device: each sublayer's weights are read for its pass only."""
+    the source's structure on the meta device: each sublayer's weights are read for its pass only.
+    `fill_hidden`: complete each sublayer's input where the plan removed hidden channels (the module's
+    docstring); it runs the dense source over `blocks`, so it needs the source in memory, not `read_source`."""
+    if fill_hidden and read_source is not None:
+        raise ValueError("fill_hidden runs the dense source over the calibration blocks: it needs the source in memory, "
+                         "not read from the files (read_source)")
     _check_arguments(source, blocks, alpha, batch_size, select, read_source)
     streamed = read_source is not None
     names = {module: name for name, module in source.named_modules()} if streamed else {}
@@ -354,13 +437,19 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
     source.config._attn_implementation = pruned.config._attn_implementation
     errors, changed, started = [], 0, time.perf_counter()
 
-    def widen(x: torch.Tensor) -> torch.Tensor:
+    removed = _removed_channels(hidden, full_width)
+
+    def widen(x: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """x on the kept hidden channels -> the full width: the removed ones zero, or predicted by `fill`."""
         wide = x.new_zeros(*x.shape[:-1], full_width)
         wide[..., hidden.to(x.device)] = x
+        if fill is not None:
+            wide[..., removed.to(x.device)] = (x.double() @ fill.T.to(x.device)).to(x.dtype)
         return wide
 
     bar = tqdm(total=len(subs), desc="refit", unit="sublayer", disable=not progress, dynamic_ncols=True)
     try:
+        fills = _hidden_fill_maps(source, subs, blocks, hidden, alpha, batch_size) if fill_hidden and len(removed) else {}
         states, rope, mask = _capture_inputs(pruned, parts, blocks, batch_size, device)
 
         def run(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -370,7 +459,7 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
             if streamed:
                 sub.read_source(read_source, names, sub.out_pruned.weight)
             before, after, units_changed, inputs = _refit_sublayer(sub, states, run, widen, hidden, alpha, select, plan,
-                                                                   pruned, source)
+                                                                   pruned, source, fills.get((sub.source_layer, sub.kind)))
             changed += units_changed
             errors.append((before, after))
             if streamed:
@@ -391,6 +480,6 @@ def refit_output_projections(pruned: nn.Module, source: nn.Module, plan: PrunePl
         plan.validate()
     before = sum(e[0] for e in errors) / max(len(errors), 1)
     after = sum(e[1] for e in errors) / max(len(errors), 1)
-    return {"alpha": alpha, "select": select, "tokens": int(blocks.numel()), "sublayers": len(errors),
+    return {"alpha": alpha, "select": select, "fill_hidden": bool(fills), "tokens": int(blocks.numel()), "sublayers": len(errors),
             "units_changed": changed, "relative_error_before": before, "relative_error_after": after,
             "time_s": time.perf_counter() - started}

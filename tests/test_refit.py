@@ -240,3 +240,81 @@ def test_the_kept_inputs_carry_the_stream_as_the_pruned_sublayers_would(family, 
     held_out = input_ids(batch=4, seq=16, seed=9)
     assert _max_logit_diff(kept, rerun, held_out) < 1e-4
     assert _max_logit_diff(kept, dropped, held_out) > 1e-2  # the carried stream decides the later fits
+
+
+def _hidden_in_a_subspace(model, removed: list[int], seed: int = 0) -> torch.Tensor:
+    """Make the `removed` hidden channels of every residual stream a fixed linear map M of the others: the
+    embedding's columns and every o_proj/down_proj's rows there are M times the kept ones, so each sublayer
+    adds to the stream within that subspace. Returns M ([removed, kept])."""
+    parts, width = ModelParts(model), model.config.hidden_size
+    kept = [c for c in range(width) if c not in removed]
+    m = torch.randn(len(removed), len(kept), generator=torch.Generator().manual_seed(seed)) / len(kept) ** 0.5
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed[:, removed] = embed[:, kept] @ m.T
+        for layer in range(len(parts.layers)):
+            for proj in (parts.attn_proj(layer, "o"), parts.mlp_proj(layer, "down")):
+                proj.weight[removed] = m @ proj.weight[kept]
+                if proj.bias is not None:
+                    proj.bias[removed] = m @ proj.bias[kept]
+    return m
+
+
+def test_the_hidden_fill_predicts_removed_channels_that_are_linear_in_the_kept_ones(family):
+    """In a model whose removed hidden channels are M times the kept ones everywhere, each sublayer's fill map
+    is exactly diag(g_D) M diag(g_H)^-1 (g: the norm in front of it), recovered from the dense passes alone."""
+    from dms_llm.refit import _hidden_fill_maps, _sublayers
+
+    source = tiny_model(family, num_hidden_layers=3)
+    removed = [c for c in range(source.config.hidden_size) if c % 4 == 1]
+    m = _hidden_in_a_subspace(source, removed)
+    plan = PrunePlan.dense(source.config)
+    plan.hidden_channels = [c for c in plan.hidden_channels if c not in removed]
+    plan = _checked(plan)
+    hidden = torch.as_tensor(plan.hidden_channels)
+    subs = _sublayers(prune_model(source, plan), source, plan)
+    maps = _hidden_fill_maps(source, subs, input_ids(batch=16, seq=16, seed=3), hidden, alpha=1e-12, batch_size=4)
+    parts = ModelParts(source)
+    assert len(maps) == 6
+    for (layer, kind), b in maps.items():
+        g = parts.norm(layer, "attn_norm" if kind == "attention" else "mlp_norm").weight.double()
+        expected = g[removed, None] * m.double() / g[hidden][None, :]
+        assert torch.allclose(b, expected, atol=1e-6), (layer, kind, (b - expected).abs().max())
+
+
+def _without_hidden_channels(family):
+    """A source whose every fourth hidden channel (from 1) is a linear map of the others, with an lm_head
+    that does not read them (the refit leaves the head alone), and the plan that removes them."""
+    source = tiny_model(family, num_hidden_layers=3, tie_word_embeddings=False)
+    removed = [c for c in range(source.config.hidden_size) if c % 4 == 1]
+    _hidden_in_a_subspace(source, removed)
+    with torch.no_grad():
+        source.lm_head.weight[:, removed] = 0
+    plan = PrunePlan.dense(source.config)
+    plan.hidden_channels = [c for c in plan.hidden_channels if c not in removed]
+    return source, _checked(plan)
+
+
+def _kl(source, pruned, ids) -> float:
+    """KL(source || pruned) of the next-token distributions, averaged over the tokens of `ids`."""
+    with torch.no_grad():
+        p = torch.log_softmax(source(ids).logits.double(), -1)
+        q = torch.log_softmax(pruned(ids).logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_the_hidden_fill_rebuilds_a_model_without_hidden_channels_the_kept_ones_predict(family):
+    """Removing a quarter of the hidden channels, which the kept ones predict: the refit with the fill is
+    nearly the source (KL on held-out ids), the refit without it is not; only projections differ between the two."""
+    source, plan = _without_hidden_channels(family)
+    calibration, held_out = input_ids(batch=32, seq=16, seed=3), input_ids(batch=8, seq=16, seed=9)
+    plain, filled = prune_model(source, plan), prune_model(source, plan)
+    assert not refit_output_projections(plain, source, plan, calibration, alpha=1e-10)["fill_hidden"]
+    assert refit_output_projections(filled, source, plan, calibration, alpha=1e-10, fill_hidden=True)["fill_hidden"]
+    assert _kl(source, filled, held_out) < 0.1 * _kl(source, plain, held_out), (_kl(source, filled, held_out), _kl(source, plain, held_out))
+    differ = {n for (n, a), b in zip(plain.named_parameters(), filled.parameters()) if not torch.equal(a, b)}
+    assert differ and all(n.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj")
+                          for n in differ), differ
+    with pytest.raises(ValueError, match="needs the source in memory"):
+        refit_output_projections(prune_model(source, plan), source, plan, calibration, fill_hidden=True,
+                                 read_source=lambda name: None)

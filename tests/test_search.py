@@ -669,6 +669,39 @@ def test_refit_replaces_only_the_output_projections_of_the_saved_checkpoint(setu
     assert "--refit-alpha must be > 0" in capsys.readouterr().err and not os.path.exists(tmp / "bad")
 
 
+def test_refit_hidden_fill_completes_the_removed_hidden_channels_in_the_input_projections(setup, capsys):
+    """--refit-hidden fill on a plan that removes hidden channels: the saved checkpoint's q/k/v and gate/up are no
+    longer slices of the source (the fill is folded into them), the summary says so, and a search that would
+    prune from the files, or dms-llm prune, refuses it before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    from dms_llm.cli.prune import main as prune_main
+    from dms_llm.plan import PrunePlan
+    from dms_llm.prune import prune_model
+
+    model_dir, corpus, tmp = setup
+    out = tmp / "fill"
+    assert main(_args(model_dir, corpus, out, "--target-ratio", "0.5", "--prune", "heads,channels,hidden", "--refit",
+                      "--refit-samples", "8", "--refit-hidden", "fill", steps=12)) == 0
+    plan = PrunePlan.from_json(str(out / "dms_plan.json"))
+    assert len(plan.hidden_channels) < plan.shapes.hidden_size  # the search removed hidden channels
+    assert json.load(open(out / "search_summary.json"))["refit"]["fill_hidden"]
+    sliced = prune_model(AutoModelForCausalLM.from_pretrained(model_dir), plan).state_dict()
+    saved = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    changed = {n.rsplit(".", 2)[-2] for n in saved if not torch.equal(saved[n], sliced[n])}
+    assert {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"} <= changed <= {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                                   "gate_proj", "up_proj", "down_proj"}
+    capsys.readouterr()
+    for bad in (tmp / "from-files", tmp / "pruned"):
+        argv = (_args(model_dir, corpus, bad, "--target-ratio", "0.5", "--refit", "--refit-hidden", "fill",
+                      "--prune-from-files", "always") if bad.name == "from-files" else
+                ["--plan", str(out / "dms_plan.json"), "--model", model_dir, "--output-dir", str(bad), "--refit",
+                 "--refit-hidden", "fill"])
+        assert (main if bad.name == "from-files" else prune_main)(argv) == 2
+        assert "--refit-hidden fill runs the dense model beside the pruned one" in capsys.readouterr().err
+        assert not bad.exists()
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_refit_after_pruning_from_the_files_matches_the_one_in_memory(tmp_path, processes):
     """--prune-from-files --refit: the source is never loaded whole; the refit reads its sublayers from the

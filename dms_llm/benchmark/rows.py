@@ -13,7 +13,8 @@ import os
 import time
 
 from ..errors import ActionableError
-from ..files import read_json, write_json_atomic, write_text_atomic
+from ..files import read_json, write_json_atomic
+from ..runs import run_command
 from ..runs.options import ConfigError
 from ..runs.search import same_search
 from .cells import ppl_cells
@@ -29,23 +30,6 @@ ALL_METHODS = ("dense",) + BASELINES + COMPENSATED + DMS_METHODS
 # baselines read the DMS recipe's calibration and refit settings, so a config names them.
 DEFAULT_METHODS = tuple(m for m in ALL_METHODS if m != "dms-restarts" and m not in COMPENSATED)
 ROW_FORMAT = "dms_benchmark_row/1"
-
-
-def run_command(name: str, values: dict, config_path: str) -> None:
-    """`dms-llm NAME --config CONFIG_PATH` in-process, with `values` written as that recipe: the recipe is read
-    back as the command reads it and its `run` (`dms_llm.runs`) writes the folder, which records that command."""
-    import shlex
-
-    import yaml
-
-    from ..runs import finetune, search
-    from ..runs.options import load_recipe, make
-
-    cls, run = {"search": (search.SearchConfig, search.run), "finetune": (finetune.FinetuneConfig, finetune.run)}[name]
-    write_text_atomic(config_path, yaml.safe_dump(values, sort_keys=True))
-    command = f"dms-llm {name} " + shlex.join(["--config", config_path])  # as `dms-llm` records its own argv
-    if not run(make(cls, load_recipe(config_path, cls)), command).get("finished"):
-        raise ActionableError(f"`{command}` stopped before the end (it is resumable)")
 
 
 def _digest(obj) -> str:
@@ -460,20 +444,19 @@ class Benchmark(RowMeasurements):
                                                                    "seed", "tokens", "continued_at_step")}})
 
     def curve_start(self, row: Row, schedule: str) -> str | None:
-        """The run folder a recovery-curve row continues: the row of the longest shorter point of its method,
-        budget and seed that has finished with its state kept. Under a constant learning rate a run of N tokens
-        is, step for step, the first N tokens of a longer one (the data order and the learning rate are
-        functions of the step), so the curve costs its longest point, not the sum of its points. None under a
+        """The run a recovery-curve row continues (--continue-from): the longest shorter point of its method, budget
+        and seed that finished with its state kept. Under a constant rate the data order and the rate are functions
+        of the step, so N tokens are the first N of a longer run: the curve costs its longest point. None under a
         cosine schedule (its rate depends on the length) or when no shorter point has finished."""
-        if schedule != "constant":
-            return None
         from ..training.engine import has_checkpoint
 
-        shorter = sorted((p.tokens for m, b, p in getattr(self.args, "curve", []) if (m, b) == (row["method"], row["budget"])
-                          and p.tokens < row["curve_tokens"]), reverse=True)
-        for tokens in shorter:
-            folder = os.path.join(self.args.work, "recovered", self.row_name(row["method"], row["budget"], CurvePoint(tokens),
-                                                                             row["seed"]))
+        if schedule != "constant":
+            return None
+        shorter = [p.tokens for m, b, p in getattr(self.args, "curve", [])
+                   if (m, b) == (row["method"], row["budget"]) and p.tokens < row["curve_tokens"]]
+        for tokens in sorted(shorter, reverse=True):
+            name = self.row_name(row["method"], row["budget"], CurvePoint(tokens), row["seed"])
+            folder = os.path.join(self.args.work, "recovered", name)
             if os.path.isfile(os.path.join(folder, "finetune_summary.json")) and has_checkpoint(os.path.join(folder, "finetune_state")):
                 return folder
         return None

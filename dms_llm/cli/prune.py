@@ -44,6 +44,10 @@ class PruneConfig(RefitOptions):
         if not os.path.isfile(self.plan):
             raise ConfigError(f"--plan {self.plan}: no such file")
         super().__post_init__()
+        if self.refit and self.refit_hidden == "fill":
+            raise ConfigError("--refit-hidden fill runs the dense model beside the pruned one, and dms-llm prune reads the "
+                              "source from its files one sublayer at a time: refit with the search instead (dms-llm search "
+                              "--refit --refit-hidden fill), or pass --refit-hidden zero")
         if self.seq_len < 1:
             raise ConfigError("--seq-len must be positive")
 

@@ -26,6 +26,8 @@ from .options import load_recipe as _load_recipe
 # Held-out blocks that score --restarts: 32 x 256 tokens ranked six SmolLM2 searches as their test
 # perplexities did wherever those differed by 20% or more (docs/RESULTS.md, section 4).
 DEFAULT_HELDOUT_SAMPLES = 32
+HIDDEN_FILL_IN_MEMORY = ("--refit-hidden fill runs the dense model beside the pruned one, so the search must prune a copy in "
+                         "memory: pass --prune-from-files never (not with --fsdp), or --refit-hidden zero")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class RefitOptions:
                                choices=REFIT_SELECTIONS)
     refit_alpha: float = option(DEFAULT_REFIT_ALPHA, "ridge term of the refit, relative to the mean channel energy")
     refit_samples: int = option(DEFAULT_REFIT_BLOCKS, "calibration blocks the refit reads (a search's: the first of its own)")
+    refit_hidden: str = option("zero", "where the plan removes hidden channels, what each refit sublayer's input holds there: "
+                                       "zero (nothing, as the pruned model) or fill (predicted from the kept channels by "
+                                       "a linear map fit on the dense model, folded into q/k/v and gate/up; needs the "
+                                       "dense model in memory)", choices=("zero", "fill"))
 
     def __post_init__(self):
         if not self.refit_alpha > 0:
@@ -119,6 +125,8 @@ class SearchConfig(RunOptions, RefitOptions, DMSConfig):
         if self.fsdp and (self.train_weights != "none" or self.prune_from_files == "never"):
             raise ConfigError("--fsdp shards frozen weights and prunes from the source files: it needs --train-weights none "
                               "and --prune-from-files auto or always")
+        if self.refit and self.refit_hidden == "fill" and (self.fsdp or self.prune_from_files == "always"):
+            raise ConfigError(HIDDEN_FILL_IN_MEMORY)
         super().__post_init__()
         RefitOptions.__post_init__(self)  # the other bases' checks: RunOptions, the first, does not chain
         try:
@@ -273,6 +281,8 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     model, tokenizer = _load(cfg, source, dtype, state)
     method = cfg.method()
     files = _prune_from_files(cfg, source)
+    if files is not None and cfg.refit and cfg.refit_hidden == "fill":
+        raise ConfigError(HIDDEN_FILL_IN_MEMORY + f" ({source} is sharded: --prune-from-files auto prunes it from the files)")
     try:
         target, dense = resolve_budget(model, method, cfg.target_params, cfg.target_ratio)
     except ValueError as e:
@@ -306,7 +316,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
     def refit(pruned_model, source_model, read_source=None):
         plan.metadata.refit = refit_output_projections(pruned_model, source_model, plan, blocks[:cfg.refit_samples],
                                                           alpha=cfg.refit_alpha, batch_size=cfg.batch_size,
-                                                          select=cfg.refit_select,
+                                                          select=cfg.refit_select, fill_hidden=cfg.refit_hidden == "fill",
                                                           progress=state.is_main_process, read_source=read_source)
         if len(heldout):  # recorded only: restarts rank the plain slices (the architectures; docs/CLI.md)
             plan.metadata.heldout_loss_after_refit = heldout_loss(pruned_model, heldout, cfg.batch_size)
