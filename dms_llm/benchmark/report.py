@@ -143,6 +143,7 @@ def curve_plot(report: dict, path: str) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     rows = [r for r in report["rows"] if is_curve(r)]
     settings = report["settings"]
@@ -158,6 +159,12 @@ def curve_plot(report: dict, path: str) -> bool:
                 ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=f"{key[0]} at {key[1]:g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # ticks at the curve's points, and plain perplexities: a narrow log range otherwise shows only 8.5 x 10^1
+        ax.set_xticks(sorted({r.get("recovery_tokens") or r["curve_tokens"] for r in rows}))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_tokens_label))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        for formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_xlabel("recovery fine-tuning tokens")
         ax.set_ylabel(f"{d} perplexity ({p})")
         ax.grid(alpha=0.3, which="both")
@@ -167,6 +174,13 @@ def curve_plot(report: dict, path: str) -> bool:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return True
+
+
+def _tokens_label(tokens: float, _=None) -> str:
+    """65536 -> 64k, 262144 -> 256k (the curve's points are powers of two), 1000000 -> 1M."""
+    if tokens >= 1e6:
+        return f"{tokens / 1e6:g}M"
+    return f"{tokens / 1024:.0f}k" if tokens % 1024 == 0 else f"{tokens / 1e3:.0f}k"
 
 
 def display_rows(report: dict) -> list[tuple[dict, dict | None]]:
@@ -302,6 +316,7 @@ def markdown(report: dict) -> str:
     if any(is_curve(r) for r in rows):
         lines += ["", "## Recovery curve", "", "Each point a fine-tuning run of that many tokens with the curve's recipe "
                   f"({report['settings'].get('recovery_curve_config') or report['settings'].get('recovery_config') or 'the default'}); "
+                  "under a constant learning rate a point continues the shorter one before it (the same steps, not rerun); "
                   "DMS: the seed whose one-shot row has the median perplexity. Plot: the `-curve.png` beside this file.", ""]
         lines += curve_lines(report)
     return "\n".join(lines) + "\n"
