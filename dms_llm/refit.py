@@ -237,21 +237,31 @@ def _solve(sub: _Sublayer, stats: _Statistics, hidden: torch.Tensor, alpha: floa
     return before, after, units
 
 
-def _reslice_inputs(sub: _Sublayer, plan: PrunePlan, pruned_model: nn.Module, source_model: nn.Module) -> None:
-    """After a selection changed the plan's units: q/k/v (or gate/up) of the pruned sublayer from the source."""
+def _reslice_inputs(sub: _Sublayer, plan: PrunePlan, pruned_model: nn.Module, source_model: nn.Module,
+                    fill: torch.Tensor | None = None) -> None:
+    """q/k/v (or gate/up) of the pruned sublayer from the source, after a selection changed the plan's units or
+    with the hidden fill B (`fill`): then each weight is W[rows, H] + W[rows, D] B, which computes on the kept
+    hidden channels what the source computes on the input completed by B."""
     slicer = PlanSlicer(plan, ModelParts(pruned_model).spec, device=sub.out_pruned.weight.device)
     prefix = f"{slicer.prefix}{sub.pruned_layer}."
     names = {m: n for n, m in pruned_model.named_modules()}
     sublayer_name = names[sub.pruned]
     source_params = dict(source_model.named_parameters())
     out_name = names[sub.out_pruned]
+    removed = _removed_channels(torch.as_tensor(plan.hidden_channels), plan.shapes.hidden_size) if fill is not None else None
     with torch.no_grad():
         for name, p in sub.pruned.named_parameters():
             full = f"{sublayer_name}.{name}"
             if full.startswith(out_name + ".") or not full.startswith(prefix):
                 continue
             recipe = slicer.recipe(full)
-            p.copy_(slicer.make(recipe, source_params[recipe.source], p.dtype))
+            w = source_params[recipe.source]
+            if fill is None or p.dim() != 2:  # biases and norms take no input channels
+                p.copy_(slicer.make(recipe, w, p.dtype))
+                continue
+            kept = slicer.make(recipe, w, w.dtype).double()
+            extra = slicer.make(replace(recipe, cols=removed.to(recipe.cols.device)), w, w.dtype).double()
+            p.copy_((kept + extra @ fill.to(kept.device)).to(p.dtype))
 
 
 def _set_units(plan: PrunePlan, sub: _Sublayer, units: list[int]) -> None:
@@ -302,26 +312,6 @@ def _raise_stop(*_):
 
 def _removed_channels(hidden: torch.Tensor, width: int) -> torch.Tensor:
     return torch.as_tensor(sorted(set(range(width)) - set(hidden.tolist())), dtype=torch.long)
-
-
-def _fill_inputs(sub: _Sublayer, fill: torch.Tensor, hidden: torch.Tensor, plan: PrunePlan, pruned_model: nn.Module) -> None:
-    """The pruned sublayer's input projections become W[rows, H] + W[rows, D] B (`fill` = B): on the kept hidden
-    channels they compute what the source's compute on the input completed by B."""
-    removed = _removed_channels(hidden, plan.shapes.hidden_size)
-    slicer = PlanSlicer(plan, ModelParts(pruned_model).spec, device=sub.out_pruned.weight.device)
-    names = {m: n for n, m in pruned_model.named_modules()}
-    source_params = {n: p for n, p in sub.source.named_parameters()}
-    out_name = names[sub.out_pruned]
-    with torch.no_grad():
-        for name, p in sub.pruned.named_parameters():
-            full = f"{names[sub.pruned]}.{name}"
-            if full.startswith(out_name + ".") or not name.endswith("weight") or p.dim() != 2:
-                continue
-            recipe = slicer.recipe(full)
-            w = source_params[name]
-            kept = slicer.make(recipe, w, w.dtype).double()
-            extra = slicer.make(replace(recipe, cols=removed.to(recipe.cols.device)), w, w.dtype).double()
-            p.copy_((kept + extra @ fill.to(kept.device)).to(p.dtype))
 
 
 @torch.no_grad()
@@ -375,7 +365,7 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
     than KEPT_INPUTS_MAX_BYTES); `plan` and the pruned model follow a changed selection. `fill`: the hidden
     fill's B of this sublayer (`widen` then completes the input with it)."""
     if fill is not None:
-        _fill_inputs(sub, fill, hidden, plan, pruned)
+        _reslice_inputs(sub, plan, pruned, source, fill)
     stats, seen, inputs = _Statistics(), {}, []
     input_bytes = sum(x[..., 0].numel() for x in states) * sub.out_source.in_features * sub.out_pruned.weight.element_size()
     keep = input_bytes <= KEPT_INPUTS_MAX_BYTES
@@ -393,9 +383,7 @@ def _refit_sublayer(sub: _Sublayer, states: list[torch.Tensor], run, widen, hidd
     if units != old_units:
         changed = len(set(old_units) - set(units))
         _set_units(plan, sub, units)
-        _reslice_inputs(sub, plan, pruned, source)
-        if fill is not None:
-            _fill_inputs(sub, fill, hidden, plan, pruned)
+        _reslice_inputs(sub, plan, pruned, source, fill)
     if keep:
         cols = sub.columns(units).to(inputs[0].device)
         inputs = [z[..., cols] for z in inputs]

@@ -187,9 +187,10 @@ def recovery_config(cfg: FinetuneConfig, steps: int) -> RecoveryConfig:
     return part(cfg, RecoveryConfig, steps=steps, warmup_steps=resolve_warmup(cfg, steps))
 
 
-def check_continue(cfg: FinetuneConfig, steps: int) -> int | None:
-    """The step a --continue-from run starts at (the steps of the run it continues), once the run is known to
-    be one this run can continue; None without --continue-from. Checked before anything is loaded."""
+def check_continue(cfg: FinetuneConfig, steps: int) -> tuple[str, int] | None:
+    """(the folder of the run a --continue-from run continues, the step it starts at: that run's steps), once
+    the run is known to be one this run can continue; None without --continue-from. Checked before anything
+    is loaded."""
     if not cfg.continue_from:
         return None
     src = os.path.abspath(os.path.expanduser(cfg.continue_from))
@@ -212,7 +213,7 @@ def check_continue(cfg: FinetuneConfig, steps: int) -> int | None:
                                                       "warmup_resolved": resolve_warmup(cfg, steps)})
     if was:
         raise ConfigError(f"--continue-from: {src} was trained with {was}; continue it with the same settings")
-    return done
+    return src, done
 
 
 # ----- the command --------------------------------------------------------------------------------
@@ -238,8 +239,8 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     say = lambda *a: state.is_main_process and print(*a, flush=True)  # noqa: E731
     steps = resolve_steps(cfg, state.num_processes)
     check_resume(cfg, out, CONFIG_FILE, {"steps_resolved": steps})
-    continued_at = check_continue(cfg, steps)
-    continuing = continued_at is not None and not cfg.resume  # a resumed continuation has its own, later, checkpoint
+    continued = check_continue(cfg, steps)
+    continuing = continued is not None and not cfg.resume  # a resumed continuation has its own, later, checkpoint
     dtype = training_dtype(cfg.dtype)
     say(f"loading the pruned model {pruned_dir} as {dtype}")
     model, tokenizer = load_model_and_tokenizer(pruned_dir, dtype=dtype)
@@ -260,7 +261,7 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
             "steps_resolved": steps, "warmup_resolved": resolve_warmup(cfg, steps), "teacher_resolved": teacher},
                          CONFIG_FILE, stale=(STATE_DIR, "before_eval.json", "lora_adapter"))
         if continuing:  # its state, and its steps' metrics: this run's summary covers every step from the first
-            src = os.path.abspath(os.path.expanduser(cfg.continue_from))
+            src = continued[0]
             shutil.copytree(os.path.join(src, STATE_DIR), os.path.join(out, STATE_DIR))
             shutil.copy2(os.path.join(src, METRICS_FILE), os.path.join(out, METRICS_FILE))
     state.wait_for_everyone()
@@ -279,8 +280,8 @@ def run(cfg: FinetuneConfig, command: str = "dms-llm finetune") -> dict:
     del teacher_model  # free it before saving
 
     summary = _summary(cfg, result, steps, teacher, pruned_dir, out, dtype, state)
-    if continued_at is not None:  # the time of the steps it continued, so that train_time_s is the whole run's
-        src = os.path.abspath(os.path.expanduser(cfg.continue_from))
+    if continued is not None:  # the time of the steps it continued, so that train_time_s is the whole run's
+        src, continued_at = continued
         summary.update(continued_from=src, continued_at_step=continued_at,
                        train_time_s=summary["train_time_s"] + read_json(os.path.join(src, "finetune_summary.json"))["train_time_s"])
     if state.is_main_process:
