@@ -89,3 +89,44 @@ def test_search_runs_on_cuda_to_budget(tmp_path, precision):
     assert summary["parity_max_abs_diff"] < 1e-4  # checked in fp32 after the search, on the GPU
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+# One process in an NCCL group: the shards must be allocated on the GPU FSDP2 computes on, not on the host.
+SHARDED_SCRIPT = """
+import json, sys, torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+from dms_llm.checkpoints.sharded import load_sharded
+
+dist.init_process_group("nccl")
+torch.cuda.set_device(0)
+folder, out = sys.argv[1], sys.argv[2]
+whole = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").cuda().eval()
+model = load_sharded(folder, "float32")
+model.config._attn_implementation = "eager"
+ids = torch.randint(3, whole.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+with torch.no_grad():
+    diff = float((model(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max())
+found = {"devices": sorted({p.to_local().device.type for p in model.parameters()}), "logit_diff": diff,
+         "differ": [n for n, p in model.named_parameters() if not torch.equal(p.full_tensor(), whole.get_parameter(n))]}
+json.dump(found, open(out, "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_loading_allocates_the_shards_on_the_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tiny_model("llama-gqa", num_hidden_layers=3).save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    script = tmp_path / "load.py"
+    script.write_text(SHARDED_SCRIPT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", str(script),
+                           str(tmp_path / "model"), str(tmp_path / "found.json")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": repo})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads((tmp_path / "found.json").read_text())
+    assert found["devices"] == ["cuda"] and found["differ"] == []
+    assert found["logit_diff"] < 1e-4

@@ -4,9 +4,10 @@
 
 The model is built on the meta device (parameters only: the rotary buffers are computed from the config),
 sharded with the search's layout (`training.sharding.shard_model`), each process allocates its shard of
-every parameter (FSDP2 splits dim 0 into contiguous row blocks) and reads exactly those rows from the
-safetensors files, one parameter at a time. No process ever holds the whole model: host memory per
-process is its shard plus one parameter's rows in flight (docs/RESULTS.md 9). Before anything is
+every parameter (FSDP2 splits dim 0 into contiguous row blocks) on the device FSDP2 computes on and
+reads exactly those rows from the safetensors files, one parameter at a time. No process ever holds the
+whole model: host memory per process is its shard plus one parameter's rows in flight on a CPU, and the
+rows in flight alone on a GPU (docs/RESULTS.md 9). Before anything is
 allocated, the files are checked against the config (every parameter present, with its shape).
 """
 
@@ -26,6 +27,15 @@ def _rows(n: int, rank: int, world: int) -> tuple[int, int]:
     per = -(-n // world)
     start = min(rank * per, n)
     return start, min(start + per, n)
+
+
+def _shard_device(model) -> torch.device:
+    """Where FSDP2 keeps `model`'s shards: its device mesh's device (a GPU: this process's current one), so the
+    shards are allocated there directly and the host holds only the rows being read."""
+    mesh = next(model.parameters()).device_mesh
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
 
 
 def load_sharded(folder: str, dtype: str | torch.dtype = "auto"):
@@ -66,7 +76,7 @@ def load_sharded(folder: str, dtype: str | torch.dtype = "auto"):
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     model.requires_grad_(False)
     shard_model(model)
-    model.to_empty(device="cpu")  # allocates this process's shards; buffers too, restored below
+    model.to_empty(device=_shard_device(model))  # allocates this process's shards; buffers too, restored below
     rank, world = dist.get_rank(), dist.get_world_size()
     with torch.no_grad():
         for name, b in model.named_buffers():
