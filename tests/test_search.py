@@ -539,6 +539,32 @@ def test_pruning_from_the_files_writes_the_same_checkpoint(tmp_path):
     assert plan["metadata"]["masked_vs_pruned_max_abs_logit_diff"] == summaries["auto"]["parity_max_abs_diff"]
 
 
+def test_the_search_model_is_freed_before_pruning_from_the_files(setup, monkeypatch):
+    """Pruning from the files is for models the machine cannot hold twice: the search's model must be gone
+    (not merely unreferenced by name) when the pruned one is written."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    import dms_llm.runs.search as run_search
+
+    model_dir, corpus, tmp = setup
+    alive = []
+    write = run_search._prune_from_the_files
+
+    def count_then_write(*args, **kwargs):
+        gc.disable()  # count what is alive now, not after a collection the count itself could trigger
+        try:
+            alive.append(sum(isinstance(o, PreTrainedModel) for o in gc.get_objects()))
+        finally:
+            gc.enable()
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(run_search, "_prune_from_the_files", count_then_write)
+    assert main(_args(model_dir, corpus, tmp / "freed", "--target-ratio", "0.6", "--prune-from-files", "always")) == 0
+    assert alive == [0]
+
+
 def test_prune_from_files_settings(setup, capsys):
     model_dir, corpus, tmp = setup  # a single-file checkpoint: auto prunes in memory, always from the files
     assert main(_args(model_dir, corpus, tmp / "a", "--target-ratio", "0.6")) == 0

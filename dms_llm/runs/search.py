@@ -7,6 +7,7 @@ benchmark runs the same `run` on the recipe it writes, so both make the same fol
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -249,6 +250,7 @@ def run(cfg: SearchConfig, command: str = "dms-llm search") -> dict:
                                         _dense_cache(cfg, source, training_dtype(cfg.dtype))],
                                        lambda: _evaluate_dense(dense, tokenizer, cfg), state, every_process=cfg.fsdp)
             del dense
+            gc.collect()  # it sits in reference cycles: free it before the pruned model loads
     if not cfg.no_eval:
         from .folder import evaluate_after
 
@@ -331,7 +333,10 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
             if cfg.refit:
                 refit(pruned, model)
     else:
-        del model  # the search's copy of the weights goes first: the two models are never in memory together
+        # The search's copy of the weights goes first: the two models are never in memory together. The model
+        # sits in reference cycles (its modules and hooks), which only the cycle collector frees.
+        del model
+        gc.collect()
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
                                        refit=refit if cfg.refit else None)
     summary = _summary(plan, dense, out, dtype, pruned_from_files=files is not None)
