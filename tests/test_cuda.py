@@ -98,8 +98,8 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from dms_llm.checkpoints.sharded import load_sharded
 
-dist.init_process_group("nccl")
 torch.cuda.set_device(0)
+dist.init_process_group("nccl")
 folder, out = sys.argv[1], sys.argv[2]
 whole = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").cuda().eval()
 model = load_sharded(folder, "float32")
