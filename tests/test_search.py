@@ -546,11 +546,11 @@ def test_the_search_model_is_freed_before_pruning_from_the_files(setup, monkeypa
 
     from transformers import PreTrainedModel
 
-    import dms_llm.runs.search as run_search
+    import dms_llm.checkpoints.stream_prune as stream_prune
 
     model_dir, corpus, tmp = setup
     alive = []
-    write = run_search._prune_from_the_files
+    write = stream_prune.prune_checkpoint
 
     def count_then_write(*args, **kwargs):
         gc.disable()  # count what is alive now, not after a collection the count itself could trigger
@@ -560,7 +560,7 @@ def test_the_search_model_is_freed_before_pruning_from_the_files(setup, monkeypa
             gc.enable()
         return write(*args, **kwargs)
 
-    monkeypatch.setattr(run_search, "_prune_from_the_files", count_then_write)
+    monkeypatch.setattr(stream_prune, "prune_checkpoint", count_then_write)
     assert main(_args(model_dir, corpus, tmp / "freed", "--target-ratio", "0.6", "--prune-from-files", "always")) == 0
     assert alive == [0]
 

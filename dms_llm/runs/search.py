@@ -333,10 +333,7 @@ def search_once(cfg: SearchConfig, out: str, source: str, state, command: str, e
             if cfg.refit:
                 refit(pruned, model)
     else:
-        # The search's copy of the weights goes first: the two models are never in memory together. The model
-        # sits in reference cycles (its modules and hooks), which only the cycle collector frees.
-        del model
-        gc.collect()
+        del model  # the search's copy of the weights goes first: the two models are never in memory together
         pruned = _prune_from_the_files(tokenizer, plan, files, out, card, carry, dtype, probe, heldout, cfg.batch_size, state,
                                        refit=refit if cfg.refit else None)
     summary = _summary(plan, dense, out, dtype, pruned_from_files=files is not None)
