@@ -717,7 +717,9 @@ def test_long_windows_only_for_the_rows_of_one_budget(setup):
     assert set(b05["ppl"]["wikitext2"]) == {"llm-pruner", "llm-pruner@all"}  # no 2048-token cell at 0.5
     saved = {json.loads(p.read_text())["budget"]: json.loads(p.read_text()) for p in (work / "rows").glob("magnitude-*.json")}
     main, whole = saved[0.7]["ppl"]["wikitext2|llm-pruner|mw=3"], saved[0.7]["ppl"]["wikitext2|sparsegpt|mw=None"]
-    assert main["n_windows"] == 3 and whole["n_windows"] > 3 and 0 < main["time_s"] < wall
+    assert main["n_windows"] == 3 and whole["n_windows"] > 3
+    # measured, not left unset: 3 tiny windows can round to 0.00 s on a fast CPU
+    assert isinstance(main["time_s"], float) and 0 <= main["time_s"] < wall
     assert "wikitext2|sparsegpt|mw=None" not in saved[0.5]["ppl"]
     for r in (dense, b07, b05):
         se = r["zero_shot"]["boolq"]["stderr"]
