@@ -49,6 +49,20 @@ def test_config_defaults_are_the_recommended_recipes():
         widths["steps"], widths["align"], widths["ratio-lr"], widths["budget-weight"], widths["train-weights"])
 
 
+def test_the_50_percent_recipe_is_the_widths_recipe_with_every_head_kept():
+    """The benchmark's 50% search (recipes/smollm2-135m-heads-kept.yaml) differs from the widths recipe only in
+    keeping the heads and in its 480 steps (docs/RESULTS.md 23): a change to one recipe must reach the other."""
+    import yaml
+
+    with open(os.path.join(REPO, "recipes", "smollm2-135m-widths.yaml")) as f:
+        widths = yaml.safe_load(f)
+    with open(os.path.join(REPO, "recipes", "smollm2-135m-heads-kept.yaml")) as f:
+        kept = yaml.safe_load(f)
+    assert kept["prune"] == "channels,hidden" and kept["steps"] == 480 and kept["target-ratio"] == 0.5
+    assert {k: v for k, v in kept.items() if k not in ("prune", "steps")} == {
+        k: v for k, v in widths.items() if k not in ("prune", "steps")}
+
+
 def test_baselines_align_as_the_search_does_by_default():
     import inspect
 

@@ -63,7 +63,7 @@ class BenchmarkConfig(EvalOptions):
                                       "rows; repeatable; 'none' drops the cells named before it (in --config)", repeatable=True)
     dms_config: str | None = option(None, "DMS search recipe (YAML) for the dms, dms-restarts and dms-lora rows")
     dms_budget_config: str | None = option(None, "BUDGET=FILE[,...]: the DMS recipe of one budget's rows, in place of "
-                                                 "--dms-config, e.g. 0.5=recipes/smollm2-135m-widths.yaml (a recipe that "
+                                                 "--dms-config, e.g. 0.5=recipes/smollm2-135m-heads-kept.yaml (a recipe that "
                                                  "suits 80%% may not suit 50%%)")
     dms_seeds: str | None = option(None, "the dms rows: one search per seed (comma list); the table shows their median per "
                                          "cell with the smallest and largest value (default: --seed, --seed+1, --seed+2)")
