@@ -27,17 +27,19 @@ def _state(model):
 # ----- DMSConfig -----------------------------------------------------------------------------------------
 
 
+def _recipe(name: str) -> dict:
+    """recipes/NAME.yaml as its raw keys and values."""
+    import yaml
+
+    with open(os.path.join(REPO, "recipes", name + ".yaml")) as f:
+        return yaml.safe_load(f)
+
+
 def test_config_defaults_are_the_recommended_recipes():
     """DMSConfig's defaults are the widths recipe (any model, any budget); the SmolLM2 default recipe differs only
     in searching the MLP widths alone (its heads are too coarse to search at 80%: docs/RESULTS.md 19) and in
     refitting on all 256 of its blocks (chosen on validation for its MLP-only plans, RESULTS 19)."""
-    import yaml
-
-    recipes = {}
-    for name in ("smollm2-135m-default", "smollm2-135m-widths"):
-        with open(os.path.join(REPO, "recipes", name + ".yaml")) as f:
-            recipes[name] = yaml.safe_load(f)
-    config, widths, default = DMSConfig(), recipes["smollm2-135m-widths"], recipes["smollm2-135m-default"]
+    config, widths, default = DMSConfig(), _recipe("smollm2-135m-widths"), _recipe("smollm2-135m-default")
     assert config.structures == tuple(widths["prune"].split(",")) == ("heads", "channels", "hidden")
     assert default["prune"] == "channels"
     differ = ("prune", "target-ratio", "refit-samples")
@@ -52,12 +54,7 @@ def test_config_defaults_are_the_recommended_recipes():
 def test_the_50_percent_recipe_is_the_widths_recipe_with_every_head_kept():
     """The benchmark's 50% search (recipes/smollm2-135m-heads-kept.yaml) differs from the widths recipe only in
     keeping the heads and in its 480 steps (docs/RESULTS.md 23): a change to one recipe must reach the other."""
-    import yaml
-
-    with open(os.path.join(REPO, "recipes", "smollm2-135m-widths.yaml")) as f:
-        widths = yaml.safe_load(f)
-    with open(os.path.join(REPO, "recipes", "smollm2-135m-heads-kept.yaml")) as f:
-        kept = yaml.safe_load(f)
+    widths, kept = _recipe("smollm2-135m-widths"), _recipe("smollm2-135m-heads-kept")
     assert kept["prune"] == "channels,hidden" and kept["steps"] == 480 and kept["target-ratio"] == 0.5
     assert {k: v for k, v in kept.items() if k not in ("prune", "steps")} == {
         k: v for k, v in widths.items() if k not in ("prune", "steps")}
