@@ -69,6 +69,17 @@ def family(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a test module (opt in with `pytestmark = pytest.mark.usefixtures("single_thread")`):
+    tiny matrices gain nothing from threads, and on a busy machine intra-op thread hand-offs made the many small
+    steps of `generate` 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def shared_data():
     if not os.path.isdir(SHARED_DATA):

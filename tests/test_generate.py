@@ -19,13 +19,7 @@ import dms_llm.modeling  # noqa: F401  (registers dms_llama with the Auto classe
 
 STEPS = 8
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def assert_context_matters(model, prompt, at_least):

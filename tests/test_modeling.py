@@ -67,14 +67,7 @@ def dms_config_from(stock_config, **overrides):
     return config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny matrices gain nothing from threads, and on a busy machine intra-op thread hand-offs made
-    # the many small steps of `generate` 30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def logits(model, ids, **kwargs):
