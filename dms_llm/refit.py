@@ -13,8 +13,8 @@ z being the source sublayer's input to its output projection (every head or chan
 H the kept hidden channels. When no head or channel was pruned, W' = W[H, K] (up to the ridge term). The
 target is the source sublayer on the *pruned* model's input: on the dense model's input (asymmetric calibration),
 or the dense residual stream's whole error, the refit model was 18% / 25% and 6% / 14% worse on validation
-(docs/RESULTS.md 24). A
-projection with a bias (a plan that adds output biases, as FLAP's do) gets an intercept, unregularised.
+(docs/RESULTS.md 24). A projection with a bias (a plan that adds output biases, as FLAP's do) gets an intercept,
+unregularised.
 
 `select="reconstruction"` also chooses K, keeping each layer's counts: heads (whole KV groups) and channels
 are removed greedily by the least increase of that error, the optimal-brain-surgeon rule on the same
