@@ -378,6 +378,14 @@ def test_recovery_curve_rows_of_the_median_seed_in_their_own_table_and_plot(setu
     assert {p.name: p.stat().st_mtime_ns for p in (work / "rows").glob("*.json")} == stamps
 
 
+def test_curve_plot_labels_a_point_by_its_rounded_token_count():
+    """The curve's x ticks: 1,000,192 tokens (1M rounded up to whole batches) reads 1M, not 1.00019M."""
+    from dms_llm.benchmark.report import _tokens_label
+
+    assert [_tokens_label(t) for t in (32, 1500, 65536, 262144, 1_000_000, 1_000_192, 2_500_000)] == [
+        "32", "1.5k", "64k", "256k", "1M", "1M", "2.5M"]
+
+
 def test_train_dtype_reaches_the_search_and_the_fine_tuning(setup):
     """--train-dtype sets the dtype the DMS search and the recovery run in, is recorded, and keys the cache."""
     bench = _load_benchmark()

@@ -177,10 +177,13 @@ def curve_plot(report: dict, path: str) -> bool:
 
 
 def _tokens_label(tokens: float, _=None) -> str:
-    """65536 -> 64k, 262144 -> 256k (the curve's points are powers of two), 1000000 -> 1M."""
+    """65536 -> 64k, 262144 -> 256k (the curve's points are powers of two), 1,000,192 -> 1M: three significant
+    digits, since a run's token count rounds its last batch up."""
     if tokens >= 1e6:
-        return f"{tokens / 1e6:g}M"
-    return f"{tokens / 1024:.0f}k" if tokens % 1024 == 0 else f"{tokens / 1e3:.0f}k"
+        return f"{tokens / 1e6:.3g}M"
+    if tokens >= 1e3:
+        return f"{tokens / 1024:.0f}k" if tokens % 1024 == 0 else f"{tokens / 1e3:.3g}k"
+    return f"{tokens:.0f}"
 
 
 def display_rows(report: dict) -> list[tuple[dict, dict | None]]:
