@@ -330,8 +330,8 @@ def _readme_api_blocks() -> list[str]:
 
 
 def test_the_readme_api_runs_as_documented(tmp_path, monkeypatch, shared_data):
-    """The five-line path, then the custom loop, exactly as the README shows them; only the model is a tiny
-    one (loading SmolLM2 and 240 of its steps take minutes)."""
+    """The six-line path, then the custom loop, exactly as the README shows them; only the model is a tiny
+    one (loading SmolLM2 and 240 of its steps take minutes). The six lines refit what they save."""
     model_dir = save_tiny_checkpoint(tmp_path / "model", "llama-gqa")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -343,14 +343,17 @@ def test_the_readme_api_runs_as_documented(tmp_path, monkeypatch, shared_data):
     monkeypatch.setenv("DMS_DATA_DIR", shared_data)
     monkeypatch.setenv("DMS_LLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    five_lines, custom_loop = _readme_api_blocks()[:2]
-    assert len([line for line in five_lines.splitlines() if line and not line.startswith("import")]) == 5
+    six_lines, custom_loop = _readme_api_blocks()[:2]
+    assert len([line for line in six_lines.splitlines() if line and not line.startswith("import")]) == 6
     scope = {}
-    exec(five_lines, scope)
+    exec(six_lines, scope)
     plan, dense = scope["plan"], sum(p.numel() for p in scope["model"].parameters())
     assert plan.metadata["method"]["steps"] == 240 and plan.params_after <= int(0.8 * dense)
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "smol80")
     assert sum(p.numel() for p in saved.parameters()) == plan.params_after
+    sliced = dms_llm.convert(scope["model"], plan).state_dict()
+    refit = {name for name, w in saved.state_dict().items() if not torch.equal(w, sliced[name])}
+    assert refit and {name.rsplit(".", 2)[-2] for name in refit} <= {"o_proj", "down_proj"}  # what was saved, refit
     exec(custom_loop, scope)
     assert scope["plan"] is not plan and scope["plan"].params_after <= int(0.8 * dense)
     assert dms_llm.plan_of(scope["pruned"]) is scope["plan"]
